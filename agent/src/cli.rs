@@ -1,0 +1,97 @@
+//! The command line: the contract operators, systemd units and the Pilot CLI script against.
+//! Exit codes follow `cloud-init status`: 0 done and healthy, 1 error, 2 degraded.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Default configuration path; `--config` or `PILOT_AGENT_CONFIG` override it.
+pub const DEFAULT_CONFIG: &str = "/etc/pilot/agent.yaml";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pilot-agent",
+    version,
+    about = "Host agent for a Pilot VM",
+    long_about = "Host agent for a Pilot VM.\n\n\
+        Converges the host to a known state, idempotently: a private CA and certificates, Docker \
+        configured for mutual TLS on 2376, an nftables table that locks 2375 before Docker \
+        listens, the Waypoint server and runner containers, and the database user for \
+        applications. Serves health and credentials over HTTPS.\n\n\
+        Exit codes (as `cloud-init status`): 0 done and healthy, 1 error, 2 degraded."
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "PILOT_AGENT_CONFIG", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Converge the host once and exit (0 healthy, 1 error, 2 degraded).
+    Up(UpArgs),
+    /// Converge, then serve the HTTPS endpoint and re-converge on drift until SIGTERM.
+    Run,
+    /// Apply only the agent's nftables table (for the early-boot unit ordered before docker.service).
+    Firewall,
+    /// Show what the agent did and whether the host is healthy (exit 0 done, 1 error, 2 degraded).
+    Status(StatusArgs),
+    /// Print what the Pilot CLI needs: Waypoint address and token, database credentials, CA.
+    Credentials(CredentialsArgs),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Make a new database password and set it on the role (otherwise it is never regenerated).
+    #[arg(long)]
+    pub rotate_db_password: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Add per-step durations and details, certificate expiry and host figures.
+    #[arg(long)]
+    pub long: bool,
+    /// Wait until the agent is done (or failed) before reporting.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds and report the state then.
+    #[arg(long, default_value_t = 300, requires = "wait")]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct CredentialsArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Check a configuration file; reports every problem with file, line and column.
+    Validate {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
