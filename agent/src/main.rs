@@ -1,15 +1,104 @@
+//! The `pilot-agent` binary: parse the command line, set up logging to stderr, run one
+//! command of the library and turn its result into an exit code (0 healthy, 1 error,
+//! 2 degraded, as `cloud-init status`).
+
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
-use pilot_agent::cli::{Cli, Command};
+use pilot_agent::cli::{Cli, Command, ConfigCommand};
+use pilot_agent::commands;
+use pilot_agent::config::ConfigError;
+use pilot_agent::engine;
+use pilot_agent::plan::UpOptions;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Up(_) | Command::Run | Command::Firewall | Command::Status(_)
-        | Command::Credentials(_) | Command::Config(_) => {
-            eprintln!("pilot-agent: this command is not implemented yet");
+    init_logging();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // anyhow's alternate form: "context: cause: cause".
+            eprintln!("pilot-agent: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Config(ConfigCommand::Validate { file }) => {
+            let v = commands::validate::validate(&file);
+            for line in &v.lines {
+                println!("{line}");
+            }
+            Ok(if v.valid { 0 } else { 1 })
+        }
+        Command::Up(args) => {
+            let options = UpOptions {
+                rotate_db_password: args.rotate_db_password,
+            };
+            let rt = runtime()?;
+            match rt.block_on(commands::up::up(&cli.config, options)) {
+                Ok(status) => {
+                    let code = engine::exit_code(&status);
+                    tracing::info!(condition = ?status.condition, "converge finished");
+                    Ok(code)
+                }
+                Err(commands::up::UpError::Config(e)) => Err(config_error(e)),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Firewall => {
+            let rt = runtime()?;
+            match rt.block_on(commands::firewall::firewall(&cli.config)) {
+                Ok(report) => {
+                    tracing::info!("{}", report.summary());
+                    Ok(0)
+                }
+                Err(commands::firewall::FirewallCommandError::Config(e)) => Err(config_error(e)),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Run | Command::Status(_) | Command::Credentials(_) => {
+            anyhow::bail!("this command is not implemented yet")
+        }
+    }
+}
+
+/// A configuration error names every problem, one per line, so print them as they are.
+fn config_error(e: ConfigError) -> anyhow::Error {
+    match &e {
+        ConfigError::Invalid { diagnostics, .. } => {
+            for line in e.to_string().lines() {
+                eprintln!("{line}");
+            }
+            anyhow::anyhow!(
+                "the configuration has {} problem(s); nothing was changed",
+                diagnostics.len()
+            )
+        }
+        ConfigError::Read { .. } => anyhow::Error::new(e),
+    }
+}
+
+/// One thread: the agent's work is I/O-bound and small; blocking work goes to
+/// `spawn_blocking`. It also keeps the long-running agent's memory low.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PILOT_AGENT_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }

@@ -1,1 +1,133 @@
-//! Test harness (being built).
+//! Test harness: simulated Pilot VMs on this machine, and the real services around them.
+//!
+//! - [`Vm`]: a network namespace with its own hostname and its own dockerd (configured only by
+//!   its `daemon.json`, controlled by its `dockerd-ctl` script), and an "outside" namespace
+//!   (operator / attacker side) joined to it by a veth pair. The agent runs inside it with
+//!   [`Vm::cmd`], rewrites its `daemon.json` and restarts it with `dockerd-ctl restart`.
+//! - [`Postgres`]: PostgreSQL 15 on its own database host namespace linked to a VM, with
+//!   [`Postgres::cut_link`] / [`Postgres::restore_link`] to simulate an outage.
+//! - [`Moto`]: the EC2 API (moto) on 127.0.0.1.
+//! - [`leftovers`]: what harness objects left behind (namespaces, links, mounts, cgroups,
+//!   processes, directories); suites assert it is empty after dropping everything.
+//! - [`standin`]: packaging of the Waypoint STAND-IN binary as a container image.
+//!
+//! Every object removes what it made when dropped (also while a test panics). What a killed
+//! test process leaves behind is recorded under `/run/pilot-harness/<name>/` and removed by
+//! `scripts/harness-clean`. Everything needs root: without it the harness fails loudly, it never
+//! skips. Facts this is built on (and traps avoided) are in `/work/shared/HARNESS.md`: dockerd
+//! is entered with `nsenter`, not `ip netns exec`; each dockerd has its own cgroup-parent and
+//! bip; stopped dockerds leave bind mounts that must be unmounted.
+
+pub mod leftovers;
+pub mod moto;
+pub mod names;
+pub mod postgres;
+pub mod standin;
+mod sys;
+pub mod vm;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use anyhow::{Result, bail};
+
+pub use leftovers::{all_leftovers, leftovers};
+pub use moto::Moto;
+pub use postgres::Postgres;
+pub use vm::{Vm, VmOptions};
+
+/// Programs the harness runs; all installed by `scripts/setup.sh`.
+const REQUIRED_PROGRAMS: &[&str] = &[
+    "ip",
+    "nsenter",
+    "unshare",
+    "setsid",
+    "setpriv",
+    "flock",
+    "dockerd",
+    "containerd",
+    "docker",
+    "curl",
+    "socat",
+    "psql",
+    "pg_isready",
+];
+
+/// Fails with a clear message unless this process is root and can make network and UTS
+/// namespaces, and the programs the harness runs are installed. Suites call it first so that a
+/// run without root FAILS (it is never skipped silently). The result is computed once.
+pub fn require_root() -> Result<()> {
+    static CHECK: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    match CHECK.get_or_init(check_root) {
+        Ok(()) => Ok(()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+fn check_root() -> std::result::Result<(), String> {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(format!(
+            "the end-to-end harness needs root (network namespaces, dockerd, cgroups); running \
+             as uid {euid}: run the suites as root (scripts/test.sh)"
+        ));
+    }
+    let missing: Vec<&str> = REQUIRED_PROGRAMS
+        .iter()
+        .copied()
+        .filter(|p| !on_path(p))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the end-to-end harness needs {}: run scripts/setup.sh",
+            missing.join(", ")
+        ));
+    }
+    let ns = Command::new("unshare")
+        .args(["--net", "--uts", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output();
+    match ns {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "cannot create network/UTS namespaces here (`unshare --net --uts true`: {}); the \
+             end-to-end harness needs them",
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("cannot run unshare: {e}")),
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // Root's usual sbin directories too: dockerd and ip live there.
+    let extra = ["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from);
+    std::env::split_paths(&path)
+        .chain(extra)
+        .any(|d| d.join(program).is_file())
+}
+
+/// The cargo target directory the suites' binaries are built into:
+/// `$CARGO_TARGET_DIR`, default `/var/cache/pilot-agent/target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/pilot-agent/target"))
+}
+
+/// The release build of workspace binary `name` (e.g. `pilot-agent`, `waypoint`); fails with
+/// what to run when it has not been built.
+pub fn target_bin(name: &str) -> Result<PathBuf> {
+    let p = target_dir().join("release").join(name);
+    if !Path::new(&p).is_file() {
+        bail!(
+            "{} is missing: run `cargo build --release --workspace` (with CARGO_TARGET_DIR={})",
+            p.display(),
+            target_dir().display()
+        );
+    }
+    Ok(p)
+}

@@ -1,0 +1,205 @@
+//! The agent's configuration: `/etc/pilot/agent.yaml` (or `--config`, `PILOT_AGENT_CONFIG`).
+//!
+//! Everything has a default except what only the deployment knows, and every path the agent
+//! writes is configurable so that the test harness can point it into a simulated VM. Loading
+//! checks the whole file and reports every problem with its line and column
+//! ([`ConfigError::Invalid`]); nothing on the host is touched before a configuration loaded.
+//!
+//! Adding a section (issue 4's `waypoint:`, `database:`; issue 5's `endpoint:`): write
+//! `config/<section>.rs` with the typed struct, its `Default` and a `read` function like
+//! [`docker::read`], add the key to [`TOP_LEVEL_KEYS`] and one line to [`Config::from_yaml`].
+
+pub mod docker;
+pub mod firewall;
+pub mod host;
+pub mod pki;
+pub mod schema;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use saphyr::{LoadableYamlNode, MarkedYaml};
+
+pub use docker::{DockerConfig, ServiceConfig};
+pub use firewall::FirewallConfig;
+pub use host::HostConfig;
+pub use pki::PkiConfig;
+pub use schema::Diagnostic;
+use schema::Walker;
+
+/// Default location of the configuration file.
+pub const DEFAULT_PATH: &str = "/etc/pilot/agent.yaml";
+/// Default state directory: keys, certificates, status.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/pilot-agent";
+
+/// The sections and keys allowed at the top of the file.
+pub const TOP_LEVEL_KEYS: &[&str] = &["state_dir", "host", "pki", "docker", "firewall"];
+
+/// A loaded and fully checked configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where the agent keeps its keys, certificates, status and markers.
+    pub state_dir: PathBuf,
+    pub host: HostConfig,
+    pub pki: PkiConfig,
+    pub docker: DockerConfig,
+    pub firewall: FirewallConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", InvalidDisplay { path, diagnostics })]
+    Invalid {
+        path: PathBuf,
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+/// Renders `FILE:LINE:COL: message`, one per line, as compilers do (editors jump to them).
+struct InvalidDisplay<'a> {
+    path: &'a Path,
+    diagnostics: &'a [Diagnostic],
+}
+
+impl fmt::Display for InvalidDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.diagnostics.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{d}", self.path.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            host: HostConfig::default(),
+            pki: PkiConfig::default(),
+            docker: DockerConfig::default(),
+            firewall: FirewallConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_yaml(&text).map_err(|diagnostics| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            diagnostics,
+        })
+    }
+
+    /// Checks a configuration given as YAML text; on failure returns every problem found,
+    /// in file order.
+    pub fn from_yaml(text: &str) -> Result<Config, Vec<Diagnostic>> {
+        let mut w = Walker::default();
+        let docs = match MarkedYaml::load_from_str(text) {
+            Ok(docs) => docs,
+            Err(e) => {
+                // A syntax error stops the YAML parser; nothing after it can be trusted.
+                w.error_at(e.marker(), format!("invalid YAML: {}", e.info()));
+                return Err(w.diagnostics);
+            }
+        };
+        if let Some(extra) = docs.get(1) {
+            w.error(
+                extra,
+                "the configuration must be a single YAML document (found a second one)",
+            );
+        }
+        let mut config = Config::default();
+        if let Some(root) = docs.first() {
+            config = read_root(&mut w, root);
+        }
+        if w.diagnostics.is_empty() {
+            Ok(config)
+        } else {
+            w.diagnostics.sort_by_key(|d| (d.line, d.col));
+            Err(w.diagnostics)
+        }
+    }
+
+    /// The file that `pilot-agent status` reads.
+    pub fn status_path(&self) -> PathBuf {
+        self.state_dir.join("status.json")
+    }
+
+    /// Where the CA, the server and the client certificates live.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.state_dir.join("pki")
+    }
+
+    /// Sources allowed to reach Docker's TLS port besides loopback: the configured CIDRs and
+    /// the Docker networks containers that use the API live on.
+    ///
+    /// Issue 4 extends this with the Pilot network's subnet (the runners' network), so the
+    /// firewall admits exactly the path the runners take and nothing wider.
+    pub fn docker_api_allowed_sources(&self) -> Vec<IpNet> {
+        let mut all = self.firewall.docker_api_sources.clone();
+        all.extend(self.firewall.docker_networks.iter().copied());
+        all
+    }
+}
+
+fn read_root(w: &mut Walker, root: &MarkedYaml<'_>) -> Config {
+    let mut config = Config::default();
+    let Some(fields) = w.mapping(root, "", TOP_LEVEL_KEYS) else {
+        return config;
+    };
+    if let Some(dir) = fields.path(w, "state_dir") {
+        config.state_dir = dir;
+    }
+    if let Some(node) = fields.get("host") {
+        config.host = host::read(w, node);
+    }
+    if let Some(node) = fields.get("pki") {
+        config.pki = pki::read(w, node);
+    }
+    if let Some(node) = fields.get("docker") {
+        config.docker = docker::read(w, node);
+    }
+    if let Some(node) = fields.get("firewall") {
+        config.firewall = firewall::read(w, node);
+    }
+
+    // Locking the TLS port would cut the agent off from dockerd (and the runners with it).
+    let tls_port = config.docker.tls_listen.port();
+    if config.firewall.lock_ports.contains(&tls_port) {
+        let at = lookup(root, &["firewall", "lock_ports"])
+            .or_else(|| lookup(root, &["docker", "tls_listen"]))
+            .unwrap_or(root);
+        w.error(
+            at,
+            format!(
+                "firewall.lock_ports must not contain docker.tls_listen's port {tls_port}: \
+                 the TLS API would be locked out"
+            ),
+        );
+    }
+    config
+}
+
+/// The node at a path of mapping keys, if every step exists.
+fn lookup<'n, 'a>(root: &'n MarkedYaml<'a>, keys: &[&str]) -> Option<&'n MarkedYaml<'a>> {
+    keys.iter()
+        .try_fold(root, |node, key| node.data.as_mapping_get(key))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,389 @@
+//! Connections to the PostgreSQL server: TLS set-up (rustls with the aws-lc-rs provider),
+//! connecting with a deadline, and sorting connection failures into the error kinds the
+//! engine acts on (unreachable = fail open; auth and TLS = configuration errors).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ParsedCertificate;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::error::{BoxError, DatabaseError};
+use super::secret::Secret;
+use super::{DatabaseSettings, TlsMode};
+
+/// How connections are secured, built once per provisioning run from the settings.
+pub(crate) enum Tls {
+    Disabled,
+    Rustls(MakeRustlsConnect),
+}
+
+impl Tls {
+    pub(crate) fn from_settings(settings: &DatabaseSettings) -> Result<Tls, DatabaseError> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier: Arc<dyn ServerCertVerifier> = match settings.tls {
+            TlsMode::Disable => return Ok(Tls::Disabled),
+            // libpq's rule: `require` checks nothing, unless a root CA is given; then the
+            // chain is verified but not the name (libpq's verify-ca).
+            TlsMode::Require => match &settings.ca_file {
+                None => Arc::new(EncryptOnly {
+                    provider: provider.clone(),
+                }),
+                Some(ca) => Arc::new(ChainOnly {
+                    roots: Arc::new(load_ca_file(ca)?),
+                    provider: provider.clone(),
+                }),
+            },
+            // The server name (host name or IP address as configured in `host`) must match the
+            // certificate, which must chain to the CA file or, without one, to the system roots
+            // (/etc/ssl/certs; add the RDS or Cloud SQL CA there or give it as `ca_file`).
+            TlsMode::VerifyFull => {
+                let roots = match &settings.ca_file {
+                    Some(ca) => load_ca_file(ca)?,
+                    None => system_roots()?,
+                };
+                webpki_verifier(roots, &provider)?
+            }
+        };
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_error("set up rustls", e))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(Tls::Rustls(MakeRustlsConnect::new(config)))
+    }
+}
+
+/// Who connects where.
+pub(crate) struct Login<'a> {
+    pub user: &'a str,
+    pub password: Option<&'a Secret>,
+    pub database: &'a str,
+}
+
+/// Why a connection failed, kept raw so that callers can ask "was it the password?" before
+/// turning it into a [`DatabaseError`] with [`ConnectFailure::into_error`].
+pub(crate) enum ConnectFailure {
+    /// The whole connect (TCP, TLS, startup, authentication) ran past the deadline.
+    TimedOut(Duration),
+    Postgres(tokio_postgres::Error),
+}
+
+impl ConnectFailure {
+    /// The server said the password is wrong (SQLSTATE 28P01). Also what PostgreSQL answers
+    /// for a role that does not exist, so that probing cannot tell the two apart.
+    pub(crate) fn is_wrong_password(&self) -> bool {
+        matches!(self, ConnectFailure::Postgres(e) if e.code() == Some(&SqlState::INVALID_PASSWORD))
+    }
+
+    pub(crate) fn into_error(
+        self,
+        settings: &DatabaseSettings,
+        login: &Login<'_>,
+    ) -> DatabaseError {
+        let unreachable = |source: BoxError| DatabaseError::Unreachable {
+            host: settings.host.clone(),
+            port: settings.port,
+            source,
+        };
+        let err = match self {
+            ConnectFailure::TimedOut(after) => {
+                return unreachable(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {}s", after.as_secs_f32()),
+                )));
+            }
+            ConnectFailure::Postgres(err) => err,
+        };
+        if let Some(code) = err.code() {
+            return if *code == SqlState::INVALID_PASSWORD
+                || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            {
+                DatabaseError::Auth {
+                    user: login.user.to_owned(),
+                    source: Box::new(err),
+                }
+            } else if *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+            {
+                // Starting up, shutting down, or full: it will take connections again later.
+                unreachable(Box::new(err))
+            } else {
+                DatabaseError::query(
+                    format!(
+                        "connect as {:?} to database {:?}",
+                        login.user, login.database
+                    ),
+                    err,
+                )
+            };
+        }
+        // tokio-postgres does not expose its error kind; its Display is the kind's fixed text
+        // (tokio-postgres src/error/mod.rs), and the cause chain holds rustls' error.
+        let text = err.to_string();
+        if text.starts_with("error performing TLS handshake") || has_rustls_cause(&err) {
+            DatabaseError::Tls {
+                context: format!("handshake with {}:{}", settings.host, settings.port),
+                source: Box::new(err),
+            }
+        } else if text.starts_with("authentication error")
+            || text.starts_with("invalid configuration")
+        {
+            // SCRAM exchange failed, or the server asked for a password we do not have.
+            DatabaseError::Auth {
+                user: login.user.to_owned(),
+                source: Box::new(err),
+            }
+        } else {
+            // Connect, I/O, timeout, closed: the network or the server is not there.
+            unreachable(Box::new(err))
+        }
+    }
+}
+
+fn has_rustls_cause(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        if c.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Connects with one deadline for everything (TCP, TLS, startup and authentication):
+/// tokio-postgres' own `connect_timeout` covers only the TCP connect, and a server that
+/// accepts and then says nothing must not hold the step.
+pub(crate) async fn connect(
+    settings: &DatabaseSettings,
+    tls: &Tls,
+    login: &Login<'_>,
+) -> Result<Client, ConnectFailure> {
+    let timeout = settings.connect_timeout();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&settings.host)
+        .port(settings.port)
+        .user(login.user)
+        .dbname(login.database)
+        .application_name("pilot-agent")
+        .connect_timeout(timeout)
+        .ssl_mode(match tls {
+            Tls::Disabled => tokio_postgres::config::SslMode::Disable,
+            Tls::Rustls(_) => tokio_postgres::config::SslMode::Require,
+        });
+    if let Some(password) = login.password {
+        config.password(password.expose());
+    }
+    let connecting = async {
+        match tls {
+            Tls::Disabled => {
+                let (client, connection) = config.connect(NoTls).await?;
+                tokio::spawn(drive(connection));
+                Ok(client)
+            }
+            Tls::Rustls(make) => {
+                let (client, connection) = config.connect(make.clone()).await?;
+                tokio::spawn(drive(connection));
+                Ok(client)
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(ConnectFailure::Postgres(e)),
+        Err(_) => Err(ConnectFailure::TimedOut(timeout)),
+    }
+}
+
+/// Runs a connection's I/O until its client is dropped. Errors here also reach the client's
+/// next call, where they are reported with context; this log line is only for debugging.
+async fn drive<F>(connection: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+{
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "database connection ended with an error");
+    }
+}
+
+fn tls_error(context: impl Into<String>, source: impl Into<BoxError>) -> DatabaseError {
+    DatabaseError::Tls {
+        context: context.into(),
+        source: source.into(),
+    }
+}
+
+fn load_ca_file(path: &std::path::Path) -> Result<RootCertStore, DatabaseError> {
+    let context = || format!("read ca_file {}", path.display());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| tls_error(context(), e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| tls_error(context(), e))?;
+    if certs.is_empty() {
+        return Err(tls_error(context(), "no PEM certificate in the file"));
+    }
+    let mut roots = RootCertStore::empty();
+    for cert in certs {
+        roots.add(cert).map_err(|e| tls_error(context(), e))?;
+    }
+    Ok(roots)
+}
+
+fn system_roots() -> Result<RootCertStore, DatabaseError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let reason = found
+            .errors
+            .first()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "the system store is empty".to_owned());
+        return Err(tls_error(
+            "load the system root certificates (set ca_file instead)",
+            reason,
+        ));
+    }
+    Ok(roots)
+}
+
+fn webpki_verifier(
+    roots: RootCertStore,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<WebPkiServerVerifier>, DatabaseError> {
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| tls_error("build the certificate verifier", e))
+}
+
+/// `require` without a CA: the connection is encrypted against passive eavesdropping, the
+/// certificate is not checked (libpq's `sslmode=require`). Handshake signatures are still
+/// verified, so the peer must hold the key of the certificate it shows.
+#[derive(Debug)]
+struct EncryptOnly {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// `require` with a CA: the chain must lead to the CA, the name is not checked (libpq's
+/// `verify-ca`), for servers reached by an address their certificate does not list.
+#[derive(Debug)]
+struct ChainOnly {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // The same chain check WebPkiServerVerifier makes, without its name check.
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -1,0 +1,262 @@
+//! The status file, `STATE_DIR/status.json`: what the agent is doing and how each step went.
+//!
+//! It is written atomically by the engine at every step transition and read by
+//! `pilot-agent status` (and the HTTPS endpoint). Its field names and values are an API, as in
+//! `cloud-init status --format json`, but with wall-clock RFC 3339 times:
+//!
+//! ```json
+//! {"schema": 1, "status": "done", "condition": "healthy", "pid": 812,
+//!  "version": "0.1.0", "command": "up",
+//!  "started_at": "2025-05-01T10:00:00.120Z", "finished_at": "2025-05-01T10:00:03.874Z",
+//!  "steps": [{"name": "firewall", "state": "ok", "detail": "...",
+//!             "started_at": "...", "finished_at": "..."}]}
+//! ```
+//!
+//! Never put a secret in a detail: this file is world-readable and shown to operators.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::fsutil::{self, FsError, MODE_PUBLIC};
+
+/// Bumped when a field changes meaning or disappears (adding fields does not bump it).
+pub const SCHEMA: u32 = 1;
+
+/// Whether a run is under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunStatus {
+    /// The agent never wrote a status (the reader's answer when the file is absent).
+    NotStarted,
+    Running,
+    Done,
+}
+
+/// How healthy the host is, from the steps so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Condition {
+    Healthy,
+    /// Something outside the host (a database) is not there yet; the rest converged.
+    Degraded,
+    Error,
+}
+
+impl Condition {
+    /// `up` and `status` exit codes, as `cloud-init status`: 0 healthy, 1 error, 2 degraded.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Condition::Healthy => 0,
+            Condition::Error => 1,
+            Condition::Degraded => 2,
+        }
+    }
+}
+
+/// One step's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepState {
+    Pending,
+    Running,
+    /// Already converged: nothing was changed.
+    Ok,
+    /// Converged by changing something.
+    Changed,
+    /// Waiting on something outside the host; retried, does not hold back other steps.
+    Degraded,
+    Error,
+    /// Not run because a step it depends on failed or is degraded.
+    Skipped,
+}
+
+impl StepState {
+    pub fn is_finished(self) -> bool {
+        !matches!(self, StepState::Pending | StepState::Running)
+    }
+
+    /// Whether dependents may run.
+    pub fn is_converged(self) -> bool {
+        matches!(self, StepState::Ok | StepState::Changed)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepStatus {
+    pub name: String,
+    pub state: StepState,
+    /// What happened, for operators; never a secret.
+    pub detail: String,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub schema: u32,
+    pub status: RunStatus,
+    pub condition: Condition,
+    /// The process that wrote the file (a `running` status whose pid is gone was killed).
+    pub pid: u32,
+    /// The agent's version.
+    pub version: String,
+    /// The command that ran (`up`, `run`).
+    pub command: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    pub steps: Vec<StepStatus>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("status file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Status {
+    /// A fresh status for a run of `command` over steps named `steps`, all pending.
+    pub fn start(command: &str, steps: impl IntoIterator<Item = String>) -> Status {
+        Status {
+            schema: SCHEMA,
+            status: RunStatus::Running,
+            condition: Condition::Healthy,
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            command: command.to_string(),
+            started_at: now(),
+            finished_at: None,
+            steps: steps
+                .into_iter()
+                .map(|name| StepStatus {
+                    name,
+                    state: StepState::Pending,
+                    detail: String::new(),
+                    started_at: None,
+                    finished_at: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// The condition the steps so far add up to: any error is an error, else any degraded
+    /// (or skipped, which only follows an error or a degraded step) is degraded.
+    pub fn compute_condition(&self) -> Condition {
+        self.steps
+            .iter()
+            .map(|s| match s.state {
+                StepState::Error => Condition::Error,
+                StepState::Degraded | StepState::Skipped => Condition::Degraded,
+                _ => Condition::Healthy,
+            })
+            .max()
+            .unwrap_or(Condition::Healthy)
+    }
+
+    pub fn step(&self, name: &str) -> Option<&StepStatus> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    pub fn step_mut(&mut self, name: &str) -> Option<&mut StepStatus> {
+        self.steps.iter_mut().find(|s| s.name == name)
+    }
+
+    /// Writes the file atomically (readers never see half a status).
+    pub fn write(&self, path: &Path) -> Result<(), StatusError> {
+        // Serializing plain structs with string keys cannot fail.
+        let mut json = serde_json::to_vec_pretty(self).unwrap_or_default();
+        json.push(b'\n');
+        fsutil::write_atomic(path, &json, MODE_PUBLIC)?;
+        Ok(())
+    }
+
+    /// Reads the file; `None` when the agent never wrote one.
+    pub fn read(path: &Path) -> Result<Option<Status>, StatusError> {
+        let Some(bytes) = fsutil::read_optional(path)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StatusError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+}
+
+/// The wall-clock time, to the millisecond (enough for operators, and stable in JSON).
+pub fn now() -> OffsetDateTime {
+    let t = OffsetDateTime::now_utc();
+    let ms = t.millisecond();
+    t.replace_millisecond(ms).unwrap_or(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shape_is_the_documented_api() {
+        let mut s = Status::start("up", ["firewall".to_string(), "pki".to_string()]);
+        s.step_mut("firewall").unwrap().state = StepState::Changed;
+        s.step_mut("firewall").unwrap().started_at = Some(now());
+        s.step_mut("firewall").unwrap().finished_at = Some(now());
+        let v: serde_json::Value = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["schema"], 1);
+        assert_eq!(v["status"], "running");
+        assert_eq!(v["condition"], "healthy");
+        assert_eq!(v["pid"], std::process::id());
+        assert_eq!(v["command"], "up");
+        assert!(v["finished_at"].is_null());
+        let started = v["started_at"].as_str().unwrap();
+        assert!(
+            OffsetDateTime::parse(started, &time::format_description::well_known::Rfc3339)
+                .is_ok(),
+            "{started}"
+        );
+        assert!(started.ends_with('Z'), "UTC: {started}");
+        assert_eq!(v["steps"][0]["name"], "firewall");
+        assert_eq!(v["steps"][0]["state"], "changed");
+        assert_eq!(v["steps"][1]["state"], "pending");
+        assert!(v["steps"][1]["started_at"].is_null());
+        assert_eq!(
+            serde_json::to_value(RunStatus::NotStarted).unwrap(),
+            "not-started"
+        );
+    }
+
+    #[test]
+    fn condition_and_exit_codes() {
+        let mut s = Status::start("up", ["a".to_string(), "b".to_string()]);
+        s.step_mut("a").unwrap().state = StepState::Ok;
+        assert_eq!(s.compute_condition(), Condition::Healthy);
+        s.step_mut("b").unwrap().state = StepState::Degraded;
+        assert_eq!(s.compute_condition(), Condition::Degraded);
+        s.step_mut("a").unwrap().state = StepState::Error;
+        assert_eq!(s.compute_condition(), Condition::Error);
+        assert_eq!(Condition::Healthy.exit_code(), 0);
+        assert_eq!(Condition::Error.exit_code(), 1);
+        assert_eq!(Condition::Degraded.exit_code(), 2);
+    }
+
+    #[test]
+    fn write_then_read_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("status.json");
+        assert_eq!(Status::read(&p).unwrap(), None);
+        let s = Status::start("up", ["x".to_string()]);
+        s.write(&p).unwrap();
+        assert_eq!(Status::read(&p).unwrap(), Some(s));
+    }
+}

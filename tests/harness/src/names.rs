@@ -1,0 +1,202 @@
+//! Harness names, address plan and the on-disk record of what each harness object created.
+//!
+//! Every object the harness makes is named after its owner's *harness name*: `pv<N>` for a
+//! simulated VM (slot N), `pv<N>-o` for its outside namespace, `pv<N>-db` for its database host,
+//! `pvm<PORT>` for a moto server. Network namespaces, veths, cgroups (`pilot-harness-<name>`),
+//! directories (`/run/pilot-harness/<name>/`) and an environment marker on every process
+//! (`PILOT_HARNESS_OWNER=<name>`) all carry it, so [`crate::leftovers`] and
+//! `scripts/harness-clean` can find them and touch nothing else.
+//!
+//! Slots are claimed by creating `/run/pilot-harness/pv<N>` with mkdir(2), which is atomic
+//! across threads and processes; the directory is removed last on clean-up, so a slot is free
+//! only once everything named after it is gone. A crashed run's slot stays taken until
+//! `scripts/harness-clean` removes its leftovers.
+
+use std::fs;
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result, bail};
+
+use crate::sys;
+
+/// Where per-object directories and records live.
+pub const RUN_DIR: &str = "/run/pilot-harness";
+
+/// Environment variable set on every process the harness starts, naming its owner.
+pub const OWNER_ENV: &str = "PILOT_HARNESS_OWNER";
+
+/// Prefix of the cgroup-parent the harness gives each VM's dockerd.
+pub const CGROUP_PREFIX: &str = "pilot-harness-";
+
+/// Number of VM slots: each uses two /24s of 10.250.0.0/16 (2N: VM<->outside, 2N+1: VM<->db).
+pub(crate) const SLOTS: u32 = 128;
+
+/// Whether `s` is a harness name (or derived from one, such as `pv3-o`, `pv3-uts`).
+pub fn is_harness_name(s: &str) -> bool {
+    let rest = s
+        .strip_prefix("pvm")
+        .or_else(|| s.strip_prefix("pv"))
+        .unwrap_or("");
+    rest.starts_with(|c: char| c.is_ascii_digit())
+        && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Whether `candidate` is `name` or derived from it (`name-…`).
+pub fn belongs_to(candidate: &str, name: &str) -> bool {
+    candidate == name
+        || candidate
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('-'))
+}
+
+/// The addresses of slot N.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plan {
+    pub slot: u32,
+}
+
+impl Plan {
+    fn octet(&self, second: bool) -> u8 {
+        // Invariant: slot < SLOTS = 128, so 2*slot+1 <= 255.
+        (self.slot * 2 + u32::from(second)) as u8
+    }
+    /// The VM's address on its link to the outside namespace.
+    pub fn vm(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 250, self.octet(false), 2)
+    }
+    /// The outside namespace's address (the VM's default gateway).
+    pub fn outside(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 250, self.octet(false), 1)
+    }
+    /// The VM's address on its link to the database host.
+    pub fn vm_db_side(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 250, self.octet(true), 1)
+    }
+    /// The database host's address.
+    pub fn db(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 250, self.octet(true), 2)
+    }
+    /// The /24 of the VM<->db link, as CIDR.
+    pub fn db_subnet(&self) -> String {
+        format!("10.250.{}.0/24", self.octet(true))
+    }
+    /// dockerd's bridge address inside the VM (`bip`).
+    pub fn bip(&self) -> String {
+        format!("172.30.{}.1/24", self.slot)
+    }
+    /// The VM's container subnet (containers reach the db through the VM's NAT).
+    pub fn container_subnet(&self) -> String {
+        format!("172.30.{}.0/24", self.slot)
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Claims a free VM slot by creating its directory; returns the slot and the directory.
+pub(crate) fn claim_slot() -> Result<(Plan, PathBuf)> {
+    fs::create_dir_all(RUN_DIR).with_context(|| format!("cannot create {RUN_DIR}"))?;
+    // Start at a different slot per process and call, so concurrent runs rarely race for the
+    // same directory (they would only retry the next one).
+    let start =
+        (std::process::id().wrapping_mul(7)).wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed));
+    for i in 0..SLOTS {
+        let slot = (start.wrapping_add(i)) % SLOTS;
+        let dir = Path::new(RUN_DIR).join(format!("pv{slot}"));
+        match fs::create_dir(&dir) {
+            Ok(()) => return Ok((Plan { slot }, dir)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+        }
+    }
+    bail!(
+        "all {SLOTS} harness VM slots under {RUN_DIR} are taken: leftovers of crashed runs? \
+         run scripts/harness-clean"
+    )
+}
+
+/// Claims a named directory under [`RUN_DIR`] (fails if it exists: a leftover or a live owner).
+pub(crate) fn claim_dir(name: &str) -> Result<PathBuf> {
+    fs::create_dir_all(RUN_DIR).with_context(|| format!("cannot create {RUN_DIR}"))?;
+    let dir = Path::new(RUN_DIR).join(name);
+    fs::create_dir(&dir).with_context(|| {
+        format!(
+            "cannot create {} (a leftover of a crashed run? run scripts/harness-clean)",
+            dir.display()
+        )
+    })?;
+    Ok(dir)
+}
+
+/// The append-only list of resources an object created, in `DIR/record`, read by
+/// `scripts/harness-clean` after a crash. One resource per line:
+///
+/// ```text
+/// owner <pid> <start-ticks>      the test process (alive: harness-clean leaves this one alone)
+/// netns <name>
+/// pid <pid> <marker>             kill only if /proc/<pid>/cmdline contains <marker>
+/// pidfile <path> <marker>        the same, PID read from a file the daemon rewrites
+/// cgroup <dir-name>              directories of this name anywhere under /sys/fs/cgroup
+/// ```
+pub(crate) struct Record {
+    path: PathBuf,
+}
+
+impl Record {
+    /// Starts the record in `dir`, naming this process as the owner.
+    pub fn create(dir: &Path) -> Result<Record> {
+        let r = Record {
+            path: dir.join("record"),
+        };
+        let me = std::process::id();
+        let ticks = sys::start_ticks(me).unwrap_or(0);
+        r.add(&format!("owner {me} {ticks}"))?;
+        Ok(r)
+    }
+
+    /// Appends one line (flushed at once: the process may be killed right after).
+    pub fn add(&self, line: &str) -> Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        writeln!(f, "{line}").with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn harness_names() {
+        for ok in ["pv0", "pv12", "pv12-o", "pv12-db", "pv3-uts", "pvm41234"] {
+            assert!(is_harness_name(ok), "{ok}");
+        }
+        for bad in ["pv", "pvx", "eth0", "pvm", "p3", "pv3/x", ""] {
+            assert!(!is_harness_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn derived_names_belong_to_their_owner() {
+        assert!(belongs_to("pv3", "pv3"));
+        assert!(belongs_to("pv3-db", "pv3"));
+        assert!(!belongs_to("pv31", "pv3"));
+        assert!(!belongs_to("pv3", "pv3-db"));
+    }
+
+    #[test]
+    fn address_plan_is_disjoint_per_slot() {
+        let a = Plan { slot: 0 };
+        let b = Plan { slot: 127 };
+        assert_eq!(a.vm().to_string(), "10.250.0.2");
+        assert_eq!(a.db().to_string(), "10.250.1.2");
+        assert_eq!(b.outside().to_string(), "10.250.254.1");
+        assert_eq!(b.db_subnet(), "10.250.255.0/24");
+        assert_eq!(b.bip(), "172.30.127.1/24");
+    }
+}
