@@ -228,10 +228,8 @@ impl<C: Send + Sync + 'static> Engine<C> {
     /// Fails only when the status file cannot be written: before any step runs (so nothing
     /// on the host changed) or at the end (after the steps ran, their outcome logged).
     pub async fn run(&self, ctx: Arc<C>) -> Result<Status, EngineError> {
-        let mut status = Status::start(
-            &self.command,
-            self.steps.iter().map(|s| s.name.to_string()),
-        );
+        let mut status =
+            Status::start(&self.command, self.steps.iter().map(|s| s.name.to_string()));
         self.save(&status)?;
         let mut write_failure: Option<StatusError> = None;
 

@@ -124,7 +124,10 @@ pub fn ensure_dir(dir: &Path, mode: u32) -> Result<bool, FsError> {
         Ok(_) => Err(FsError::new(
             "create directory",
             dir,
-            io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a directory"),
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a directory",
+            ),
         )),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             fs::create_dir_all(dir).map_err(|e| FsError::new("create directory", dir, e))?;
@@ -271,7 +274,11 @@ mod tests {
             WriteOutcome::Unchanged
         );
         assert_eq!(mtime(&p), before);
-        assert_eq!(fs::metadata(&p).unwrap().ino(), ino, "file must not be replaced");
+        assert_eq!(
+            fs::metadata(&p).unwrap().ino(),
+            ino,
+            "file must not be replaced"
+        );
     }
 
     #[test]

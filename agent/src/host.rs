@@ -68,11 +68,7 @@ pub fn kernel_hostname() -> Result<String, HostError> {
 
 /// The subject alternative names the Docker server certificate must carry: every address a
 /// client may use to reach the host, its names, and loopback.
-pub fn server_sans(
-    config: &Config,
-    hostname: &str,
-    addrs: &[InterfaceAddr],
-) -> BTreeSet<San> {
+pub fn server_sans(config: &Config, hostname: &str, addrs: &[InterfaceAddr]) -> BTreeSet<San> {
     let mut sans = BTreeSet::new();
     for a in addrs {
         if a.ip.is_loopback() || is_link_local(&a.ip) {

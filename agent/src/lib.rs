@@ -1,11 +1,29 @@
 //! pilot-agent: converges a Pilot VM to a known state and keeps it there.
 //!
-//! The binary (`main.rs`) is a thin shell over this library: [`cli`] defines the command line,
-//! which is also the source of the man page and of `--help`.
+//! The binary (`main.rs`) is a thin shell over this library. Where things are:
+//!
+//! ```text
+//! cli.rs              the command line (also the source of --help)
+//! commands/           up, firewall, config validate: what main.rs calls
+//! config/             /etc/pilot/agent.yaml: schema walker (every error with line:col), sections
+//! engine.rs           named steps, dependency order, fail-open, status transitions
+//! plan.rs             which steps `up` runs and what they share (Ctx, Facts)
+//! status.rs           STATE_DIR/status.json, the file `pilot-agent status` reads
+//! fsutil.rs           atomic, skip-if-identical file writes; modes; the state lock
+//! host.rs             host name and addresses -> the server certificate's SANs
+//! pki.rs              the CA, dockerd's server certificate, runner/operator client certificates
+//! firewall/           the agent's own nftables table (ruleset, idempotence check, nft runner)
+//! docker/             daemon.json merge, systemd drop-in, restart backend, TLS readiness probe
+//! database/           the application role and database on the Pilot PostgreSQL (issue 4)
+//! ```
+//!
+//! Errors are typed per module (thiserror); a converge step turns any of them into the one
+//! line its status shows ([`engine::StepError`]). `anyhow` appears only in `main.rs`.
 
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod database;
 pub mod docker;
 pub mod engine;
 pub mod firewall;
@@ -14,4 +32,3 @@ pub mod host;
 pub mod pki;
 pub mod plan;
 pub mod status;
-pub mod database;

@@ -20,8 +20,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
@@ -317,22 +317,20 @@ fn ensure_ca(
     let spki = key.subject_public_key_info();
     let subject = ca_subject(&spki);
 
-    let existing = fsutil::read_optional(&cert_path)?;
-    let verdict = match &existing {
+    let verdict = match fsutil::read_optional(&cert_path)? {
         _ if new_key => Err(Reason::NewKey),
         None => Err(Reason::Missing),
-        Some(pem) => match parse_pem_cert(pem) {
+        Some(bytes) => match parse_pem_cert(&bytes) {
             None => Err(Reason::Unreadable),
-            Some(der) => check_ca_cert(&der, &spki, &subject, policy, now).map(|na| (der, na)),
+            Some(der) => check_ca_cert(&der, &spki, &subject, policy, now)
+                .map(|not_after| (bytes, der, not_after)),
         },
     };
     match verdict {
-        Ok((der, not_after)) => {
-            // Unwrap-free: `existing` is Some on this path (checked above).
-            let pem = existing.map(|b| String::from_utf8_lossy(&b).into_owned());
-            let cert_pem = pem.unwrap_or_default();
-            *changed |= fsutil::write_atomic(&cert_path, cert_pem.as_bytes(), MODE_PUBLIC)?
-                .changed();
+        Ok((bytes, der, not_after)) => {
+            // Rewriting the same bytes only corrects the mode if someone changed it.
+            *changed |= fsutil::write_atomic(&cert_path, &bytes, MODE_PUBLIC)?.changed();
+            let cert_pem = String::from_utf8_lossy(&bytes).into_owned();
             let params = ca_params(subject, now, policy);
             Ok(Ca {
                 key,
@@ -378,7 +376,11 @@ fn ca_subject(spki: &[u8]) -> DistinguishedName {
     dn
 }
 
-fn ca_params(subject: DistinguishedName, now: OffsetDateTime, policy: &Policy) -> CertificateParams {
+fn ca_params(
+    subject: DistinguishedName,
+    now: OffsetDateTime,
+    policy: &Policy,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = subject;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -590,13 +592,15 @@ fn leaf_params(
         params.subject_alt_names.push(match san {
             San::Ip(ip) => SanType::IpAddress(*ip),
             San::Dns(name) => {
-                SanType::DnsName(name.as_str().try_into().map_err(|source| {
-                    PkiError::Generate {
-                        what: "a subject alternative name",
-                        path: PathBuf::from(name),
-                        source,
-                    }
-                })?)
+                SanType::DnsName(
+                    name.as_str()
+                        .try_into()
+                        .map_err(|source| PkiError::Generate {
+                            what: "a subject alternative name",
+                            path: PathBuf::from(name),
+                            source,
+                        })?,
+                )
             }
         });
     }

@@ -122,7 +122,9 @@ fn pki_step(config: &Config) -> StepResult {
         None => host::kernel_hostname()?,
     };
     let addrs = host::interface_addrs()?;
-    let mut leaves = vec![LeafSpec::server(host::server_sans(config, &hostname, &addrs))];
+    let mut leaves = vec![LeafSpec::server(host::server_sans(
+        config, &hostname, &addrs,
+    ))];
     leaves.extend(pki::CLIENTS.iter().map(|c| LeafSpec::client(c)));
     let report = pki::ensure(
         &PkiLayout::new(config.pki_dir()),
@@ -160,8 +162,10 @@ mod tests {
     #[tokio::test]
     async fn docker_config_waits_for_the_firewall() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.state_dir = dir.path().join("state");
+        let mut config = Config {
+            state_dir: dir.path().join("state"),
+            ..Config::default()
+        };
         config.docker.daemon_config = dir.path().join("daemon.json");
         config.docker.systemd_dropin_dir = dir.path().join("dropin");
         std::fs::create_dir_all(&config.state_dir).unwrap();
@@ -172,7 +176,12 @@ mod tests {
         let state = |n: &str| s.step(n).unwrap().state;
         use crate::status::StepState;
         assert_eq!(state(FIREWALL), StepState::Error);
-        assert!(s.step(FIREWALL).unwrap().detail.contains("/nonexistent/nft"));
+        assert!(
+            s.step(FIREWALL)
+                .unwrap()
+                .detail
+                .contains("/nonexistent/nft")
+        );
         assert_eq!(state(PKI), StepState::Changed);
         assert_eq!(state(DOCKER_CONFIG), StepState::Skipped);
         assert_eq!(state(DOCKER_TLS), StepState::Skipped);

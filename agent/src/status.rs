@@ -221,8 +221,7 @@ mod tests {
         assert!(v["finished_at"].is_null());
         let started = v["started_at"].as_str().unwrap();
         assert!(
-            OffsetDateTime::parse(started, &time::format_description::well_known::Rfc3339)
-                .is_ok(),
+            OffsetDateTime::parse(started, &time::format_description::well_known::Rfc3339).is_ok(),
             "{started}"
         );
         assert!(started.ends_with('Z'), "UTC: {started}");

@@ -20,7 +20,9 @@ pub enum UpError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Fs(#[from] FsError),
-    #[error("another pilot-agent is converging this host (it holds {path}); try again when it is done")]
+    #[error(
+        "another pilot-agent is converging this host (it holds {path}); try again when it is done"
+    )]
     Locked { path: PathBuf },
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -84,9 +86,13 @@ mod tests {
     #[tokio::test]
     async fn a_second_converge_is_refused_while_one_runs() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.state_dir = dir.path().to_path_buf();
-        let _held = fsutil::try_lock(&dir.path().join(LOCK_FILE)).unwrap().unwrap();
+        let config = Config {
+            state_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let _held = fsutil::try_lock(&dir.path().join(LOCK_FILE))
+            .unwrap()
+            .unwrap();
         let err = up_with(config, UpOptions::default()).await.unwrap_err();
         assert!(matches!(err, UpError::Locked { .. }), "{err}");
         assert!(!dir.path().join("status.json").exists());

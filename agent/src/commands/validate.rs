@@ -49,8 +49,16 @@ mod tests {
         let v = validate(&bad);
         assert!(!v.valid);
         assert_eq!(v.lines.len(), 2);
-        assert!(v.lines[0].starts_with(&format!("{}:1:12: ", bad.display())), "{:?}", v.lines);
-        assert!(v.lines[1].starts_with(&format!("{}:2:1: ", bad.display())), "{:?}", v.lines);
+        assert!(
+            v.lines[0].starts_with(&format!("{}:1:12: ", bad.display())),
+            "{:?}",
+            v.lines
+        );
+        assert!(
+            v.lines[1].starts_with(&format!("{}:2:1: ", bad.display())),
+            "{:?}",
+            v.lines
+        );
 
         let v = validate(&dir.path().join("missing.yaml"));
         assert!(!v.valid);

@@ -99,9 +99,9 @@ fn read_service(w: &mut Walker, node: &Node<'_>) -> Option<ServiceConfig> {
         &["manager", "unit", "restart_command"],
     )?;
     let manager = f.choice(w, "manager", &["systemd", "command"]);
-    let unit = f.get("unit").and_then(|n| {
-        schema::non_empty_string(w, n, "docker.service.unit")
-    });
+    let unit = f
+        .get("unit")
+        .and_then(|n| schema::non_empty_string(w, n, "docker.service.unit"));
     let command = f.list(w, "restart_command", schema::non_empty_string);
     match manager.as_deref().unwrap_or("systemd") {
         "systemd" => {
@@ -117,7 +117,10 @@ fn read_service(w: &mut Walker, node: &Node<'_>) -> Option<ServiceConfig> {
         }
         _ => {
             if let Some(n) = f.get("unit") {
-                w.error(n, "docker.service.unit is used only with `manager: systemd`");
+                w.error(
+                    n,
+                    "docker.service.unit is used only with `manager: systemd`",
+                );
             }
             match command {
                 Some(argv) if !argv.is_empty() => Some(ServiceConfig::Command {

@@ -34,8 +34,11 @@ impl Default for HostConfig {
 
 pub fn read(w: &mut Walker, node: &Node<'_>) -> HostConfig {
     let mut c = HostConfig::default();
-    let Some(f) = w.mapping(node, "host", &["hostname", "extra_names", "exclude_interfaces"])
-    else {
+    let Some(f) = w.mapping(
+        node,
+        "host",
+        &["hostname", "extra_names", "exclude_interfaces"],
+    ) else {
         return c;
     };
     if let Some(n) = f.get("hostname") {

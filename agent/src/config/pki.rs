@@ -33,7 +33,11 @@ pub fn read(w: &mut Walker, node: &Node<'_>) -> PkiConfig {
     let Some(f) = w.mapping(
         node,
         "pki",
-        &["ca_validity_days", "cert_validity_days", "renew_before_days"],
+        &[
+            "ca_validity_days",
+            "cert_validity_days",
+            "renew_before_days",
+        ],
     ) else {
         return c;
     };

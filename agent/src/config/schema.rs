@@ -109,7 +109,9 @@ impl Walker {
                 };
                 match closest(name, allowed) {
                     Some(near) => message.push_str(&format!(" (did you mean `{near}`?)")),
-                    None => message.push_str(&format!(" (expected one of: {})", allowed.join(", "))),
+                    None => {
+                        message.push_str(&format!(" (expected one of: {})", allowed.join(", ")))
+                    }
                 }
                 self.error(key, message);
                 continue;
@@ -180,7 +182,10 @@ impl<'n, 'a> Fields<'n, 'a> {
         let path = self.path_of(key);
         let s = string(w, node, &path)?;
         if !s.starts_with('/') {
-            w.error(node, format!("{path}: expected an absolute path, got \"{s}\""));
+            w.error(
+                node,
+                format!("{path}: expected an absolute path, got \"{s}\""),
+            );
             return None;
         }
         Some(PathBuf::from(s))
@@ -196,7 +201,10 @@ impl<'n, 'a> Fields<'n, 'a> {
         } else {
             w.error(
                 node,
-                format!("{path}: expected one of {}, got \"{s}\"", choices.join(", ")),
+                format!(
+                    "{path}: expected one of {}, got \"{s}\"",
+                    choices.join(", ")
+                ),
             );
             None
         }
@@ -232,7 +240,10 @@ impl<'n, 'a> Fields<'n, 'a> {
         let node = self.get(key)?;
         let path = self.path_of(key);
         let YamlData::Sequence(items) = &node.data else {
-            w.error(node, format!("{path}: expected a list, got {}", describe(node)));
+            w.error(
+                node,
+                format!("{path}: expected a list, got {}", describe(node)),
+            );
             return None;
         };
         let mut out = Vec::with_capacity(items.len());
@@ -251,7 +262,10 @@ pub fn string(w: &mut Walker, node: &Node<'_>, path: &str) -> Option<String> {
     match &node.data {
         YamlData::Value(Scalar::String(s)) => Some(s.to_string()),
         _ => {
-            w.error(node, format!("{path}: expected a string, got {}", describe(node)));
+            w.error(
+                node,
+                format!("{path}: expected a string, got {}", describe(node)),
+            );
             None
         }
     }
@@ -388,7 +402,11 @@ pub fn describe(node: &Node<'_>) -> String {
 }
 
 fn display_path(path: &str) -> &str {
-    if path.is_empty() { "configuration" } else { path }
+    if path.is_empty() {
+        "configuration"
+    } else {
+        path
+    }
 }
 
 /// The allowed key nearest to a misspelt one, if it is near enough to be a likely typo.
@@ -422,7 +440,10 @@ mod tests {
     #[test]
     fn edit_distance_finds_typos() {
         assert_eq!(edit_distance("tsl_listen", "tls_listen"), 2);
-        assert_eq!(closest("tsl_listen", &["socket", "tls_listen"]), Some("tls_listen"));
+        assert_eq!(
+            closest("tsl_listen", &["socket", "tls_listen"]),
+            Some("tls_listen")
+        );
         assert_eq!(closest("zzz", &["socket", "tls_listen"]), None);
     }
 

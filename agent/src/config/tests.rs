@@ -16,8 +16,14 @@ fn empty_file_gives_defaults() {
     let c = Config::from_yaml("").unwrap();
     assert_eq!(c, Config::default());
     assert_eq!(c.state_dir, PathBuf::from("/var/lib/pilot-agent"));
-    assert_eq!(c.docker.tls_listen, "0.0.0.0:2376".parse::<SocketAddr>().unwrap());
-    assert_eq!(c.docker.daemon_config, PathBuf::from("/etc/docker/daemon.json"));
+    assert_eq!(
+        c.docker.tls_listen,
+        "0.0.0.0:2376".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(
+        c.docker.daemon_config,
+        PathBuf::from("/etc/docker/daemon.json")
+    );
     assert_eq!(
         c.docker.service,
         ServiceConfig::Systemd {
@@ -33,7 +39,10 @@ fn empty_file_gives_defaults() {
     assert!(c.firewall.published_port_sources.is_empty());
     assert_eq!(c.host.exclude_interfaces, vec!["docker0", "br-*", "veth*"]);
     assert_eq!(c.host.hostname, None);
-    assert_eq!(c.status_path(), PathBuf::from("/var/lib/pilot-agent/status.json"));
+    assert_eq!(
+        c.status_path(),
+        PathBuf::from("/var/lib/pilot-agent/status.json")
+    );
 }
 
 #[test]
@@ -47,7 +56,10 @@ fn example_config_validates() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/agent.yaml");
     let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.host.hostname.as_deref(), Some("pilot-vm"));
-    assert_eq!(c.host.extra_names, vec!["pilot.example.com", "203.0.113.10"]);
+    assert_eq!(
+        c.host.extra_names,
+        vec!["pilot.example.com", "203.0.113.10"]
+    );
     assert_eq!(c.firewall.published_ports, vec![9701, 9702]);
     assert_eq!(c.firewall.published_port_sources.len(), 2);
     // Apart from the marked examples, the example documents the defaults.
@@ -164,7 +176,10 @@ fn duplicate_keys_are_rejected() {
 #[test]
 fn wrong_shapes() {
     let errs = errors("- a\n- b\n");
-    assert_eq!(errs, vec!["1:1: the configuration: expected a mapping, got a list"]);
+    assert_eq!(
+        errs,
+        vec!["1:1: the configuration: expected a mapping, got a list"]
+    );
     let errs = errors("docker: 5\nfirewall:\n  lock_ports: 2375\n");
     assert_eq!(
         errs,
@@ -174,7 +189,10 @@ fn wrong_shapes() {
         ]
     );
     let errs = errors("a: 1\n---\nb: 2\n");
-    assert!(errs.iter().any(|e| e.contains("single YAML document")), "{errs:?}");
+    assert!(
+        errs.iter().any(|e| e.contains("single YAML document")),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -190,18 +208,27 @@ fn service_manager_rules() {
         vec!["3:22: docker.service.restart_command is used only with `manager: command`"]
     );
     let errs = errors("docker:\n  service:\n    manager: command\n    restart_command: []\n");
-    assert_eq!(errs, vec!["4:22: docker.service.restart_command must not be empty"]);
+    assert_eq!(
+        errs,
+        vec!["4:22: docker.service.restart_command must not be empty"]
+    );
 }
 
 #[test]
 fn cross_field_checks() {
     let errs = errors("docker:\n  tls_listen: 0.0.0.0:2375\n");
     assert_eq!(errs.len(), 1, "{errs:?}");
-    assert!(errs[0].starts_with("2:15: firewall.lock_ports must not contain"), "{errs:?}");
+    assert!(
+        errs[0].starts_with("2:15: firewall.lock_ports must not contain"),
+        "{errs:?}"
+    );
 
     let errs = errors("pki:\n  cert_validity_days: 20\n");
     assert_eq!(errs.len(), 1, "{errs:?}");
-    assert!(errs[0].starts_with("2:23: pki.renew_before_days (30) must be less"), "{errs:?}");
+    assert!(
+        errs[0].starts_with("2:23: pki.renew_before_days (30) must be less"),
+        "{errs:?}"
+    );
 
     let errs = errors("firewall:\n  published_ports: [9702]\n");
     assert!(errs[0].contains("no effect without"), "{errs:?}");

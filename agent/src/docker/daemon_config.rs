@@ -18,7 +18,14 @@ use crate::fsutil::{self, MODE_PUBLIC, MODE_PUBLIC_DIR};
 use super::DockerError;
 
 /// The keys the agent sets; all others are left as they are.
-pub const OWNED_KEYS: &[&str] = &["hosts", "tls", "tlsverify", "tlscacert", "tlscert", "tlskey"];
+pub const OWNED_KEYS: &[&str] = &[
+    "hosts",
+    "tls",
+    "tlsverify",
+    "tlscacert",
+    "tlscert",
+    "tlskey",
+];
 
 /// What the agent wants in `daemon.json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,14 +56,19 @@ fn path_value(p: &Path) -> Value {
 }
 
 /// The new content of the file, or `None` when the current content already says it all.
-pub fn merge(path: &Path, current: Option<&[u8]>, settings: &TlsSettings) -> Result<Option<Vec<u8>>, DockerError> {
+pub fn merge(
+    path: &Path,
+    current: Option<&[u8]>,
+    settings: &TlsSettings,
+) -> Result<Option<Vec<u8>>, DockerError> {
     let existing = match current {
         Some(bytes) if !bytes.iter().all(u8::is_ascii_whitespace) => {
-            let value: Value =
-                serde_json::from_slice(bytes).map_err(|source| DockerError::DaemonConfigInvalid {
+            let value: Value = serde_json::from_slice(bytes).map_err(|source| {
+                DockerError::DaemonConfigInvalid {
                     path: path.to_path_buf(),
                     source,
-                })?;
+                }
+            })?;
             match value {
                 Value::Object(map) => Some(map),
                 _ => {
@@ -102,7 +114,10 @@ mod tests {
 
     fn settings() -> TlsSettings {
         TlsSettings {
-            hosts: vec!["unix:///var/run/docker.sock".into(), "tcp://0.0.0.0:2376".into()],
+            hosts: vec![
+                "unix:///var/run/docker.sock".into(),
+                "tcp://0.0.0.0:2376".into(),
+            ],
             ca: "/var/lib/pilot-agent/pki/server/ca.pem".into(),
             cert: "/var/lib/pilot-agent/pki/server/cert.pem".into(),
             key: "/var/lib/pilot-agent/pki/server/key.pem".into(),
@@ -111,7 +126,9 @@ mod tests {
 
     #[test]
     fn absent_file_gets_the_owned_keys() {
-        let out = merge(Path::new("d.json"), None, &settings()).unwrap().unwrap();
+        let out = merge(Path::new("d.json"), None, &settings())
+            .unwrap()
+            .unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["hosts"][1], "tcp://0.0.0.0:2376");
         assert_eq!(v["tls"], true);
@@ -130,7 +147,9 @@ mod tests {
   "tlsverify": false,
   "features": {"buildkit": true}
 }"#;
-        let out = merge(Path::new("d.json"), Some(current), &settings()).unwrap().unwrap();
+        let out = merge(Path::new("d.json"), Some(current), &settings())
+            .unwrap()
+            .unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["log-driver"], "journald");
         assert_eq!(v["default-address-pools"][0]["size"], 24);
@@ -145,31 +164,51 @@ mod tests {
 
     #[test]
     fn merged_output_is_a_fixed_point() {
-        let out = merge(Path::new("d.json"), Some(br#"{"debug": true}"#), &settings())
-            .unwrap()
-            .unwrap();
-        assert_eq!(merge(Path::new("d.json"), Some(&out), &settings()).unwrap(), None);
+        let out = merge(
+            Path::new("d.json"),
+            Some(br#"{"debug": true}"#),
+            &settings(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            merge(Path::new("d.json"), Some(&out), &settings()).unwrap(),
+            None
+        );
     }
 
     #[test]
     fn operator_formatting_survives_when_nothing_owned_changes() {
-        let out = merge(Path::new("d.json"), None, &settings()).unwrap().unwrap();
+        let out = merge(Path::new("d.json"), None, &settings())
+            .unwrap()
+            .unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         let compact = serde_json::to_vec(&v).unwrap();
-        assert_eq!(merge(Path::new("d.json"), Some(&compact), &settings()).unwrap(), None);
+        assert_eq!(
+            merge(Path::new("d.json"), Some(&compact), &settings()).unwrap(),
+            None
+        );
     }
 
     #[test]
     fn invalid_files_are_errors_not_overwritten() {
-        let err = merge(Path::new("/etc/docker/daemon.json"), Some(b"{ nope"), &settings())
-            .unwrap_err();
+        let err = merge(
+            Path::new("/etc/docker/daemon.json"),
+            Some(b"{ nope"),
+            &settings(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/etc/docker/daemon.json"), "{err}");
         assert!(matches!(
             merge(Path::new("d.json"), Some(b"[1]"), &settings()).unwrap_err(),
             DockerError::DaemonConfigNotObject { .. }
         ));
         // Empty or whitespace: as absent.
-        assert!(merge(Path::new("d.json"), Some(b"  \n"), &settings()).unwrap().is_some());
+        assert!(
+            merge(Path::new("d.json"), Some(b"  \n"), &settings())
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

@@ -255,16 +255,24 @@ mod tests {
 
     #[test]
     fn plan_from_config() {
-        let mut c = Config::default();
-        c.state_dir = "/srv/state".into();
+        let mut c = Config {
+            state_dir: "/srv/state".into(),
+            ..Config::default()
+        };
         let p = DockerPlan::from_config(&c);
         assert_eq!(
             p.settings.hosts,
             vec!["unix:///var/run/docker.sock", "tcp://0.0.0.0:2376"]
         );
-        assert_eq!(p.settings.cert, PathBuf::from("/srv/state/pki/server/cert.pem"));
+        assert_eq!(
+            p.settings.cert,
+            PathBuf::from("/srv/state/pki/server/cert.pem")
+        );
         assert_eq!(p.probe.addr, "127.0.0.1:2376".parse().unwrap());
-        assert_eq!(p.probe.key, PathBuf::from("/srv/state/pki/operator/key.pem"));
+        assert_eq!(
+            p.probe.key,
+            PathBuf::from("/srv/state/pki/operator/key.pem")
+        );
         let (path, content) = p.dropin.unwrap();
         assert_eq!(
             path,
@@ -284,8 +292,10 @@ mod tests {
     #[test]
     fn fingerprint_follows_every_file_dockerd_reads() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Config::default();
-        c.state_dir = dir.path().join("state");
+        let mut c = Config {
+            state_dir: dir.path().join("state"),
+            ..Config::default()
+        };
         c.docker.daemon_config = dir.path().join("daemon.json");
         c.docker.systemd_dropin_dir = dir.path().join("dropin");
         let p = DockerPlan::from_config(&c);

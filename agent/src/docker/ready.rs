@@ -56,7 +56,10 @@ pub async fn probe_once(probe: &TlsProbe, limit: Duration) -> Result<DaemonInfo,
     )
     .map_err(|e| format!("cannot set up the TLS client: {e}"))?;
     let attempt = async {
-        let client = client.negotiate_version().await.map_err(|e| e.to_string())?;
+        let client = client
+            .negotiate_version()
+            .await
+            .map_err(|e| e.to_string())?;
         let v = client.version().await.map_err(|e| e.to_string())?;
         Ok(DaemonInfo {
             version: v.version.unwrap_or_default(),
@@ -71,12 +74,17 @@ pub async fn probe_once(probe: &TlsProbe, limit: Duration) -> Result<DaemonInfo,
 
 /// Polls until dockerd answers over mutual TLS, or `timeout` passes. The poll interval
 /// starts short (a namespaced dockerd is up in well under a second) and grows to 500 ms.
-pub async fn wait_ready(probe: &TlsProbe, timeout: Duration) -> Result<(DaemonInfo, Duration), DockerError> {
+pub async fn wait_ready(
+    probe: &TlsProbe,
+    timeout: Duration,
+) -> Result<(DaemonInfo, Duration), DockerError> {
     let start = Instant::now();
     let mut interval = Duration::from_millis(25);
     loop {
         let left = timeout.saturating_sub(start.elapsed());
-        let attempt_limit = left.min(Duration::from_secs(5)).max(Duration::from_millis(100));
+        let attempt_limit = left
+            .min(Duration::from_secs(5))
+            .max(Duration::from_millis(100));
         match probe_once(probe, attempt_limit).await {
             Ok(info) => return Ok((info, start.elapsed())),
             Err(last_error) => {
@@ -141,7 +149,9 @@ mod tests {
             key: op.key,
         };
         let start = Instant::now();
-        let err = wait_ready(&probe, Duration::from_millis(800)).await.unwrap_err();
+        let err = wait_ready(&probe, Duration::from_millis(800))
+            .await
+            .unwrap_err();
         let elapsed = start.elapsed();
         assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
         assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");

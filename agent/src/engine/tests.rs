@@ -37,11 +37,7 @@ fn states(s: &Status) -> Vec<(&str, StepState)> {
 async fn dependencies_run_first() {
     let engine = Engine::new(
         "up",
-        vec![
-            ok("c").after(&["b"]),
-            ok("b").after(&["a"]),
-            ok("a"),
-        ],
+        vec![ok("c").after(&["b"]), ok("b").after(&["a"]), ok("a")],
     )
     .unwrap();
     let log = Arc::new(Log::default());
@@ -53,7 +49,11 @@ async fn dependencies_run_first() {
     // Listed in the order given, each with times.
     assert_eq!(
         states(&s),
-        vec![("c", StepState::Ok), ("b", StepState::Ok), ("a", StepState::Ok)]
+        vec![
+            ("c", StepState::Ok),
+            ("b", StepState::Ok),
+            ("a", StepState::Ok)
+        ]
     );
     for step in &s.steps {
         assert!(step.started_at.unwrap() <= step.finished_at.unwrap());
@@ -171,11 +171,7 @@ async fn a_step_may_report_degraded_itself() {
 
 #[tokio::test]
 async fn error_outranks_degraded() {
-    let engine = Engine::new(
-        "up",
-        vec![failing("a").fail_open(), failing("b")],
-    )
-    .unwrap();
+    let engine = Engine::new("up", vec![failing("a").fail_open(), failing("b")]).unwrap();
     let s = engine.run(Arc::new(Log::default())).await.unwrap();
     assert_eq!(s.condition, Condition::Error);
 }
@@ -196,7 +192,9 @@ async fn timeout_and_panic_become_step_errors() {
                 }
                 Ok(Outcome::Ok(String::new()))
             }),
-            Step::new("fine", |_: Arc<()>| async { Ok(Outcome::Ok(String::new())) }),
+            Step::new("fine", |_: Arc<()>| async {
+                Ok(Outcome::Ok(String::new()))
+            }),
         ],
     )
     .unwrap();
@@ -210,7 +208,9 @@ async fn timeout_and_panic_become_step_errors() {
 
 #[test]
 fn bad_step_graphs_are_rejected() {
-    let e = Engine::<Log>::new("up", vec![ok("a"), ok("a")]).err().unwrap();
+    let e = Engine::<Log>::new("up", vec![ok("a"), ok("a")])
+        .err()
+        .unwrap();
     assert!(matches!(e, EngineError::DuplicateStep("a")));
     let e = Engine::<Log>::new("up", vec![ok("a").after(&["nope"])])
         .err()
@@ -221,11 +221,19 @@ fn bad_step_graphs_are_rejected() {
     );
     let e = Engine::<Log>::new(
         "up",
-        vec![ok("a").after(&["c"]), ok("b").after(&["a"]), ok("c").after(&["b"]), ok("d")],
+        vec![
+            ok("a").after(&["c"]),
+            ok("b").after(&["a"]),
+            ok("c").after(&["b"]),
+            ok("d"),
+        ],
     )
     .err()
     .unwrap();
-    assert_eq!(e.to_string(), "steps depend on each other in a cycle: a, b, c");
+    assert_eq!(
+        e.to_string(),
+        "steps depend on each other in a cycle: a, b, c"
+    );
 }
 
 #[tokio::test]

@@ -65,17 +65,20 @@ impl Nft {
     }
 
     /// The table as nft lists it, or `None` when it does not exist.
-    pub async fn list_table(&self, table: &str) -> Result<Option<Nftables<'static>>, FirewallError> {
+    pub async fn list_table(
+        &self,
+        table: &str,
+    ) -> Result<Option<Nftables<'static>>, FirewallError> {
         // JSON output, and JSON-free argv apart from the name (validated as an identifier).
         let (mut cmd, text) = self.command(&["-j", "list", "table", "inet", table]);
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|source| FirewallError::Exec {
-                command: text.clone(),
-                source,
-            })?;
+        let out =
+            cmd.stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|source| FirewallError::Exec {
+                    command: text.clone(),
+                    source,
+                })?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
             // nft's words for a missing table ("No such file or directory", ENOENT).
@@ -176,7 +179,11 @@ pub async fn converge(spec: &FirewallSpec, nft: &Nft) -> Result<FirewallReport, 
         }
     }
     nft.apply(&desired.batch()).await?;
-    tracing::info!(table = desired.table, hash = desired.hash, "nftables table applied");
+    tracing::info!(
+        table = desired.table,
+        hash = desired.hash,
+        "nftables table applied"
+    );
     Ok(report(true))
 }
 

@@ -109,7 +109,8 @@ async fn applies_once_then_sends_nothing_and_leaves_other_tables_alone() {
 
     let nft = ns.nft();
     let spec = spec_with(|c| {
-        c.firewall.docker_api_sources = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        c.firewall.docker_api_sources =
+            vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
         c.firewall.published_port_sources = vec!["198.51.100.0/24".parse().unwrap()];
         c.firewall.published_ports = vec![9701, 9702];
     });
@@ -135,7 +136,14 @@ async fn applies_once_then_sends_nothing_and_leaves_other_tables_alone() {
 
     // Drift (a rule deleted by hand) is repaired, then quiet again.
     let v: serde_json::Value = serde_json::from_str(&ns.exec(&[
-        "nft", "-j", "-a", "list", "chain", "inet", "pilot_agent", "input",
+        "nft",
+        "-j",
+        "-a",
+        "list",
+        "chain",
+        "inet",
+        "pilot_agent",
+        "input",
     ]))
     .unwrap();
     let rule_handle = v["nftables"]
@@ -146,7 +154,16 @@ async fn applies_once_then_sends_nothing_and_leaves_other_tables_alone() {
         .nth(1)
         .unwrap()["handle"]
         .to_string();
-    ns.exec(&["nft", "delete", "rule", "inet", "pilot_agent", "input", "handle", &rule_handle]);
+    ns.exec(&[
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "pilot_agent",
+        "input",
+        "handle",
+        &rule_handle,
+    ]);
     assert!(converge(&spec, &nft).await.unwrap().changed);
     assert!(!converge(&spec, &nft).await.unwrap().changed);
 
@@ -155,7 +172,10 @@ async fn applies_once_then_sends_nothing_and_leaves_other_tables_alone() {
     assert!(converge(&narrower, &nft).await.unwrap().changed);
     let listing = ns.exec(&["nft", "list", "table", "inet", "pilot_agent"]);
     assert!(!listing.contains("10.0.0.0/8"), "{listing}");
-    assert_eq!(ns.exec(&["nft", "-j", "list", "table", "inet", "other"]), other_before);
+    assert_eq!(
+        ns.exec(&["nft", "-j", "list", "table", "inet", "other"]),
+        other_before
+    );
 }
 
 #[tokio::test]
@@ -218,7 +238,10 @@ fn answers(from: &Netns, addr: &str, port: u16) -> bool {
 fn wait_listening(ns: &Netns, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !answers(ns, "127.0.0.1", port) {
-        assert!(Instant::now() < deadline, "listener on {port} did not come up");
+        assert!(
+            Instant::now() < deadline,
+            "listener on {port} did not come up"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -230,10 +253,26 @@ async fn packets_are_locked_as_configured() {
     // A veth pair between the two namespaces (named after the pid: unique, and gone with
     // the namespaces).
     let (a, b) = (
-        format!("pa{}a{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::Relaxed)),
+        format!(
+            "pa{}a{}",
+            std::process::id() % 100_000,
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ),
         format!("pa{}b", std::process::id() % 100_000),
     );
-    vm.exec(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &outside.name]);
+    vm.exec(&[
+        "ip",
+        "link",
+        "add",
+        &a,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &b,
+        "netns",
+        &outside.name,
+    ]);
     vm.exec(&["ip", "addr", "add", "10.250.0.1/30", "dev", &a]);
     vm.exec(&["ip", "link", "set", &a, "up"]);
     outside.exec(&["ip", "addr", "add", "10.250.0.2/30", "dev", &b]);
@@ -251,13 +290,22 @@ async fn packets_are_locked_as_configured() {
         c.firewall.docker_api_sources = vec!["10.250.0.2/32".parse().unwrap()];
     });
     converge(&allow_outside, &nft).await.unwrap();
-    assert!(!answers(&outside, "10.250.0.1", 2375), "2375 must be locked from outside");
-    assert!(answers(&outside, "10.250.0.1", 2376), "2376 open to a configured source");
+    assert!(
+        !answers(&outside, "10.250.0.1", 2375),
+        "2375 must be locked from outside"
+    );
+    assert!(
+        answers(&outside, "10.250.0.1", 2376),
+        "2376 open to a configured source"
+    );
     // The host itself: its own veth address arrives on lo.
     assert!(answers(&vm, "10.250.0.1", 2375), "loopback keeps 2375");
 
     let deny_outside = spec_with(|_| {});
     converge(&deny_outside, &nft).await.unwrap();
-    assert!(!answers(&outside, "10.250.0.1", 2376), "2376 closed to others");
+    assert!(
+        !answers(&outside, "10.250.0.1", 2376),
+        "2376 closed to others"
+    );
     assert!(answers(&vm, "127.0.0.1", 2376));
 }

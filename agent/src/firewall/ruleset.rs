@@ -37,7 +37,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use nftables::expr::{CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem};
+use nftables::expr::{
+    CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem,
+};
 use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
 use nftables::stmt::{Accept, Drop, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
@@ -103,15 +105,9 @@ impl Ruleset {
     pub fn new(spec: &FirewallSpec) -> Ruleset {
         let (api4, api6) = split_families(&spec.api_sources);
         let mut input = Vec::new();
-        input.push(vec![
-            eq(meta(MetaKey::Iifname), string("lo")),
-            accept(),
-        ]);
+        input.push(vec![eq(meta(MetaKey::Iifname), string("lo")), accept()]);
         if !spec.lock_ports.is_empty() {
-            input.push(vec![
-                eq(tcp_dport(), port_set(&spec.lock_ports)),
-                drop(),
-            ]);
+            input.push(vec![eq(tcp_dport(), port_set(&spec.lock_ports)), drop()]);
         }
         if !api4.is_empty() {
             input.push(vec![
@@ -242,16 +238,18 @@ impl Ruleset {
             NfObject::CmdObject(NfCmd::Add(NfListObject::Table(table))),
         ];
         for c in &self.chains {
-            objects.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(Chain {
-                family: NfFamily::INet,
-                table: Cow::Owned(self.table.clone()),
-                name: Cow::Borrowed(c.name),
-                _type: Some(NfChainType::Filter),
-                hook: Some(c.hook),
-                prio: Some(0),
-                policy: Some(NfChainPolicy::Accept),
-                ..Chain::default()
-            }))));
+            objects.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(
+                Chain {
+                    family: NfFamily::INet,
+                    table: Cow::Owned(self.table.clone()),
+                    name: Cow::Borrowed(c.name),
+                    _type: Some(NfChainType::Filter),
+                    hook: Some(c.hook),
+                    prio: Some(0),
+                    policy: Some(NfChainPolicy::Accept),
+                    ..Chain::default()
+                },
+            ))));
         }
         let comments = self.comments();
         for c in &self.chains {
@@ -353,10 +351,12 @@ fn meta(key: MetaKey) -> Expression<'static> {
 }
 
 fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
-    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
-        protocol: Cow::Borrowed(protocol),
-        field: Cow::Borrowed(field),
-    })))
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: Cow::Borrowed(protocol),
+            field: Cow::Borrowed(field),
+        },
+    )))
 }
 
 fn tcp_dport() -> Expression<'static> {
@@ -426,7 +426,11 @@ mod tests {
     fn default_table_locks_2375_and_closes_2376_to_all_but_loopback() {
         let r = Ruleset::new(&spec());
         assert_eq!(r.table, "pilot_agent");
-        assert_eq!(r.chains[0].rules.len(), 3, "lo accept, 2375 drop, 2376 drop");
+        assert_eq!(
+            r.chains[0].rules.len(),
+            3,
+            "lo accept, 2375 drop, 2376 drop"
+        );
         // Lock port 2375 published through Docker: dropped in forward too.
         assert_eq!(r.chains[1].rules.len(), 1);
         let v = rules_json(&r);
@@ -440,10 +444,7 @@ mod tests {
         assert_eq!(objs[3]["add"]["chain"]["policy"], "accept");
         assert_eq!(objs[4]["add"]["chain"]["hook"], "forward");
         let first = &objs[5]["add"]["rule"];
-        assert_eq!(
-            first["expr"][0]["match"]["left"]["meta"]["key"],
-            "iifname"
-        );
+        assert_eq!(first["expr"][0]["match"]["left"]["meta"]["key"], "iifname");
         assert_eq!(first["expr"][0]["match"]["right"], "lo");
         assert_eq!(first["comment"], format!("pilot-agent {} 0", r.hash));
         let lock = &objs[6]["add"]["rule"]["expr"];
@@ -483,7 +484,11 @@ mod tests {
         assert_eq!(set[1]["prefix"]["addr"], "192.168.1.5");
         let v6 = serde_json::to_value(&input[3]).unwrap();
         assert_eq!(v6[1]["match"]["left"]["payload"]["protocol"], "ip6");
-        assert!(serde_json::to_value(&input[4]).unwrap()[1].get("drop").is_some());
+        assert!(
+            serde_json::to_value(&input[4]).unwrap()[1]
+                .get("drop")
+                .is_some()
+        );
     }
 
     #[test]
@@ -500,7 +505,10 @@ mod tests {
         let v = serde_json::to_value(&r.chains[1].rules[1]).unwrap();
         assert_eq!(v[0]["match"]["left"]["ct"]["key"], "status");
         assert_eq!(v[2]["match"]["right"], 9701);
-        assert_eq!(v[3]["match"]["right"]["set"][0]["prefix"]["addr"], "198.51.100.0");
+        assert_eq!(
+            v[3]["match"]["right"]["set"][0]["prefix"]["addr"],
+            "198.51.100.0"
+        );
     }
 
     #[test]
@@ -549,13 +557,15 @@ mod tests {
 
         // A rule added by hand (no comment).
         let mut l = listing(&r);
-        l.objects.to_mut().push(NfObject::ListObject(NfListObject::Rule(Rule {
-            family: NfFamily::INet,
-            table: "pilot_agent".into(),
-            chain: "input".into(),
-            expr: Cow::Owned(vec![accept()]),
-            ..Rule::default()
-        })));
+        l.objects
+            .to_mut()
+            .push(NfObject::ListObject(NfListObject::Rule(Rule {
+                family: NfFamily::INet,
+                table: "pilot_agent".into(),
+                chain: "input".into(),
+                expr: Cow::Owned(vec![accept()]),
+                ..Rule::default()
+            })));
         assert!(!r.matches(&l));
 
         // Policy flipped by hand.

@@ -72,8 +72,13 @@ fn kept_all(r: &PkiReport) -> bool {
 #[test]
 fn fresh_host_gets_ca_server_and_clients_with_safe_modes() {
     let f = fixture();
-    let r = ensure(&f.layout, &f.policy, &leaves(&["10.0.0.5", "pilot-vm", "localhost", "127.0.0.1"]), now())
-        .unwrap();
+    let r = ensure(
+        &f.layout,
+        &f.policy,
+        &leaves(&["10.0.0.5", "pilot-vm", "localhost", "127.0.0.1"]),
+        now(),
+    )
+    .unwrap();
     assert!(r.files_changed);
     assert_eq!(r.ca, CertAction::Issued(Reason::NewKey));
     for (_, a) in &r.leaves {
@@ -88,12 +93,18 @@ fn fresh_host_gets_ca_server_and_clients_with_safe_modes() {
         assert_eq!(mode(&p.dir), 0o700, "{name}");
         assert_eq!(mode(&p.key), 0o600, "{name}");
         assert_eq!(mode(&p.cert), 0o644, "{name}");
-        assert_eq!(fs::read(&p.ca).unwrap(), fs::read(f.layout.ca_cert()).unwrap());
+        assert_eq!(
+            fs::read(&p.ca).unwrap(),
+            fs::read(f.layout.ca_cert()).unwrap()
+        );
     }
 
     let der = read_cert(&f.layout.server().cert);
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
-    assert_eq!(cert_sans(&cert), sans(&["10.0.0.5", "pilot-vm", "localhost", "127.0.0.1"]));
+    assert_eq!(
+        cert_sans(&cert),
+        sans(&["10.0.0.5", "pilot-vm", "localhost", "127.0.0.1"])
+    );
     let eku = cert.extended_key_usage().unwrap().unwrap().value;
     assert!(eku.server_auth && !eku.client_auth);
     let ca_der = read_cert(&f.layout.ca_cert());
@@ -106,7 +117,14 @@ fn fresh_host_gets_ca_server_and_clients_with_safe_modes() {
     let eku = cert.extended_key_usage().unwrap().unwrap().value;
     assert!(eku.client_auth && !eku.server_auth);
     assert!(cert_sans(&cert).is_empty());
-    let cn = cert.subject().iter_common_name().next().unwrap().as_str().unwrap().to_string();
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(cn, "pilot-agent operator");
     let days = (cert.validity().not_after.to_datetime() - now()).whole_days();
     assert!((395..=397).contains(&days), "{days}");
@@ -119,17 +137,33 @@ fn second_run_touches_nothing() {
     ensure(&f.layout, &f.policy, &specs, now()).unwrap();
     let before: Vec<_> = all_files(&f.layout)
         .iter()
-        .map(|p| (fs::read(p).unwrap(), mtime(p), fs::metadata(p).unwrap().ino()))
+        .map(|p| {
+            (
+                fs::read(p).unwrap(),
+                mtime(p),
+                fs::metadata(p).unwrap().ino(),
+            )
+        })
         .collect();
     let r = ensure(&f.layout, &f.policy, &specs, now()).unwrap();
     assert!(kept_all(&r), "{:?}", actions(&r));
     assert!(!r.files_changed);
     let after: Vec<_> = all_files(&f.layout)
         .iter()
-        .map(|p| (fs::read(p).unwrap(), mtime(p), fs::metadata(p).unwrap().ino()))
+        .map(|p| {
+            (
+                fs::read(p).unwrap(),
+                mtime(p),
+                fs::metadata(p).unwrap().ino(),
+            )
+        })
         .collect();
     assert_eq!(before, after);
-    assert!(r.summary().starts_with("CA and 3 certificates valid"), "{}", r.summary());
+    assert!(
+        r.summary().starts_with("CA and 3 certificates valid"),
+        "{}",
+        r.summary()
+    );
 }
 
 #[test]
@@ -137,16 +171,30 @@ fn changed_addresses_reissue_only_the_server_certificate() {
     let f = fixture();
     ensure(&f.layout, &f.policy, &leaves(&["10.0.0.5"]), now()).unwrap();
     let runner_cert = fs::read(f.layout.leaf("runner").cert).unwrap();
-    let r = ensure(&f.layout, &f.policy, &leaves(&["10.0.0.5", "10.0.0.6"]), now()).unwrap();
+    let r = ensure(
+        &f.layout,
+        &f.policy,
+        &leaves(&["10.0.0.5", "10.0.0.6"]),
+        now(),
+    )
+    .unwrap();
     assert_eq!(r.ca, CertAction::Kept);
-    assert_eq!(r.leaves[0], (SERVER.into(), CertAction::Issued(Reason::SansChanged)));
+    assert_eq!(
+        r.leaves[0],
+        (SERVER.into(), CertAction::Issued(Reason::SansChanged))
+    );
     assert_eq!(r.leaves[1].1, CertAction::Kept);
     assert_eq!(r.leaves[2].1, CertAction::Kept);
     assert_eq!(fs::read(f.layout.leaf("runner").cert).unwrap(), runner_cert);
     let der = read_cert(&f.layout.server().cert);
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
     assert_eq!(cert_sans(&cert), sans(&["10.0.0.5", "10.0.0.6"]));
-    assert!(r.summary().contains("server (host names or addresses changed)"), "{}", r.summary());
+    assert!(
+        r.summary()
+            .contains("server (host names or addresses changed)"),
+        "{}",
+        r.summary()
+    );
 }
 
 #[test]
@@ -180,7 +228,11 @@ fn remade_ca_certificate_keeps_existing_certificates_valid() {
     fs::remove_file(f.layout.ca_cert()).unwrap();
     let r = ensure(&f.layout, &f.policy, &specs, now()).unwrap();
     assert_eq!(r.ca, CertAction::Issued(Reason::Missing));
-    assert!(r.leaves.iter().all(|(_, a)| *a == CertAction::Kept), "{:?}", r.leaves);
+    assert!(
+        r.leaves.iter().all(|(_, a)| *a == CertAction::Kept),
+        "{:?}",
+        r.leaves
+    );
     assert_eq!(fs::read(f.layout.ca_key()).unwrap(), ca_key);
     assert_eq!(fs::read(f.layout.server().cert).unwrap(), server_cert);
     let new_ca = fs::read(f.layout.ca_cert()).unwrap();
@@ -205,18 +257,29 @@ fn key_written_but_certificate_not_heals_by_certifying_the_key() {
     fs::write(&server.key, new_key.serialize_pem()).unwrap();
     let r = ensure(&f.layout, &f.policy, &specs, now()).unwrap();
     assert_eq!(r.leaves[0].1, CertAction::Issued(Reason::KeyMismatch));
-    assert_eq!(fs::read_to_string(&server.key).unwrap(), new_key.serialize_pem());
+    assert_eq!(
+        fs::read_to_string(&server.key).unwrap(),
+        new_key.serialize_pem()
+    );
     let der = read_cert(&server.cert);
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
-    assert_eq!(cert.public_key().raw, new_key.subject_public_key_info().as_slice());
+    assert_eq!(
+        cert.public_key().raw,
+        new_key.subject_public_key_info().as_slice()
+    );
     // And the next run is quiet.
-    assert!(kept_all(&ensure(&f.layout, &f.policy, &specs, now()).unwrap()));
+    assert!(kept_all(
+        &ensure(&f.layout, &f.policy, &specs, now()).unwrap()
+    ));
 
     // Certificate missing next to a good key: same healing.
     fs::remove_file(&server.cert).unwrap();
     let r = ensure(&f.layout, &f.policy, &specs, now()).unwrap();
     assert_eq!(r.leaves[0].1, CertAction::Issued(Reason::Missing));
-    assert_eq!(fs::read_to_string(&server.key).unwrap(), new_key.serialize_pem());
+    assert_eq!(
+        fs::read_to_string(&server.key).unwrap(),
+        new_key.serialize_pem()
+    );
 }
 
 #[test]
@@ -269,8 +332,16 @@ fn loosened_key_modes_are_tightened() {
     let specs = leaves(&["127.0.0.1"]);
     ensure(&f.layout, &f.policy, &specs, now()).unwrap();
     fs::set_permissions(f.layout.ca_key(), fs::Permissions::from_mode(0o644)).unwrap();
-    fs::set_permissions(f.layout.leaf("runner").key, fs::Permissions::from_mode(0o644)).unwrap();
-    fs::set_permissions(f.layout.leaf("runner").dir, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(
+        f.layout.leaf("runner").key,
+        fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    fs::set_permissions(
+        f.layout.leaf("runner").dir,
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     let r = ensure(&f.layout, &f.policy, &specs, now()).unwrap();
     assert!(kept_all(&r));
     assert!(r.files_changed);
@@ -285,7 +356,13 @@ fn loosened_key_modes_are_tightened() {
 #[tokio::test]
 async fn certificates_complete_a_mutual_tls_handshake() {
     let f = fixture();
-    ensure(&f.layout, &f.policy, &leaves(&["127.0.0.1", "localhost"]), now()).unwrap();
+    ensure(
+        &f.layout,
+        &f.policy,
+        &leaves(&["127.0.0.1", "localhost"]),
+        now(),
+    )
+    .unwrap();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
     let server = f.layout.server();

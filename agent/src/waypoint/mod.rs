@@ -1,0 +1,302 @@
+//! The Waypoint server and its runners, as containers on the host's dockerd, driven through the
+//! Docker API (bollard, over dockerd's unix socket, API version negotiated: Debian's dockerd
+//! 20.10 speaks API 1.41) and never through the docker CLI.
+//!
+//! What the converge steps of [`crate::plan`] call, in order:
+//! 1. [`images`]: the server and runner images present, loaded from the tarballs baked into the
+//!    VM image when absent, pulled only when no tarball has them;
+//! 2. [`network`]: the `pilot` bridge network (its gateway is how runners reach the host's
+//!    Docker API over TLS) and the server's data volume;
+//! 3. [`server`]: the `waypoint-server` container, then its readiness (HTTPS on 9702) polled
+//!    with a deadline;
+//! 4. [`bootstrap`]: the server bootstrapped exactly once, its token persisted (0600) before
+//!    anything uses it;
+//! 5. [`runners`]: `waypoint-runner-1..N`, each with its own runner token, and nothing beyond N.
+//!
+//! Every container carries the labels `io.pilot.managed=true`, `io.pilot.role` and
+//! `io.pilot.spec-hash` (SHA-256 of its canonical [`spec::ContainerSpec`]), and has a fixed
+//! name, so that dockerd itself guarantees there is never a second server: a create that
+//! conflicts (a run killed after its create) inspects and adopts or replaces what it finds
+//! ([`containers`]).
+
+pub mod bootstrap;
+pub mod containers;
+pub mod images;
+pub mod network;
+pub mod ready;
+pub mod runners;
+pub mod server;
+pub mod spec;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bollard::{API_DEFAULT_VERSION, Docker};
+
+use crate::config::{Config, WaypointConfig};
+use crate::fsutil::FsError;
+
+/// The server container's name (also its DNS name on the Pilot network).
+pub const SERVER_NAME: &str = "waypoint-server";
+/// The one-shot container that bootstraps the server (see [`bootstrap`]).
+pub const BOOTSTRAP_NAME: &str = "waypoint-bootstrap";
+/// Runner containers are `waypoint-runner-1`, `-2`, ...
+pub const RUNNER_PREFIX: &str = "waypoint-runner-";
+
+/// Labels on everything the agent makes in Docker.
+pub const LABEL_MANAGED: &str = "io.pilot.managed";
+pub const LABEL_ROLE: &str = "io.pilot.role";
+pub const LABEL_SPEC_HASH: &str = "io.pilot.spec-hash";
+
+/// Waypoint's ports inside the server container.
+pub const GRPC_PORT: u16 = 9701;
+pub const HTTP_PORT: u16 = 9702;
+
+/// Where the runner's client certificate is mounted in its container (`DOCKER_CERT_PATH`).
+pub const RUNNER_CERT_PATH: &str = "/certs";
+
+/// Deadline of one Docker API request. Long enough for loading a large image tarball, which is
+/// one request; short enough that a hung dockerd does not hold `up` forever.
+const API_TIMEOUT_SECS: u64 = 300;
+
+/// A container's role, as its `io.pilot.role` label says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Server,
+    Bootstrap,
+    Runner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Bootstrap => "bootstrap",
+            Role::Runner => "runner",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaypointError {
+    #[error("cannot reach dockerd at {socket}")]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("docker: cannot {context}")]
+    Docker {
+        context: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error(
+        "image {image} is not present, no tarball in {dir} holds it{tried}, and pulling it \
+         failed: {pull_error}; bake it into the VM image (`docker save {image} -o {dir}/NAME.tar`) \
+         or make a registry that has it reachable"
+    )]
+    ImageUnavailable {
+        image: String,
+        dir: String,
+        /// ` (looked at a.tar, b.tar)` or empty.
+        tried: String,
+        pull_error: String,
+    },
+    #[error("cannot read image tarball {path}")]
+    Tarball {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Conflict(String),
+    #[error(
+        "the Waypoint server did not answer over HTTPS at {addr} within {:.1}s; last error: \
+         {last_error}",
+        waited.as_secs_f64()
+    )]
+    NotReady {
+        addr: String,
+        waited: Duration,
+        last_error: String,
+    },
+    #[error("`{command}` in container {container} failed ({status}): {output}")]
+    Command {
+        container: String,
+        command: String,
+        status: String,
+        output: String,
+    },
+    #[error(
+        "the Waypoint server is already bootstrapped, but its token is not in {token_file}: a \
+         Waypoint server hands out its bootstrap token only once, so the agent cannot get it \
+         again and will not touch the server or its data. To recover, either (a) write a valid \
+         Waypoint token (for example the one in an operator's Waypoint CLI context) to \
+         {token_file} (mode 0600) and run `pilot-agent up` again; or (b) if losing Waypoint's \
+         data (projects, deployments, config) is acceptable: stop the agent, run \
+         `docker rm -f {server}` and `docker volume rm {volume}`, then `pilot-agent up` \
+         bootstraps a fresh server. The agent never removes the volume itself."
+    )]
+    TokenLost {
+        token_file: PathBuf,
+        server: &'static str,
+        volume: String,
+    },
+    #[error("the Waypoint server rejected the token in {token_file} ({detail}); {hint}")]
+    TokenRejected {
+        token_file: PathBuf,
+        detail: String,
+        hint: &'static str,
+    },
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("{what} did not finish within {}s", limit.as_secs())]
+    Timeout { what: String, limit: Duration },
+}
+
+impl WaypointError {
+    pub(crate) fn docker(context: impl Into<String>, source: bollard::errors::Error) -> Self {
+        WaypointError::Docker {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// The HTTP status of a Docker API error answer, if it is one.
+pub(crate) fn status_of(e: &bollard::errors::Error) -> Option<u16> {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } => {
+            Some(*status_code)
+        }
+        _ => None,
+    }
+}
+
+pub(crate) fn is_not_found(e: &bollard::errors::Error) -> bool {
+    status_of(e) == Some(404)
+}
+
+/// Connects to dockerd's unix socket and negotiates the API version down to the daemon's.
+pub async fn connect(socket: &Path) -> Result<Docker, WaypointError> {
+    let connect_error = |source| WaypointError::Connect {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let docker = Docker::connect_with_unix(
+        &socket.to_string_lossy(),
+        API_TIMEOUT_SECS,
+        API_DEFAULT_VERSION,
+    )
+    .map_err(connect_error)?;
+    docker.negotiate_version().await.map_err(connect_error)
+}
+
+/// Everything the Waypoint steps need, derived from the configuration once.
+#[derive(Debug, Clone)]
+pub struct WaypointPlan {
+    pub config: WaypointConfig,
+    /// dockerd's unix socket.
+    pub socket: PathBuf,
+    /// `STATE_DIR/waypoint`: the bootstrap and runner tokens (0600, directory 0700).
+    pub tokens_dir: PathBuf,
+    /// The runner's client certificate directory (docker CLI layout), mounted read-only.
+    pub runner_cert_dir: PathBuf,
+    /// The host's Docker TLS port, which runners reach at the network's gateway.
+    pub docker_tls_port: u16,
+}
+
+impl WaypointPlan {
+    /// `None` when the configuration has no `waypoint:` section.
+    pub fn from_config(config: &Config) -> Option<Self> {
+        let waypoint = config.waypoint.clone()?;
+        Some(WaypointPlan {
+            config: waypoint,
+            socket: config.docker.socket.clone(),
+            tokens_dir: config.state_dir.join("waypoint"),
+            runner_cert_dir: crate::pki::PkiLayout::new(config.pki_dir())
+                .leaf("runner")
+                .dir,
+            docker_tls_port: config.docker.tls_listen.port(),
+        })
+    }
+
+    pub fn bootstrap_token_path(&self) -> PathBuf {
+        self.tokens_dir.join("bootstrap-token")
+    }
+
+    pub fn runner_token_path(&self, index: u32) -> PathBuf {
+        self.tokens_dir.join(format!("runner-{index}-token"))
+    }
+
+    /// `DOCKER_HOST` of the runners: the host's TLS port at the Pilot network's gateway.
+    pub fn runner_docker_host(&self) -> String {
+        format!(
+            "tcp://{}:{}",
+            self.config.network.gateway, self.docker_tls_port
+        )
+    }
+}
+
+/// A token file's content: one line, no surrounding whitespace.
+pub(crate) fn read_token(path: &Path) -> Result<Option<String>, WaypointError> {
+    let Some(bytes) = crate::fsutil::read_optional(path)? else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    Ok((!text.is_empty()).then_some(text))
+}
+
+/// Persists a token: 0600 in a 0700 directory, written atomically (temp file, fsync, rename).
+pub(crate) fn write_token(path: &Path, token: &str) -> Result<(), WaypointError> {
+    if let Some(dir) = path.parent() {
+        crate::fsutil::ensure_dir(dir, crate::fsutil::MODE_PRIVATE_DIR)?;
+    }
+    crate::fsutil::write_atomic(
+        path,
+        format!("{token}\n").as_bytes(),
+        crate::fsutil::MODE_SECRET,
+    )?;
+    Ok(())
+}
+
+/// A token as a command printed it: the last non-empty line of its stdout, which must look
+/// like a token (no spaces), so a changed CLI output is an error rather than a stored banner.
+pub(crate) fn token_from_output(stdout: &str) -> Option<String> {
+    let line = stdout.lines().map(str::trim).rfind(|l| !l.is_empty())?;
+    (line.len() >= 16 && !line.contains(char::is_whitespace)).then(|| line.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_the_last_line_of_output() {
+        assert_eq!(
+            token_from_output("abcdefghijklmnopqrstuvwxyz0123\n").as_deref(),
+            Some("abcdefghijklmnopqrstuvwxyz0123")
+        );
+        assert_eq!(
+            token_from_output("Bootstrapping...\n\n  tok_0123456789abcdef  \n\n").as_deref(),
+            Some("tok_0123456789abcdef")
+        );
+        assert_eq!(token_from_output(""), None);
+        assert_eq!(token_from_output("server is already bootstrapped\n"), None);
+        assert_eq!(token_from_output("short\n"), None);
+    }
+
+    #[test]
+    fn token_files_are_private_and_read_back_trimmed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("waypoint/bootstrap-token");
+        assert_eq!(read_token(&p).unwrap(), None);
+        write_token(&p, "tok_0123456789abcdef").unwrap();
+        assert_eq!(read_token(&p).unwrap().as_deref(), Some("tok_0123456789abcdef"));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&p), 0o600);
+        assert_eq!(mode(p.parent().unwrap()), 0o700);
+    }
+}
