@@ -14,7 +14,9 @@
 //! pki.rs              the CA, dockerd's server certificate, runner/operator client certificates
 //! firewall/           the agent's own nftables table (ruleset, idempotence check, nft runner)
 //! docker/             daemon.json merge, systemd drop-in, restart backend, TLS readiness probe
-//! database/           the application role and database on the Pilot PostgreSQL (issue 4)
+//! waypoint/           the Waypoint server and runner containers (bollard): images, network,
+//!                     bootstrap-once, runner tokens, drift by spec hash
+//! database/           the application role and database on the Pilot PostgreSQL
 //! ```
 //!
 //! Errors are typed per module (thiserror); a converge step turns any of them into the one
@@ -32,3 +34,4 @@ pub mod host;
 pub mod pki;
 pub mod plan;
 pub mod status;
+pub mod waypoint;

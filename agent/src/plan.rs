@@ -1,38 +1,56 @@
 //! Which steps `pilot-agent up` runs, in which order, and what they share.
 //!
 //! ```text
-//! firewall ──────────────┬──> docker-config ──> docker-tls
-//! pki (CA, certificates) ┘                       (after firewall, pki, docker-config)
+//! firewall ──────────────┬──> docker-config ──> docker-tls ──┬──> images ──┐
+//! pki (CA, certificates) ┘                                    └──> network ─┴──> waypoint-server
+//!                                                                               │
+//!                              waypoint-runners <── waypoint-bootstrap <────────┘
+//! database (fail-open, after nothing: an unreachable database holds back no one)
 //! ```
 //!
 //! The firewall comes before anything that gives dockerd a TCP listener: `daemon.json` gets
-//! its `tcp://` host only once 2375 is locked and 2376 restricted.
+//! its `tcp://` host only once 2375 is locked and 2376 restricted. The Waypoint steps exist
+//! only with a `waypoint:` section, the database step only with a `database:` section.
 //!
-//! Adding steps (issue 4): write the step's logic in its own module (`waypoint/`,
-//! `database/`), add a `Step::new(NAME, |ctx| async move { ... })` here with `.after(&[...])`
-//! naming what it needs (e.g. `waypoint-server` after [`DOCKER_TLS`]; the database step
-//! `.fail_open()` and after nothing, so an unreachable database holds back no one), and put
-//! anything later steps need from it in [`Facts`] (set once with `OnceLock::set`).
+//! Adding steps: write the step's logic in its own module, add a `Step::new(NAME, |ctx| async
+//! move { ... })` here with `.after(&[...])` naming what it needs, and put anything later
+//! steps need from it in [`Facts`] (set once with `OnceLock::set`).
 
 use std::sync::{Arc, OnceLock};
 
+use std::time::Duration;
+
 use crate::config::Config;
+use crate::database;
 use crate::docker::{self, DaemonInfo, DockerPlan};
 use crate::engine::{Outcome, Step, StepError, StepResult};
 use crate::firewall::{self, FirewallSpec, Nft};
-use crate::host;
+use crate::fsutil;
+use crate::host::{self, San};
 use crate::pki::{self, LeafSpec, PkiLayout, Policy};
+use crate::waypoint::{self, WaypointPlan};
 
 pub const FIREWALL: &str = "firewall";
 pub const PKI: &str = "pki";
 pub const DOCKER_CONFIG: &str = "docker-config";
 pub const DOCKER_TLS: &str = "docker-tls";
+pub const IMAGES: &str = "images";
+pub const NETWORK: &str = "network";
+pub const WAYPOINT_SERVER: &str = "waypoint-server";
+pub const WAYPOINT_BOOTSTRAP: &str = "waypoint-bootstrap";
+pub const WAYPOINT_RUNNERS: &str = "waypoint-runners";
+pub const DATABASE: &str = "database";
+
+/// Where the application role's password is stored (0600), under the state directory.
+pub fn database_password_path(config: &Config) -> std::path::PathBuf {
+    config.state_dir.join("database").join("password")
+}
 
 /// Options of one `up` run.
 #[derive(Debug, Clone, Default)]
 pub struct UpOptions {
-    /// Make a new database password and set it on the role. Accepted now, used by the
-    /// database step (issue 4); without a database step it changes nothing.
+    /// Make a new database password and set it on the role (the database step); without a
+    /// `database:` section it changes nothing.
     pub rotate_db_password: bool,
 }
 
@@ -74,9 +92,9 @@ pub fn firewall_step() -> Step<Ctx> {
     })
 }
 
-/// Every step of `up`, in the order status lists them.
-pub fn up_steps() -> Vec<Step<Ctx>> {
-    vec![
+/// Every step of `up` for this configuration, in the order status lists them.
+pub fn up_steps(config: &Config) -> Vec<Step<Ctx>> {
+    let mut steps = vec![
         firewall_step(),
         Step::new(PKI, |ctx: Arc<Ctx>| async move {
             // File and key work: off the async thread.
@@ -113,7 +131,126 @@ pub fn up_steps() -> Vec<Step<Ctx>> {
             Ok(outcome(r.restarted.is_some(), r.summary()))
         })
         .after(&[FIREWALL, PKI, DOCKER_CONFIG]),
+    ];
+    if config.waypoint.is_some() {
+        steps.extend(waypoint_steps());
+    }
+    if config.database.is_some() {
+        steps.push(database_step());
+    }
+    steps
+}
+
+/// The Waypoint plan of a context whose configuration has a `waypoint:` section (the steps
+/// exist only then).
+fn waypoint_plan(ctx: &Ctx) -> Result<WaypointPlan, StepError> {
+    WaypointPlan::from_config(&ctx.config)
+        .ok_or_else(|| StepError::msg("the configuration has no waypoint section"))
+}
+
+fn report(r: waypoint::Report) -> Outcome {
+    outcome(r.changed, r.detail)
+}
+
+/// The Waypoint steps. They talk to dockerd over its unix socket, so they come after
+/// `docker-tls` (dockerd restarted with its final configuration and answering); the runners
+/// also need the PKI (their client certificate), which `docker-tls` already depends on.
+fn waypoint_steps() -> Vec<Step<Ctx>> {
+    vec![
+        Step::new(IMAGES, |ctx: Arc<Ctx>| async move {
+            Ok(report(
+                waypoint::converge_images(&waypoint_plan(&ctx)?).await?,
+            ))
+        })
+        .after(&[DOCKER_TLS]),
+        Step::new(NETWORK, |ctx: Arc<Ctx>| async move {
+            Ok(report(
+                waypoint::converge_network(&waypoint_plan(&ctx)?).await?,
+            ))
+        })
+        .after(&[DOCKER_TLS]),
+        Step::new(WAYPOINT_SERVER, |ctx: Arc<Ctx>| async move {
+            Ok(report(
+                waypoint::converge_server(&waypoint_plan(&ctx)?).await?,
+            ))
+        })
+        .after(&[IMAGES, NETWORK]),
+        Step::new(WAYPOINT_BOOTSTRAP, |ctx: Arc<Ctx>| async move {
+            Ok(report(
+                waypoint::converge_bootstrap(&waypoint_plan(&ctx)?).await?,
+            ))
+        })
+        .after(&[WAYPOINT_SERVER]),
+        Step::new(WAYPOINT_RUNNERS, |ctx: Arc<Ctx>| async move {
+            let plan = waypoint_plan(&ctx)?;
+            // Waypoint runner IDs carry the host name, so runners of several hosts differ.
+            let hostname = match &ctx.config.host.hostname {
+                Some(h) => h.clone(),
+                None => host::kernel_hostname()?,
+            };
+            Ok(report(waypoint::converge_runners(&plan, &hostname).await?))
+        })
+        .after(&[WAYPOINT_BOOTSTRAP, PKI]),
     ]
+}
+
+/// The database step: fails open. An unreachable server is `degraded` (the step waits on
+/// something outside the host); any other failure is an error (it needs a person).
+fn database_step() -> Step<Ctx> {
+    Step::new(DATABASE, |ctx: Arc<Ctx>| async move {
+        let Some(settings) = &ctx.config.database else {
+            return Err(StepError::msg("the configuration has no database section"));
+        };
+        let secret_path = database_password_path(&ctx.config);
+        if let Some(dir) = secret_path.parent() {
+            fsutil::ensure_dir(dir, fsutil::MODE_PRIVATE_DIR)?;
+        }
+        let target = format!("{}:{}", settings.host, settings.port);
+        match database::provision(settings, &secret_path, ctx.options.rotate_db_password).await {
+            Ok(p) => {
+                let mut did = Vec::new();
+                if p.role_created {
+                    did.push(format!("created role {}", settings.app_role));
+                }
+                if p.database_created {
+                    did.push(format!("created database {}", settings.app_database));
+                }
+                if p.password_set && !p.role_created {
+                    did.push(format!("set the password of role {}", settings.app_role));
+                }
+                let login = format!(
+                    "role {} logs in to database {} on {target}",
+                    settings.app_role, settings.app_database
+                );
+                Ok(if p.changed || !did.is_empty() {
+                    let mut detail = did.join(", ");
+                    if detail.is_empty() {
+                        detail = "updated the stored password".into();
+                    }
+                    Outcome::Changed(format!(
+                        "{detail}; {login} (password in {})",
+                        secret_path.display()
+                    ))
+                } else {
+                    Outcome::Ok(login)
+                })
+            }
+            Err(e) if e.is_transient() => {
+                // The reason with its causes, minus the first line (which says the same).
+                let cause = StepError::from(e).message().to_string();
+                Ok(Outcome::Degraded(format!(
+                    "database {target} unreachable: {}",
+                    cause
+                        .split_once(": ")
+                        .map_or(cause.as_str(), |(_, rest)| rest)
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    })
+    .fail_open()
+    // Bounded even if the server accepts connections and then stalls between statements.
+    .timeout(Duration::from_secs(300))
 }
 
 fn pki_step(config: &Config) -> StepResult {
@@ -122,9 +259,14 @@ fn pki_step(config: &Config) -> StepResult {
         None => host::kernel_hostname()?,
     };
     let addrs = host::interface_addrs()?;
-    let mut leaves = vec![LeafSpec::server(host::server_sans(
-        config, &hostname, &addrs,
-    ))];
+    let mut sans = host::server_sans(config, &hostname, &addrs);
+    if let Some(w) = &config.waypoint {
+        // Runners reach dockerd at the Pilot network's gateway. Its bridge is excluded from
+        // the discovered addresses (it appears only after dockerd made it), so it is added
+        // from the configuration: known before the network exists, stable across runs.
+        sans.insert(San::Ip(w.network.gateway.into()));
+    }
+    let mut leaves = vec![LeafSpec::server(sans)];
     leaves.extend(pki::CLIENTS.iter().map(|c| LeafSpec::client(c)));
     let report = pki::ensure(
         &PkiLayout::new(config.pki_dir()),
@@ -150,10 +292,58 @@ mod tests {
 
     #[test]
     fn up_steps_form_a_valid_graph_with_the_firewall_first() {
-        let steps = up_steps();
+        let steps = up_steps(&Config::default());
         let names: Vec<_> = steps.iter().map(|s| s.name()).collect();
         assert_eq!(names, vec![FIREWALL, PKI, DOCKER_CONFIG, DOCKER_TLS]);
         Engine::new("up", steps).unwrap();
+
+        let full =
+            Config::from_yaml("waypoint:\ndatabase:\n  host: db\n  admin_user: pilot\n").unwrap();
+        let steps = up_steps(&full);
+        let names: Vec<_> = steps.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            vec![
+                FIREWALL,
+                PKI,
+                DOCKER_CONFIG,
+                DOCKER_TLS,
+                IMAGES,
+                NETWORK,
+                WAYPOINT_SERVER,
+                WAYPOINT_BOOTSTRAP,
+                WAYPOINT_RUNNERS,
+                DATABASE
+            ]
+        );
+        Engine::new("up", steps).unwrap();
+    }
+
+    /// The runners' path to dockerd: the gateway is a SAN of the server certificate, and
+    /// the Pilot subnet (nothing wider) may reach the TLS port.
+    #[tokio::test]
+    async fn waypoint_adds_the_gateway_san_and_the_subnet_to_the_firewall() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::from_yaml(
+            "waypoint:\n  network:\n    subnet: 172.31.5.0/24\nhost:\n  hostname: vm\n",
+        )
+        .unwrap();
+        config.state_dir = dir.path().to_path_buf();
+        let sources: Vec<String> = config
+            .docker_api_allowed_sources()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(sources, vec!["172.31.5.0/24"]);
+        pki_step(&config).unwrap();
+        let pem = std::fs::read_to_string(dir.path().join("pki/server/cert.pem")).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = der.parse_x509().unwrap();
+        let sans = cert.subject_alternative_name().unwrap().unwrap();
+        let has_gateway = sans.value.general_names.iter().any(|n| {
+            matches!(n, x509_parser::extensions::GeneralName::IPAddress(ip) if *ip == [172, 31, 5, 1])
+        });
+        assert!(has_gateway, "{:?}", sans.value.general_names);
     }
 
     /// Firewall and dockerd fail here (no nft in a fake namespace, no dockerd), but the PKI
@@ -171,7 +361,7 @@ mod tests {
         std::fs::create_dir_all(&config.state_dir).unwrap();
         let mut ctx = Ctx::new(config.clone(), UpOptions::default());
         ctx.nft = Nft::with_argv(vec!["/nonexistent/nft".into()]);
-        let engine = Engine::new("up", up_steps()).unwrap();
+        let engine = Engine::new("up", up_steps(&config)).unwrap();
         let s = engine.run(Arc::new(ctx)).await.unwrap();
         let state = |n: &str| s.step(n).unwrap().state;
         use crate::status::StepState;

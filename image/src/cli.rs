@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "pilot-image", version, about = "Build Pilot VM images (local raw/qcow2, AWS AMI)")]
+#[command(
+    name = "pilot-image",
+    version,
+    about = "Build Pilot VM images (local raw/qcow2, AWS AMI)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -45,9 +45,13 @@ pub async fn up_with(config: Config, options: UpOptions) -> Result<Status, UpErr
         return Err(UpError::Locked { path: lock_path });
     };
     if options.rotate_db_password {
-        tracing::info!("--rotate-db-password: the database step rotates the password");
+        if config.database.is_some() {
+            tracing::info!("--rotate-db-password: the database step rotates the password");
+        } else {
+            tracing::warn!("--rotate-db-password has no effect: no database section");
+        }
     }
-    let engine = Engine::new("up", plan::up_steps())?.with_status_file(config.status_path());
+    let engine = Engine::new("up", plan::up_steps(&config))?.with_status_file(config.status_path());
     let status = engine.run(Arc::new(Ctx::new(config, options))).await?;
     Ok(status)
 }

@@ -9,11 +9,13 @@
 //! `config/<section>.rs` with the typed struct, its `Default` and a `read` function like
 //! [`docker::read`], add the key to [`TOP_LEVEL_KEYS`] and one line to [`Config::from_yaml`].
 
+pub mod database;
 pub mod docker;
 pub mod firewall;
 pub mod host;
 pub mod pki;
 pub mod schema;
+pub mod waypoint;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,9 @@ pub use host::HostConfig;
 pub use pki::PkiConfig;
 pub use schema::Diagnostic;
 use schema::Walker;
+pub use waypoint::WaypointConfig;
+
+use crate::database::DatabaseSettings;
 
 /// Default location of the configuration file.
 pub const DEFAULT_PATH: &str = "/etc/pilot/agent.yaml";
@@ -34,7 +39,15 @@ pub const DEFAULT_PATH: &str = "/etc/pilot/agent.yaml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/pilot-agent";
 
 /// The sections and keys allowed at the top of the file.
-pub const TOP_LEVEL_KEYS: &[&str] = &["state_dir", "host", "pki", "docker", "firewall"];
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "state_dir",
+    "host",
+    "pki",
+    "docker",
+    "firewall",
+    "waypoint",
+    "database",
+];
 
 /// A loaded and fully checked configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +58,10 @@ pub struct Config {
     pub pki: PkiConfig,
     pub docker: DockerConfig,
     pub firewall: FirewallConfig,
+    /// The Waypoint server and runners; `None` (no `waypoint:` key): no containers managed.
+    pub waypoint: Option<WaypointConfig>,
+    /// The application database; `None` (no `database:` key): no database step.
+    pub database: Option<DatabaseSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +105,8 @@ impl Default for Config {
             pki: PkiConfig::default(),
             docker: DockerConfig::default(),
             firewall: FirewallConfig::default(),
+            waypoint: None,
+            database: None,
         }
     }
 }
@@ -145,14 +164,18 @@ impl Config {
         self.state_dir.join("pki")
     }
 
-    /// Sources allowed to reach Docker's TLS port besides loopback: the configured CIDRs and
-    /// the Docker networks containers that use the API live on.
-    ///
-    /// Issue 4 extends this with the Pilot network's subnet (the runners' network), so the
-    /// firewall admits exactly the path the runners take and nothing wider.
+    /// Sources allowed to reach Docker's TLS port besides loopback: the configured CIDRs, the
+    /// Docker networks containers that use the API live on, and the Pilot network's subnet
+    /// (the runners'), so the firewall admits exactly the path the runners take and nothing
+    /// wider.
     pub fn docker_api_allowed_sources(&self) -> Vec<IpNet> {
         let mut all = self.firewall.docker_api_sources.clone();
         all.extend(self.firewall.docker_networks.iter().copied());
+        if let Some(w) = &self.waypoint {
+            if !all.contains(&w.subnet()) {
+                all.push(w.subnet());
+            }
+        }
         all
     }
 }
@@ -177,6 +200,13 @@ fn read_root(w: &mut Walker, root: &MarkedYaml<'_>) -> Config {
     if let Some(node) = fields.get("firewall") {
         config.firewall = firewall::read(w, node);
     }
+    // The key's presence turns Waypoint on, even with no value (`waypoint:`): every default.
+    if let Some(node) = lookup(root, &["waypoint"]) {
+        config.waypoint = Some(waypoint::read(w, node));
+    }
+    if let Some(node) = lookup(root, &["database"]) {
+        config.database = database::read(w, node);
+    }
 
     // Locking the TLS port would cut the agent off from dockerd (and the runners with it).
     let tls_port = config.docker.tls_listen.port();
@@ -192,7 +222,37 @@ fn read_root(w: &mut Walker, root: &MarkedYaml<'_>) -> Config {
             ),
         );
     }
+    if let Some(wp) = &config.waypoint {
+        check_waypoint_ports(w, root, &config, wp);
+    }
     config
+}
+
+/// Published Waypoint ports must not be ports the firewall locks or dockerd's TLS port.
+fn check_waypoint_ports(
+    w: &mut Walker,
+    root: &MarkedYaml<'_>,
+    config: &Config,
+    wp: &WaypointConfig,
+) {
+    for (key, port) in [("grpc_port", wp.grpc_port), ("http_port", wp.http_port)] {
+        let clash = if port == config.docker.tls_listen.port() {
+            Some("docker.tls_listen's port")
+        } else if config.firewall.lock_ports.contains(&port) {
+            Some("a port in firewall.lock_ports")
+        } else {
+            None
+        };
+        if let Some(what) = clash {
+            let at = lookup(root, &["waypoint", key])
+                .or_else(|| lookup(root, &["waypoint"]))
+                .unwrap_or(root);
+            w.error(
+                at,
+                format!("waypoint.{key}: {port} is {what}; publish Waypoint on another port"),
+            );
+        }
+    }
 }
 
 /// The node at a path of mapping keys, if every step exists.

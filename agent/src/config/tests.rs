@@ -70,6 +70,99 @@ fn example_config_validates() {
     assert_eq!(c.firewall.table, defaults.firewall.table);
     assert_eq!(c.firewall.lock_ports, defaults.firewall.lock_ports);
     assert_eq!(c.host.exclude_interfaces, defaults.host.exclude_interfaces);
+    assert_eq!(c.waypoint, Some(WaypointConfig::default()));
+    let db = c.database.expect("the example has a database section");
+    let db_defaults =
+        crate::database::DatabaseSettings::new(db.host.clone(), db.admin_user.clone());
+    assert_eq!(db.port, db_defaults.port);
+    assert_eq!(db.app_role, db_defaults.app_role);
+    assert_eq!(db.app_database, db_defaults.app_database);
+    assert_eq!(db.tls, db_defaults.tls);
+    assert_eq!(db.connect_timeout_secs, db_defaults.connect_timeout_secs);
+    assert_eq!(
+        db.statement_timeout_secs,
+        db_defaults.statement_timeout_secs
+    );
+    assert_eq!(
+        db.admin_password_file,
+        Some(PathBuf::from("/etc/pilot/db-admin-password"))
+    );
+}
+
+#[test]
+fn waypoint_and_database_sections_are_optional_and_their_presence_counts() {
+    let c = Config::from_yaml("state_dir: /x\n").unwrap();
+    assert_eq!(c.waypoint, None);
+    assert_eq!(c.database, None);
+    let c = Config::from_yaml("waypoint:\n").unwrap();
+    assert_eq!(c.waypoint, Some(WaypointConfig::default()));
+    let c = Config::from_yaml(
+        "waypoint:\n  runners: 3\n  images_dir: /srv/images\n  network:\n    subnet: 10.77.0.0/16\n\
+         database:\n  host: 10.0.0.9\n  admin_user: root\n  admin_password: hunter22\n  tls: disable\n",
+    )
+    .unwrap();
+    let w = c.waypoint.unwrap();
+    assert_eq!(w.runners, 3);
+    assert_eq!(w.images_dir, PathBuf::from("/srv/images"));
+    assert_eq!(w.network.gateway.to_string(), "10.77.0.1");
+    let d = c.database.unwrap();
+    assert_eq!(d.host, "10.0.0.9");
+    assert_eq!(d.tls, crate::database::TlsMode::Disable);
+    assert_eq!(
+        d.admin_password.as_ref().map(|p| p.expose()),
+        Some("hunter22")
+    );
+    // Debug output (logs) never shows the inline password.
+    assert!(!format!("{d:?}").contains("hunter22"));
+}
+
+#[test]
+fn waypoint_and_database_errors_have_line_and_column() {
+    let yaml = "\
+waypoint:
+  server_image: Pilot/Waypoint
+  runners: 99
+  http_port: 2376
+  network:
+    name: host
+    subnet: 172.29.0.0/30
+  volume: \"my volume\"
+database:
+  port: 5432
+  app_role: Bad-Name
+  tls: maybe
+";
+    let errs = errors(yaml);
+    let expected = [
+        "2:17: waypoint.server_image: the repository must be lowercase",
+        "3:12: waypoint.runners: must be between 0 and 32, got 99",
+        "4:14: waypoint.http_port: 2376 is docker.tls_listen's port",
+        "6:11: waypoint.network.name: \"host\" is one of Docker's predefined networks",
+        "7:13: waypoint.network.subnet: 172.29.0.0/30 is too small",
+        "8:11: waypoint.volume: expected a name of letters",
+        "10:3: database.host is required",
+        "10:3: database.admin_user is required",
+        "12:8: database.tls: expected one of disable, require, verify-full, got \"maybe\"",
+    ];
+    assert_eq!(errs.len(), expected.len(), "{errs:#?}");
+    for (got, want) in errs.iter().zip(expected) {
+        assert!(got.starts_with(want), "got  {got}\nwant {want}…");
+    }
+
+    // Field rules of the provisioning module come back with the key's position.
+    let errs = errors("database:\n  host: db\n  admin_user: pilot\n  app_role: Bad-Name\n");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("4:13: database.app_role: \"Bad-Name\" is not a valid name"),
+        "{errs:#?}"
+    );
+    let errs = errors(
+        "database:\n  host: db\n  admin_user: pilot\n  admin_password: x\n  admin_password_file: /p\n",
+    );
+    assert!(
+        errs[0].starts_with("5:24: database.admin_password_file: set either"),
+        "{errs:#?}"
+    );
 }
 
 #[test]

@@ -243,10 +243,7 @@ fn read_network(w: &mut Walker, node: &Node<'_>) -> NetworkConfig {
                         c.subnet
                     ),
                 ),
-                Err(_) => w.error(
-                    n,
-                    format!("{path}: expected an IPv4 address, got \"{s}\""),
-                ),
+                Err(_) => w.error(n, format!("{path}: expected an IPv4 address, got \"{s}\"")),
             }
         }
     }
@@ -310,8 +307,7 @@ pub fn image_reference_problem(s: &str) -> Option<&'static str> {
     }
     let mut components: Vec<&str> = path.split('/').collect();
     // A first component with a `.` or `:` or equal to `localhost` names a registry.
-    if components.len() > 1
-        && (components[0].contains(['.', ':']) || components[0] == "localhost")
+    if components.len() > 1 && (components[0].contains(['.', ':']) || components[0] == "localhost")
     {
         components.remove(0);
     }

@@ -92,7 +92,7 @@ impl FromStr for TlsMode {
 
 /// The `database` section of the agent configuration. `Debug` is safe to log: the inline
 /// admin password is a [`Secret`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatabaseSettings {
     /// Host name or IP address of the server (also the name checked by `verify-full`).
     pub host: String,

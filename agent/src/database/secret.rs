@@ -44,6 +44,16 @@ impl Secret {
     }
 }
 
+/// Equality for comparing configurations, not for checking a password someone presents (that
+/// would want a constant-time comparison).
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for Secret {}
+
 impl From<String> for Secret {
     fn from(value: String) -> Self {
         Secret::new(value)

@@ -167,9 +167,7 @@ impl WaypointError {
 /// The HTTP status of a Docker API error answer, if it is one.
 pub(crate) fn status_of(e: &bollard::errors::Error) -> Option<u16> {
     match e {
-        bollard::errors::Error::DockerResponseServerError { status_code, .. } => {
-            Some(*status_code)
-        }
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,
     }
 }
@@ -239,6 +237,149 @@ impl WaypointPlan {
     }
 }
 
+/// What one Waypoint step did: whether anything changed, and the status detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub changed: bool,
+    pub detail: String,
+}
+
+/// Step `images`: the server and runner images present.
+pub async fn converge_images(plan: &WaypointPlan) -> Result<Report, WaypointError> {
+    let docker = connect(&plan.socket).await?;
+    let c = &plan.config;
+    let server = images::ensure(&docker, &c.server_image, &c.images_dir).await?;
+    let mut found = vec![server.clone()];
+    if c.runner_image != c.server_image {
+        found.push(images::ensure(&docker, &c.runner_image, &c.images_dir).await?);
+    }
+    Ok(Report {
+        changed: found.iter().any(|i| i.source != images::Source::Present),
+        detail: found
+            .iter()
+            .map(images::Image::summary)
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
+}
+
+/// Step `network`: the Pilot network and the server's data volume.
+///
+/// A volume that has to be created is empty: no token stored for an earlier server is valid
+/// for the server that will start on it, so they are discarded first (before the create, so a
+/// run killed in between discards again rather than keeping them).
+pub async fn converge_network(plan: &WaypointPlan) -> Result<Report, WaypointError> {
+    let docker = connect(&plan.socket).await?;
+    let c = &plan.config;
+    let mut parts = Vec::new();
+    let mut changed = false;
+    match network::ensure_network(&docker, &c.network).await? {
+        network::NetworkAction::Unchanged => parts.push(format!(
+            "network {} ({} gateway {}) in place",
+            c.network.name, c.network.subnet, c.network.gateway
+        )),
+        network::NetworkAction::Created => {
+            changed = true;
+            parts.push(format!(
+                "created network {} ({} gateway {})",
+                c.network.name, c.network.subnet, c.network.gateway
+            ));
+        }
+        network::NetworkAction::Rebuilt { removed } => {
+            changed = true;
+            parts.push(format!(
+                "rebuilt network {} with {} gateway {} (removed {} to re-create them)",
+                c.network.name,
+                c.network.subnet,
+                c.network.gateway,
+                if removed.is_empty() {
+                    "no containers".to_string()
+                } else {
+                    removed.join(", ")
+                }
+            ));
+        }
+    }
+    if network::volume_exists(&docker, &c.volume).await? {
+        parts.push(format!("volume {} in place", c.volume));
+    } else {
+        let discarded = discard_tokens(plan)?;
+        network::ensure_volume(&docker, &c.volume).await?;
+        changed = true;
+        parts.push(if discarded.is_empty() {
+            format!("created volume {}", c.volume)
+        } else {
+            format!(
+                "created volume {} (discarded the tokens of the server that used the old \
+                 one: {})",
+                c.volume,
+                discarded.join(", ")
+            )
+        });
+    }
+    Ok(Report {
+        changed,
+        detail: parts.join("; "),
+    })
+}
+
+/// Removes every stored Waypoint token; returns the names of the files removed.
+fn discard_tokens(plan: &WaypointPlan) -> Result<Vec<String>, WaypointError> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(&plan.tokens_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(source) => {
+            return Err(FsError::new("list", &plan.tokens_dir, source).into());
+        }
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with("-token") && crate::fsutil::remove_if_exists(&entry.path())? {
+            tracing::warn!(
+                file = name,
+                "discarded a token of a server whose volume is gone"
+            );
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// Step `waypoint-server`: the server container, ready.
+pub async fn converge_server(plan: &WaypointPlan) -> Result<Report, WaypointError> {
+    let docker = connect(&plan.socket).await?;
+    let r = server::ensure(&docker, plan).await?;
+    Ok(Report {
+        changed: r.action.changed(),
+        detail: r.summary(),
+    })
+}
+
+/// Step `waypoint-bootstrap`: bootstrapped once, token on disk.
+pub async fn converge_bootstrap(plan: &WaypointPlan) -> Result<Report, WaypointError> {
+    let docker = connect(&plan.socket).await?;
+    let b = bootstrap::ensure(&docker, plan).await?;
+    Ok(Report {
+        changed: b != bootstrap::Bootstrap::TokenOnDisk,
+        detail: b.summary(plan),
+    })
+}
+
+/// Step `waypoint-runners`: runners 1..=N, nothing beyond.
+pub async fn converge_runners(
+    plan: &WaypointPlan,
+    runner_id_prefix: &str,
+) -> Result<Report, WaypointError> {
+    let docker = connect(&plan.socket).await?;
+    let r = runners::ensure(&docker, plan, runner_id_prefix).await?;
+    Ok(Report {
+        changed: r.changed(),
+        detail: r.summary(),
+    })
+}
+
 /// A token file's content: one line, no surrounding whitespace.
 pub(crate) fn read_token(path: &Path) -> Result<Option<String>, WaypointError> {
     let Some(bytes) = crate::fsutil::read_optional(path)? else {
@@ -294,7 +435,10 @@ mod tests {
         let p = dir.path().join("waypoint/bootstrap-token");
         assert_eq!(read_token(&p).unwrap(), None);
         write_token(&p, "tok_0123456789abcdef").unwrap();
-        assert_eq!(read_token(&p).unwrap().as_deref(), Some("tok_0123456789abcdef"));
+        assert_eq!(
+            read_token(&p).unwrap().as_deref(),
+            Some("tok_0123456789abcdef")
+        );
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&p), 0o600);
         assert_eq!(mode(p.parent().unwrap()), 0o700);

@@ -1,0 +1,241 @@
+//! Bootstrapping the Waypoint server exactly once, and keeping its token.
+//!
+//! A Waypoint server hands out its bootstrap token once: every later `server bootstrap` fails
+//! with "server is already bootstrapped". A token lost between the server printing it and the
+//! agent storing it is lost for good. So the bootstrap does not run as a `docker exec` (whose
+//! output dies with the connection of a killed agent) but as a one-shot container,
+//! `waypoint-bootstrap`, that shares the server's network namespace (the bootstrap is only
+//! accepted from loopback) and whose output dockerd keeps in its log:
+//!
+//! 1. a token file on disk: done (a leftover bootstrap container is removed);
+//! 2. no token file: find or create `waypoint-bootstrap`; start it only if it never ran;
+//!    wait for it to exit;
+//! 3. exit 0: read the token from its log, persist it atomically with mode 0600, and only then
+//!    remove the container (and with it the log that held the token);
+//! 4. "already bootstrapped": the token is lost; an error with the recovery steps. The agent
+//!    never removes the server's volume on its own.
+//!
+//! A run killed anywhere in 2-3 is finished by the next run from the container's log; a
+//! container that has run is never started again, so there is never a second bootstrap.
+
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::models::ContainerStateStatusEnum;
+use bollard::query_parameters::{CreateContainerOptionsBuilder, WaitContainerOptionsBuilder};
+use futures_util::StreamExt;
+
+use super::containers;
+use super::spec::ContainerSpec;
+use super::{
+    BOOTSTRAP_NAME, GRPC_PORT, Role, SERVER_NAME, WaypointError, WaypointPlan, images, read_token,
+    token_from_output, write_token,
+};
+
+/// Waypoint's answer to a second bootstrap.
+pub const ALREADY_BOOTSTRAPPED: &str = "already bootstrapped";
+
+/// How long the bootstrap command may take.
+const BOOTSTRAP_LIMIT: Duration = Duration::from_secs(60);
+
+/// What [`ensure`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// The token was on disk already.
+    TokenOnDisk,
+    /// The server was bootstrapped now (or by a run killed before it stored the token) and
+    /// the token stored.
+    Bootstrapped { took: Duration },
+}
+
+impl Bootstrap {
+    pub fn summary(&self, plan: &WaypointPlan) -> String {
+        let path = plan.bootstrap_token_path();
+        match self {
+            Bootstrap::TokenOnDisk => format!(
+                "{SERVER_NAME} is bootstrapped; its token is in {}",
+                path.display()
+            ),
+            Bootstrap::Bootstrapped { took } => format!(
+                "bootstrapped {SERVER_NAME} in {:.2}s; token stored in {} (0600)",
+                took.as_secs_f64(),
+                path.display()
+            ),
+        }
+    }
+}
+
+/// The one-shot bootstrap container for the server image `image_id`.
+pub fn spec(plan: &WaypointPlan, image_id: &str) -> ContainerSpec {
+    ContainerSpec {
+        name: BOOTSTRAP_NAME.into(),
+        role: Role::Bootstrap,
+        image: plan.config.server_image.clone(),
+        image_id: image_id.to_string(),
+        cmd: vec![
+            "server".into(),
+            "bootstrap".into(),
+            format!("-server-addr=127.0.0.1:{GRPC_PORT}"),
+            "-server-tls-skip-verify".into(),
+        ],
+        env: Vec::new(),
+        binds: Vec::new(),
+        publish: Vec::new(),
+        // The server's own network namespace: its loopback is where bootstrap is accepted.
+        network_mode: format!("container:{SERVER_NAME}"),
+        restart_unless_stopped: false,
+    }
+}
+
+/// Makes sure the server is bootstrapped and its token is on disk (see the module docs).
+pub async fn ensure(docker: &Docker, plan: &WaypointPlan) -> Result<Bootstrap, WaypointError> {
+    let token_path = plan.bootstrap_token_path();
+    if read_token(&token_path)?.is_some() {
+        // A run killed after storing the token but before removing its container.
+        if containers::inspect(docker, BOOTSTRAP_NAME).await?.is_some() {
+            containers::remove(docker, BOOTSTRAP_NAME).await?;
+        }
+        return Ok(Bootstrap::TokenOnDisk);
+    }
+
+    let start = Instant::now();
+    let existing = containers::inspect(docker, BOOTSTRAP_NAME).await?;
+    let status = existing
+        .as_ref()
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.status);
+    match status {
+        None => {
+            let image_id = images::image_id(docker, &plan.config.server_image)
+                .await?
+                .ok_or_else(|| {
+                    WaypointError::Conflict(format!(
+                        "image {} is not present",
+                        plan.config.server_image
+                    ))
+                })?;
+            let spec = spec(plan, &image_id);
+            let options = CreateContainerOptionsBuilder::default()
+                .name(BOOTSTRAP_NAME)
+                .build();
+            match docker
+                .create_container(Some(options), spec.create_body())
+                .await
+            {
+                Ok(_) => {}
+                // Created by a run we raced with (there is the lock, but be safe): use it.
+                Err(e) if super::status_of(&e) == Some(409) => {}
+                Err(e) => {
+                    return Err(WaypointError::docker(
+                        format!("create container {BOOTSTRAP_NAME}"),
+                        e,
+                    ));
+                }
+            }
+            tracing::info!("bootstrapping the waypoint server");
+            start_or_clean_up(docker).await?;
+        }
+        Some(ContainerStateStatusEnum::CREATED) => {
+            // Created by a killed run, never started: the bootstrap has not happened yet.
+            tracing::info!("bootstrapping the waypoint server (container left by a killed run)");
+            start_or_clean_up(docker).await?;
+        }
+        Some(other) => {
+            // Running or finished: never started twice. Its log has the answer.
+            tracing::info!(
+                state = %other,
+                "finishing a bootstrap that a killed run started"
+            );
+        }
+    }
+
+    wait_exit(docker).await?;
+    let exit_code = containers::inspect(docker, BOOTSTRAP_NAME)
+        .await?
+        .and_then(|c| c.state)
+        .and_then(|s| s.exit_code);
+    let (stdout, stderr) = containers::logs(docker, BOOTSTRAP_NAME).await?;
+
+    if exit_code == Some(0) {
+        let Some(token) = token_from_output(&stdout) else {
+            // Kept: if the output has the token in a form not understood here, `docker logs`
+            // on this container is the only copy an operator can still recover it from.
+            return Err(WaypointError::Command {
+                container: BOOTSTRAP_NAME.into(),
+                command: "waypoint server bootstrap".into(),
+                status: "exit 0".into(),
+                output: format!(
+                    "no token found in its output; the container is kept: read \
+                     `docker logs {BOOTSTRAP_NAME}`, write the token to {} (mode 0600) and \
+                     run `pilot-agent up` again",
+                    token_path.display()
+                ),
+            });
+        };
+        // Persisted before anything else happens with it, including removing the container
+        // whose log is its only other copy.
+        write_token(&token_path, &token)?;
+        tracing::info!(path = %token_path.display(), "stored the waypoint bootstrap token");
+        containers::remove(docker, BOOTSTRAP_NAME).await?;
+        return Ok(Bootstrap::Bootstrapped {
+            took: start.elapsed(),
+        });
+    }
+
+    containers::remove(docker, BOOTSTRAP_NAME).await?;
+    if stderr.contains(ALREADY_BOOTSTRAPPED) || stdout.contains(ALREADY_BOOTSTRAPPED) {
+        return Err(WaypointError::TokenLost {
+            token_file: token_path,
+            server: SERVER_NAME,
+            volume: plan.config.volume.clone(),
+        });
+    }
+    Err(WaypointError::Command {
+        container: BOOTSTRAP_NAME.into(),
+        command: "waypoint server bootstrap".into(),
+        status: exit_code.map_or("no exit code".into(), |c| format!("exit {c}")),
+        // Nothing secret here: on failure the command printed no token.
+        output: last_lines(&format!("{stdout}{stderr}"), 5),
+    })
+}
+
+/// Starts the bootstrap container; if that fails (the server went away), removes it so the
+/// next run starts clean. A container that never started has printed no token.
+async fn start_or_clean_up(docker: &Docker) -> Result<(), WaypointError> {
+    if let Err(e) = containers::start(docker, BOOTSTRAP_NAME).await {
+        let _ = containers::remove(docker, BOOTSTRAP_NAME).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Waits until the bootstrap container is not running (at most [`BOOTSTRAP_LIMIT`]).
+async fn wait_exit(docker: &Docker) -> Result<(), WaypointError> {
+    let options = WaitContainerOptionsBuilder::default()
+        .condition("not-running")
+        .build();
+    let wait = async {
+        let mut stream = docker.wait_container(BOOTSTRAP_NAME, Some(options));
+        match stream.next().await {
+            // A non-zero exit is an error to bollard; to us it is an answer, read below.
+            None
+            | Some(Ok(_))
+            | Some(Err(bollard::errors::Error::DockerContainerWaitError { .. })) => Ok(()),
+            Some(Err(e)) => Err(WaypointError::docker(
+                format!("wait for {BOOTSTRAP_NAME}"),
+                e,
+            )),
+        }
+    };
+    tokio::time::timeout(BOOTSTRAP_LIMIT, wait)
+        .await
+        .map_err(|_| WaypointError::Timeout {
+            what: format!("{BOOTSTRAP_NAME} (waypoint server bootstrap)"),
+            limit: BOOTSTRAP_LIMIT,
+        })?
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}

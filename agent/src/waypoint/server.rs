@@ -1,0 +1,105 @@
+//! The `waypoint-server` container and its readiness.
+//!
+//! It runs Waypoint's documented server command line
+//! (`server run -accept-tos -db=/data/data.db -listen-grpc=0.0.0.0:9701 -listen-http=0.0.0.0:9702`)
+//! with the data volume at `/data`, both ports published, on the Pilot network (where runners
+//! find it by its name), restarted by dockerd unless stopped by hand. Readiness is the HTTPS
+//! port answering at the container's address on the Pilot network: that is the path runners
+//! take, and it does not depend on the published ports or on who the firewall lets reach them.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bollard::Docker;
+
+use super::containers::{self, Action};
+use super::spec::{ContainerSpec, Publish};
+use super::{GRPC_PORT, HTTP_PORT, Role, SERVER_NAME, WaypointError, WaypointPlan, images, ready};
+
+/// The server's spec for the image with ID `image_id`.
+pub fn spec(plan: &WaypointPlan, image_id: &str) -> ContainerSpec {
+    let c = &plan.config;
+    ContainerSpec {
+        name: SERVER_NAME.into(),
+        role: Role::Server,
+        image: c.server_image.clone(),
+        image_id: image_id.to_string(),
+        cmd: vec![
+            "server".into(),
+            "run".into(),
+            "-accept-tos".into(),
+            "-db=/data/data.db".into(),
+            format!("-listen-grpc=0.0.0.0:{GRPC_PORT}"),
+            format!("-listen-http=0.0.0.0:{HTTP_PORT}"),
+        ],
+        env: Vec::new(),
+        binds: vec![format!("{}:/data", c.volume)],
+        publish: vec![
+            Publish {
+                container_port: GRPC_PORT,
+                host_ip: c.publish_address,
+                host_port: c.grpc_port,
+            },
+            Publish {
+                container_port: HTTP_PORT,
+                host_ip: c.publish_address,
+                host_port: c.http_port,
+            },
+        ],
+        network_mode: c.network.name.clone(),
+        restart_unless_stopped: true,
+    }
+}
+
+/// What [`ensure`] found and did.
+#[derive(Debug, Clone)]
+pub struct ServerReport {
+    pub action: Action,
+    pub id: String,
+    /// Where readiness was probed.
+    pub addr: SocketAddr,
+    /// How long the server took to answer after the container was in place.
+    pub ready_after: Duration,
+}
+
+impl ServerReport {
+    pub fn summary(&self) -> String {
+        let short = &self.id[..self.id.len().min(12)];
+        format!(
+            "{SERVER_NAME} {} ({short}); answers at https://{} (ready after {:.2}s)",
+            self.action,
+            self.addr,
+            self.ready_after.as_secs_f64()
+        )
+    }
+}
+
+/// Converges the server container and waits until it answers over HTTPS.
+pub async fn ensure(docker: &Docker, plan: &WaypointPlan) -> Result<ServerReport, WaypointError> {
+    let c = &plan.config;
+    let image_id = images::image_id(docker, &c.server_image)
+        .await?
+        .ok_or_else(|| {
+            WaypointError::Conflict(format!(
+                "image {} is not present (the images step makes it present)",
+                c.server_image
+            ))
+        })?;
+    let ensured = containers::ensure(docker, &spec(plan, &image_id)).await?;
+    let ip: IpAddr = containers::address_on(&ensured.inspect, &c.network.name)
+        .and_then(|ip| ip.parse().ok())
+        .ok_or_else(|| {
+            WaypointError::Conflict(format!(
+                "{SERVER_NAME} runs but has no address on network {}",
+                c.network.name
+            ))
+        })?;
+    let addr = SocketAddr::new(ip, HTTP_PORT);
+    let ready_after = ready::wait_ready(addr, Duration::from_secs(c.ready_timeout_secs)).await?;
+    Ok(ServerReport {
+        action: ensured.action,
+        id: ensured.id,
+        addr,
+        ready_after,
+    })
+}
