@@ -38,8 +38,26 @@ pub enum Command {
     /// Apply only the agent's nftables table (for the early-boot unit ordered before docker.service).
     Firewall,
     /// Show what the agent did and whether the host is healthy (exit 0 done, 1 error, 2 degraded).
+    ///
+    /// Reads STATE_DIR/status.json, which `up` and `run` write. Exit codes, as `cloud-init
+    /// status`: 0 done and healthy, 1 error, 2 degraded. Unlike cloud-init, a host where the
+    /// agent never ran (no status file: `not-started`) exits 1, and so does a run whose agent
+    /// was killed before it finished (`running`, but its pid is gone). A run still under way
+    /// reports its condition so far; `--wait` waits for the end, at most `--timeout` seconds
+    /// (then it reports the state, says so on stderr and exits 1).
+    ///
+    /// Works without a valid configuration: if the default one cannot be loaded, it warns and
+    /// reads the default state directory. Never prints a secret.
+    #[command(verbatim_doc_comment)]
     Status(StatusArgs),
     /// Print what the Pilot CLI needs: Waypoint address and token, database credentials, CA.
+    ///
+    /// For root (the token and password files are 0600). Parts whose section is not configured
+    /// or whose step has not converged yet are left out and listed under `missing`. The
+    /// Waypoint address is the first `host.extra_names` entry, else a specific
+    /// `waypoint.publish_address`, else `host.hostname`, else the host's first usable address;
+    /// the port is `waypoint.grpc_port`.
+    #[command(verbatim_doc_comment)]
     Credentials(CredentialsArgs),
     /// Work with configuration files.
     #[command(subcommand)]

@@ -16,6 +16,7 @@
 //! docker/             daemon.json merge, systemd drop-in, restart backend, TLS readiness probe
 //! waypoint/           the Waypoint server and runner containers (bollard): images, network,
 //!                     bootstrap-once, runner tokens, drift by spec hash
+//! tls.rs              rustls provider and the verifier for uncheckable peer certificates
 //! database/           the application role and database on the Pilot PostgreSQL
 //! ```
 //!
@@ -34,4 +35,5 @@ pub mod host;
 pub mod pki;
 pub mod plan;
 pub mod status;
+pub mod tls;
 pub mod waypoint;

@@ -3,9 +3,11 @@
 //! 2 degraded, as `cloud-init status`).
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 use pilot_agent::cli::{Cli, Command, ConfigCommand};
 use pilot_agent::commands;
 use pilot_agent::config::ConfigError;
@@ -13,9 +15,19 @@ use pilot_agent::engine;
 use pilot_agent::plan::UpOptions;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // Whether the operator chose the configuration (`--config` or `PILOT_AGENT_CONFIG`):
+    // `status` falls back to defaults only for the default path.
+    let config_explicit = !matches!(
+        matches.value_source("config"),
+        None | Some(ValueSource::DefaultValue)
+    );
     init_logging();
-    match run(cli) {
+    match run(cli, config_explicit) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // anyhow's alternate form: "context: cause: cause".
@@ -25,7 +37,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<u8> {
+fn run(cli: Cli, config_explicit: bool) -> anyhow::Result<u8> {
     match cli.command {
         Command::Config(ConfigCommand::Validate { file }) => {
             let v = commands::validate::validate(&file);
@@ -60,7 +72,41 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 Err(e) => Err(e.into()),
             }
         }
-        Command::Run | Command::Status(_) | Command::Credentials(_) => {
+        Command::Status(args) => {
+            let target = commands::status::Target::resolve(&cli.config, config_explicit)
+                .map_err(config_error)?;
+            let options = commands::status::StatusOptions {
+                json: args.json,
+                long: args.long,
+                wait: args.wait.then(|| Duration::from_secs(args.timeout)),
+            };
+            if let Some(warning) = &target.warning {
+                eprintln!("pilot-agent: {warning}");
+            }
+            let report = commands::status::status(&target, &options)?;
+            print!("{}", report.output);
+            for note in &report.notes {
+                eprintln!("pilot-agent: {note}");
+            }
+            Ok(report.exit_code)
+        }
+        Command::Credentials(args) => match commands::credentials::credentials(&cli.config) {
+            Ok(c) => {
+                if args.json {
+                    // Serializing a Value cannot fail.
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&c.to_json()).unwrap_or_default()
+                    );
+                } else {
+                    print!("{}", c.to_text());
+                }
+                Ok(0)
+            }
+            Err(commands::credentials::CredentialsError::Config(e)) => Err(config_error(e)),
+            Err(e) => Err(e.into()),
+        },
+        Command::Run => {
             anyhow::bail!("this command is not implemented yet")
         }
     }
@@ -78,7 +124,8 @@ fn config_error(e: ConfigError) -> anyhow::Error {
                 diagnostics.len()
             )
         }
-        ConfigError::Read { .. } => anyhow::Error::new(e),
+        // Its message already names the cause; as an anyhow chain it would print it twice.
+        ConfigError::Read { .. } => anyhow::anyhow!("{e}"),
     }
 }
 

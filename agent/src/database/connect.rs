@@ -19,6 +19,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::error::{BoxError, DatabaseError};
 use super::secret::Secret;
 use super::{DatabaseSettings, TlsMode};
+use crate::tls::SignaturesOnly;
 
 /// How connections are secured, built once per provisioning run from the settings.
 pub(crate) enum Tls {
@@ -28,18 +29,17 @@ pub(crate) enum Tls {
 
 impl Tls {
     pub(crate) fn from_settings(settings: &DatabaseSettings) -> Result<Tls, DatabaseError> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = crate::tls::provider();
         let verifier: Arc<dyn ServerCertVerifier> = match settings.tls {
             TlsMode::Disable => return Ok(Tls::Disabled),
             // libpq's rule: `require` checks nothing, unless a root CA is given; then the
             // chain is verified but not the name (libpq's verify-ca).
             TlsMode::Require => match &settings.ca_file {
-                None => Arc::new(EncryptOnly {
-                    provider: provider.clone(),
-                }),
+                None => Arc::new(SignaturesOnly::new(&provider)),
                 Some(ca) => Arc::new(ChainOnly {
                     roots: Arc::new(load_ca_file(ca)?),
                     provider: provider.clone(),
+                    signatures: SignaturesOnly::new(&provider),
                 }),
             },
             // The server name (host name or IP address as configured in `host`) must match the
@@ -269,67 +269,13 @@ fn webpki_verifier(
         .map_err(|e| tls_error("build the certificate verifier", e))
 }
 
-/// `require` without a CA: the connection is encrypted against passive eavesdropping, the
-/// certificate is not checked (libpq's `sslmode=require`). Handshake signatures are still
-/// verified, so the peer must hold the key of the certificate it shows.
-#[derive(Debug)]
-struct EncryptOnly {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// `require` with a CA: the chain must lead to the CA, the name is not checked (libpq's
 /// `verify-ca`), for servers reached by an address their certificate does not list.
 #[derive(Debug)]
 struct ChainOnly {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
+    signatures: SignaturesOnly,
 }
 
 impl ServerCertVerifier for ChainOnly {
@@ -359,12 +305,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -373,17 +314,10 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.signatures.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.supported_verify_schemes()
     }
 }

@@ -48,6 +48,12 @@ impl Agent {
     /// outside namespace's address only. No `waypoint:` or `database:` section: `up` runs the
     /// converge core (firewall, PKI, Docker mutual TLS) and nothing else.
     pub fn new(vm: &Vm) -> Result<Agent> {
+        Agent::with_sections(vm, "")
+    }
+
+    /// Like [`Agent::new`], with more top-level YAML (e.g. `waypoint:` and `database:`
+    /// sections) appended to the configuration.
+    pub fn with_sections(vm: &Vm, sections: &str) -> Result<Agent> {
         let bin = target_bin("pilot-agent")?;
         let state_dir = vm.dir().join("agent-state");
         let config = vm.dir().join("agent.yaml");
@@ -76,6 +82,7 @@ impl Agent {
             ctl = d(&vm.dockerd_ctl()),
             outside = vm.outside_addr(),
         );
+        let text = text + sections;
         fs::write(&config, text).with_context(|| format!("cannot write {}", config.display()))?;
         Ok(Agent {
             bin,
