@@ -56,7 +56,8 @@ pub enum Command {
     /// or whose step has not converged yet are left out and listed under `missing`. The
     /// Waypoint address is the first `host.extra_names` entry, else a specific
     /// `waypoint.publish_address`, else `host.hostname`, else the host's first usable address;
-    /// the port is `waypoint.grpc_port`.
+    /// the port is `waypoint.grpc_port`. Exits 0 when it printed (even with parts missing:
+    /// check `missing`), 1 when the configuration or a file cannot be read.
     #[command(verbatim_doc_comment)]
     Credentials(CredentialsArgs),
     /// Work with configuration files.

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cli.rs              the command line (also the source of --help)
-//! commands/           up, firewall, config validate: what main.rs calls
+//! commands/           up, firewall, config validate, status, credentials: what main.rs calls
 //! config/             /etc/pilot/agent.yaml: schema walker (every error with line:col), sections
 //! engine.rs           named steps, dependency order, fail-open, status transitions
 //! plan.rs             which steps `up` runs and what they share (Ctx, Facts)
