@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::userdata::UserDataInput;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "pilot-image",
@@ -45,9 +47,15 @@ pub enum Command {
     },
     /// Render the cloud-init user-data a Pilot VM boots with (refuses output over 16 KiB).
     UserData {
-        /// Cloud flavour: aws, gcp or stock (installs the agent package at first boot).
-        #[arg(long, default_value = "aws")]
-        flavour: String,
+        /// JSON file with the same keys as the flags (`db_host`, `extra_names`, ...); a flag
+        /// given on the command line wins over the file.
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        #[command(flatten)]
+        input: UserDataInput,
+        /// Write here (atomically, mode 0600) instead of to standard output.
+        #[arg(short = 'o', long = "output", value_name = "OUT")]
+        output: Option<PathBuf>,
     },
 }
 

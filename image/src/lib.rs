@@ -2,3 +2,4 @@
 //! into a VM image, so a new Pilot VM needs no installs and no pulls at boot.
 
 pub mod cli;
+pub mod userdata;

@@ -1,0 +1,936 @@
+//! Cloud-init user-data for a Pilot VM: the `#cloud-config` templates shipped in `cloud-init/`
+//! (embedded at compile time), filled from flags and/or a JSON input file, refused above EC2's
+//! 16 KiB user-data limit, and written atomically with mode 0600 (they carry secrets).
+//!
+//! The templates are valid cloud-config themselves, so `cloud-init schema` checks the shipped
+//! files as well as every rendering. Two kinds of placeholder keep them valid:
+//! - a line whose text is `# @@NAME@@` (a YAML comment) is replaced by a generated block,
+//!   indented like that line; an empty block removes the line;
+//! - the double-quoted scalar `"@@NAME@@"` is replaced by a double-quoted YAML string.
+//!
+//! The template is scanned once, line by line, so text that came from the deployment (a
+//! password that happens to read `# @@SECRET_FILES@@`) is never taken for a placeholder.
+//!
+//! The agent's configuration is written to `/etc/pilot/agent.yaml`. It rejects unknown keys and
+//! has no `endpoint:` section yet, so the endpoint token's SHA-256 goes to its own file,
+//! `/etc/pilot/endpoint-token.sha256`; the database admin password goes to
+//! `/etc/pilot/db-admin-password`, which agent.yaml names, so agent.yaml carries no secret.
+
+use std::fmt::{self, Write as _};
+use std::io::{self, Write as _};
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// EC2's limit on raw (not base64-encoded) user-data. GCE allows more, but one limit keeps a
+/// rendered user-data usable on either cloud.
+pub const USER_DATA_LIMIT: usize = 16 * 1024;
+/// Where the agent reads its configuration by default.
+pub const AGENT_CONFIG_PATH: &str = "/etc/pilot/agent.yaml";
+/// The database admin password, named by `database.admin_password_file`.
+pub const DB_ADMIN_PASSWORD_PATH: &str = "/etc/pilot/db-admin-password";
+/// The SHA-256 (hex) of the endpoint's bearer token, until the agent has an `endpoint:` section.
+pub const ENDPOINT_TOKEN_SHA256_PATH: &str = "/etc/pilot/endpoint-token.sha256";
+/// The agent's own bound on `waypoint.runners` (agent/src/config/waypoint.rs, MAX_RUNNERS).
+pub const MAX_RUNNERS: u32 = 32;
+/// PostgreSQL truncates longer names (NAMEDATALEN 64), which would log in as someone else.
+const MAX_PG_NAME_BYTES: usize = 63;
+
+const AWS_TEMPLATE: &str = include_str!("../../cloud-init/aws.yaml");
+const GCP_TEMPLATE: &str = include_str!("../../cloud-init/gcp.yaml");
+const STOCK_TEMPLATE: &str = include_str!("../../cloud-init/stock.yaml");
+
+/// Which template: a baked image on AWS or GCP, or a stock Debian 12 image that installs the
+/// agent package at first boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    /// AWS EC2, baked image.
+    Aws,
+    /// Google Compute Engine, baked image.
+    Gcp,
+    /// Stock Debian 12 image: installs docker.io, nftables and the agent package at boot.
+    Stock,
+}
+
+impl Flavour {
+    pub const ALL: [Flavour; 3] = [Flavour::Aws, Flavour::Gcp, Flavour::Stock];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavour::Aws => "aws",
+            Flavour::Gcp => "gcp",
+            Flavour::Stock => "stock",
+        }
+    }
+
+    /// The template text (the file `cloud-init/<name>.yaml`, embedded).
+    pub fn template(self) -> &'static str {
+        match self {
+            Flavour::Aws => AWS_TEMPLATE,
+            Flavour::Gcp => GCP_TEMPLATE,
+            Flavour::Stock => STOCK_TEMPLATE,
+        }
+    }
+
+    /// The template's path relative to the repository root.
+    pub fn template_file(self) -> String {
+        format!("cloud-init/{}.yaml", self.name())
+    }
+}
+
+impl fmt::Display for Flavour {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `database.tls` of the agent's configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DbTls {
+    Disable,
+    #[default]
+    Require,
+    VerifyFull,
+}
+
+impl DbTls {
+    fn name(self) -> &'static str {
+        match self {
+            DbTls::Disable => "disable",
+            DbTls::Require => "require",
+            DbTls::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// What the deployment provides, as given: flags, or keys of the `--from` JSON file (the flag
+/// names with `_` for `-`). Nothing is checked until [`UserDataInput::validate`].
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDataInput {
+    /// Cloud flavour: aws or gcp (baked image), stock (installs the agent package at boot).
+    /// Default: aws.
+    #[arg(long, value_enum)]
+    pub flavour: Option<Flavour>,
+    /// PostgreSQL host (DNS name or IP address) for the application database.
+    #[arg(long)]
+    pub db_host: Option<String>,
+    /// PostgreSQL port (default 5432).
+    #[arg(long)]
+    pub db_port: Option<u32>,
+    /// PostgreSQL user that may create roles and databases.
+    #[arg(long)]
+    pub db_admin_user: Option<String>,
+    /// Local file whose one line is the admin password; the VM gets it as
+    /// /etc/pilot/db-admin-password (0600). A file, not a flag, keeps it out of `ps`.
+    #[arg(long)]
+    pub db_admin_password_file: Option<PathBuf>,
+    /// TLS to the database (default require).
+    #[arg(long, value_enum)]
+    pub db_tls: Option<DbTls>,
+    /// SHA-256 of the endpoint's bearer token, 64 hex digits (the token never reaches the VM).
+    #[arg(long)]
+    pub endpoint_token_sha256: Option<String>,
+    /// HTTPS URL of the agent's .deb (required with --flavour stock, refused otherwise).
+    #[arg(long)]
+    pub agent_deb_url: Option<String>,
+    /// Waypoint runner containers on the VM (0 to 32; default 1).
+    #[arg(long)]
+    pub runners: Option<u32>,
+    /// More names or addresses in the Docker server certificate (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub extra_names: Vec<String>,
+}
+
+impl UserDataInput {
+    /// Reads a `--from` file: a JSON object with the same keys as the flags (`db_host`, ...).
+    /// A relative `db_admin_password_file` in it is relative to the current directory.
+    pub fn from_file(path: &Path) -> Result<UserDataInput, UserDataError> {
+        let text = std::fs::read_to_string(path).map_err(|source| UserDataError::ReadFrom {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| UserDataError::ParseFrom {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// `self` (the flags) over `base` (the file): a flag given wins.
+    pub fn over(self, base: UserDataInput) -> UserDataInput {
+        UserDataInput {
+            flavour: self.flavour.or(base.flavour),
+            db_host: self.db_host.or(base.db_host),
+            db_port: self.db_port.or(base.db_port),
+            db_admin_user: self.db_admin_user.or(base.db_admin_user),
+            db_admin_password_file: self.db_admin_password_file.or(base.db_admin_password_file),
+            db_tls: self.db_tls.or(base.db_tls),
+            endpoint_token_sha256: self.endpoint_token_sha256.or(base.endpoint_token_sha256),
+            agent_deb_url: self.agent_deb_url.or(base.agent_deb_url),
+            runners: self.runners.or(base.runners),
+            extra_names: if self.extra_names.is_empty() {
+                base.extra_names
+            } else {
+                self.extra_names
+            },
+        }
+    }
+
+    /// Checks every value (naming the flag of the first bad one) and reads the password file.
+    pub fn validate(self) -> Result<UserDataSpec, UserDataError> {
+        let flavour = self.flavour.unwrap_or(Flavour::Aws);
+        let database = self.database()?;
+        let endpoint_token_sha256 = self
+            .endpoint_token_sha256
+            .as_deref()
+            .map(|h| {
+                if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    Ok(h.to_ascii_lowercase())
+                } else {
+                    invalid(
+                        "--endpoint-token-sha256",
+                        format!(
+                            "expected 64 hex digits (a SHA-256), got {} characters",
+                            h.len()
+                        ),
+                    )
+                }
+            })
+            .transpose()?;
+        let agent_deb_url = match (flavour, self.agent_deb_url) {
+            (Flavour::Stock, None) => {
+                return invalid("--agent-deb-url", "required with --flavour stock");
+            }
+            (Flavour::Stock, Some(url)) => Some(check_url(url)?),
+            (other, Some(_)) => {
+                return invalid(
+                    "--agent-deb-url",
+                    format!(
+                        "used only with --flavour stock (a {other} image is baked with the agent)"
+                    ),
+                );
+            }
+            (_, None) => None,
+        };
+        let runners = self.runners.unwrap_or(1);
+        if runners > MAX_RUNNERS {
+            return invalid(
+                "--runners",
+                format!("must be 0 to {MAX_RUNNERS}, got {runners}"),
+            );
+        }
+        for name in &self.extra_names {
+            if name.parse::<IpAddr>().is_err() && !is_dns_name(name) {
+                return invalid(
+                    "--extra-names",
+                    format!("expected a DNS name or an IP address, got {name:?}"),
+                );
+            }
+        }
+        Ok(UserDataSpec {
+            flavour,
+            database,
+            endpoint_token_sha256,
+            agent_deb_url,
+            runners,
+            extra_names: self.extra_names,
+        })
+    }
+
+    fn database(&self) -> Result<Option<DatabaseSpec>, UserDataError> {
+        let Some(host) = &self.db_host else {
+            if self.db_port.is_some()
+                || self.db_admin_user.is_some()
+                || self.db_admin_password_file.is_some()
+                || self.db_tls.is_some()
+            {
+                return invalid("--db-host", "required when another --db-* flag is given");
+            }
+            return Ok(None);
+        };
+        if host.parse::<IpAddr>().is_err() && !is_dns_name(host) {
+            return invalid(
+                "--db-host",
+                format!("expected a DNS name or an IP address, got {host:?}"),
+            );
+        }
+        let port = self.db_port.unwrap_or(5432);
+        let port = match u16::try_from(port) {
+            Ok(p) if p > 0 => p,
+            _ => return invalid("--db-port", format!("must be 1 to 65535, got {port}")),
+        };
+        let Some(admin_user) = &self.db_admin_user else {
+            return invalid("--db-admin-user", "required with --db-host");
+        };
+        if admin_user.is_empty()
+            || admin_user.len() > MAX_PG_NAME_BYTES
+            || admin_user.chars().any(char::is_control)
+        {
+            return invalid(
+                "--db-admin-user",
+                format!(
+                    "expected 1 to {MAX_PG_NAME_BYTES} bytes without control characters, got {admin_user:?}"
+                ),
+            );
+        }
+        let admin_password = self
+            .db_admin_password_file
+            .as_deref()
+            .map(read_password_file)
+            .transpose()?;
+        Ok(Some(DatabaseSpec {
+            host: host.clone(),
+            port,
+            admin_user: admin_user.clone(),
+            admin_password,
+            tls: self.db_tls.unwrap_or_default(),
+        }))
+    }
+}
+
+/// A checked input, ready to render.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserDataSpec {
+    pub flavour: Flavour,
+    pub database: Option<DatabaseSpec>,
+    /// Lowercase hex.
+    pub endpoint_token_sha256: Option<String>,
+    /// Only for [`Flavour::Stock`].
+    pub agent_deb_url: Option<String>,
+    pub runners: u32,
+    pub extra_names: Vec<String>,
+}
+
+/// The `database:` section and the admin password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseSpec {
+    pub host: String,
+    pub port: u16,
+    pub admin_user: String,
+    /// One line, no newline or NUL (what the agent's password file reader accepts).
+    pub admin_password: Option<String>,
+    pub tls: DbTls,
+}
+
+// By hand so that a `{:?}` in a log or a panic message never shows the password.
+impl fmt::Debug for DatabaseSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseSpec")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("admin_user", &self.admin_user)
+            .field(
+                "admin_password",
+                &self.admin_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserDataError {
+    #[error("{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+    #[error("{flag}: cannot read {path}: {source}")]
+    ReadFlagFile {
+        flag: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--from: cannot read {path}: {source}")]
+    ReadFrom {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "--from: {path} is not a valid input file (a JSON object with the flags' keys): {source}"
+    )]
+    ParseFrom {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "rendered user-data is {size} bytes, over EC2's user-data limit of {limit} bytes (16 KiB); \
+         nothing written"
+    )]
+    TooLarge { size: usize, limit: usize },
+    #[error("template {template} has no single placeholder {placeholder} (a bug in the template)")]
+    Template {
+        template: String,
+        placeholder: String,
+    },
+    #[error("cannot write user-data to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn invalid<T>(flag: &'static str, reason: impl Into<String>) -> Result<T, UserDataError> {
+    Err(UserDataError::Invalid {
+        flag,
+        reason: reason.into(),
+    })
+}
+
+/// The same rules as the agent's password file reader (agent/src/database/secret.rs): UTF-8,
+/// one trailing newline (or CRLF) dropped, not empty, no NUL or newline inside.
+fn read_password_file(path: &Path) -> Result<String, UserDataError> {
+    const FLAG: &str = "--db-admin-password-file";
+    let bytes = std::fs::read(path).map_err(|source| UserDataError::ReadFlagFile {
+        flag: FLAG,
+        path: path.to_owned(),
+        source,
+    })?;
+    let Ok(text) = String::from_utf8(bytes) else {
+        return invalid(FLAG, format!("{} is not UTF-8", path.display()));
+    };
+    let line = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if line.is_empty() {
+        return invalid(FLAG, format!("{} is empty", path.display()));
+    }
+    if line.contains(['\0', '\n']) {
+        return invalid(
+            FLAG,
+            format!("{} must hold one line without NUL", path.display()),
+        );
+    }
+    Ok(line.to_owned())
+}
+
+fn check_url(url: String) -> Result<String, UserDataError> {
+    // HTTPS only: the package runs as root, so a tampered download would own the VM.
+    let Some(rest) = url.strip_prefix("https://") else {
+        return invalid(
+            "--agent-deb-url",
+            format!("expected an https:// URL, got {url:?}"),
+        );
+    };
+    if rest.is_empty() || rest.starts_with('/') {
+        return invalid("--agent-deb-url", format!("no host in {url:?}"));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return invalid(
+            "--agent-deb-url",
+            format!("must not contain spaces or control characters: {url:?}"),
+        );
+    }
+    Ok(url)
+}
+
+/// RFC 1123 host name syntax, as the agent checks `host.extra_names`.
+fn is_dns_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// A YAML double-quoted scalar holding exactly `s`, in printable ASCII only: everything else
+/// is escaped (`\n`, `\xXX`, `\uXXXX`, `\UXXXXXXXX`), so no input can end the scalar, start
+/// a new key, or carry a character that cloud-init's YAML 1.1 reader rejects.
+pub fn yaml_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        // `write!` into a String cannot fail.
+        let _ = match c {
+            '"' => out.write_str("\\\""),
+            '\\' => out.write_str("\\\\"),
+            '\n' => out.write_str("\\n"),
+            '\t' => out.write_str("\\t"),
+            ' '..='~' => out.write_char(c),
+            c if u32::from(c) <= 0xff => write!(out, "\\x{:02x}", u32::from(c)),
+            c if u32::from(c) <= 0xffff => write!(out, "\\u{:04x}", u32::from(c)),
+            c => write!(out, "\\U{:08x}", u32::from(c)),
+        };
+    }
+    out.push('"');
+    out
+}
+
+/// The text of `/etc/pilot/agent.yaml`: only what the deployment decides; every other key keeps
+/// the agent's default. Every string from the input is quoted by [`yaml_quote`].
+pub fn agent_config(spec: &UserDataSpec) -> String {
+    let mut s = format!(
+        "# Written by cloud-init from `pilot-image user-data --flavour {}`.\n\
+         # Keys not set here keep the agent's defaults; check with `pilot-agent config validate`.\n",
+        spec.flavour
+    );
+    if !spec.extra_names.is_empty() {
+        s.push_str("host:\n  extra_names:\n");
+        for name in &spec.extra_names {
+            s.push_str(&format!("    - {}\n", yaml_quote(name)));
+        }
+    }
+    s.push_str(&format!("waypoint:\n  runners: {}\n", spec.runners));
+    if let Some(db) = &spec.database {
+        s.push_str(&format!(
+            "database:\n  host: {}\n  port: {}\n  admin_user: {}\n",
+            yaml_quote(&db.host),
+            db.port,
+            yaml_quote(&db.admin_user)
+        ));
+        if db.admin_password.is_some() {
+            s.push_str(&format!(
+                "  admin_password_file: {DB_ADMIN_PASSWORD_PATH}\n"
+            ));
+        }
+        s.push_str(&format!("  tls: {}\n", db.tls.name()));
+    }
+    s
+}
+
+/// The `write_files` entries for the secrets (empty when there are none).
+fn secret_files(spec: &UserDataSpec) -> String {
+    let entry = |path: &str, content: &str| {
+        format!(
+            "- path: {path}\n  owner: root:root\n  permissions: '0600'\n  content: {}\n",
+            yaml_quote(&format!("{content}\n"))
+        )
+    };
+    let mut s = String::new();
+    if let Some(password) = spec
+        .database
+        .as_ref()
+        .and_then(|d| d.admin_password.as_deref())
+    {
+        s.push_str(&entry(DB_ADMIN_PASSWORD_PATH, password));
+    }
+    if let Some(hash) = &spec.endpoint_token_sha256 {
+        s.push_str(&entry(ENDPOINT_TOKEN_SHA256_PATH, hash));
+    }
+    s
+}
+
+/// Renders the user-data for `spec`, refusing it above [`USER_DATA_LIMIT`] bytes.
+pub fn render(spec: &UserDataSpec) -> Result<String, UserDataError> {
+    let blocks = [
+        ("AGENT_CONFIG", agent_config(spec)),
+        ("SECRET_FILES", secret_files(spec)),
+    ];
+    let scalars: Vec<(&str, String)> = spec
+        .agent_deb_url
+        .iter()
+        .map(|url| ("AGENT_DEB_URL", yaml_quote(url)))
+        .collect();
+    let text = fill(spec.flavour, &blocks, &scalars)?;
+    if text.len() > USER_DATA_LIMIT {
+        return Err(UserDataError::TooLarge {
+            size: text.len(),
+            limit: USER_DATA_LIMIT,
+        });
+    }
+    Ok(text)
+}
+
+/// One pass over the template (see the module doc); every placeholder asked for must be there
+/// exactly once.
+fn fill(
+    flavour: Flavour,
+    blocks: &[(&str, String)],
+    scalars: &[(&str, String)],
+) -> Result<String, UserDataError> {
+    let template = flavour.template();
+    let block_markers: Vec<String> = blocks.iter().map(|(n, _)| format!("# @@{n}@@")).collect();
+    let scalar_markers: Vec<String> = scalars
+        .iter()
+        .map(|(n, _)| format!("\"@@{n}@@\""))
+        .collect();
+    let mut uses = vec![0usize; blocks.len() + scalars.len()];
+    let mut out = String::with_capacity(template.len() + 1024);
+    for line in template.lines() {
+        let text = line.trim_start();
+        let indent = &line[..line.len() - text.len()];
+        if let Some(i) = block_markers.iter().position(|m| text == m) {
+            uses[i] += 1;
+            for l in blocks[i].1.lines() {
+                if !l.is_empty() {
+                    out.push_str(indent);
+                    out.push_str(l);
+                }
+                out.push('\n');
+            }
+            continue;
+        }
+        let mut line = line.to_owned();
+        if let Some(j) = scalar_markers
+            .iter()
+            .position(|m| line.contains(m.as_str()))
+        {
+            uses[blocks.len() + j] += line.matches(scalar_markers[j].as_str()).count();
+            line = line.replace(scalar_markers[j].as_str(), &scalars[j].1);
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let names = blocks.iter().chain(scalars).map(|(n, _)| *n);
+    for (name, used) in names.zip(uses) {
+        if used != 1 {
+            return Err(UserDataError::Template {
+                template: flavour.template_file(),
+                placeholder: name.to_owned(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `text` to `path` atomically (temp file in the same directory, fsync, rename, fsync
+/// of the directory), mode 0600: a crash leaves the old file or the new one, never half of it.
+pub fn write_atomic(path: &Path, text: &str) -> Result<(), UserDataError> {
+    let err = |source| UserDataError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".user-data.")
+        .tempfile_in(dir)
+        .map_err(err)?;
+    // tempfile already makes it 0600; say so explicitly, the file carries secrets.
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(err)?;
+    tmp.write_all(text.as_bytes()).map_err(err)?;
+    tmp.as_file().sync_all().map_err(err)?;
+    tmp.persist(path).map_err(|e| err(e.error))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(flavour: Flavour) -> UserDataSpec {
+        UserDataSpec {
+            flavour,
+            database: Some(DatabaseSpec {
+                host: "db.example.internal".into(),
+                port: 5432,
+                admin_user: "pilot_admin".into(),
+                admin_password: Some("s3cret".into()),
+                tls: DbTls::Require,
+            }),
+            endpoint_token_sha256: Some("ab".repeat(32)),
+            agent_deb_url: (flavour == Flavour::Stock)
+                .then(|| "https://example.com/pilot-agent.deb".into()),
+            runners: 2,
+            extra_names: vec!["pilot.example.com".into()],
+        }
+    }
+
+    fn parse(text: &str) -> saphyr::Yaml<'_> {
+        use saphyr::LoadableYamlNode;
+        let mut docs = saphyr::Yaml::load_from_str(text).expect("valid YAML");
+        assert_eq!(docs.len(), 1);
+        docs.remove(0)
+    }
+
+    #[test]
+    fn yaml_quote_round_trips_hostile_strings() {
+        for s in [
+            "",
+            "plain",
+            "quote\" back\\slash",
+            "new\nline\ttab\r",
+            "# @@SECRET_FILES@@",
+            "key: value\n- item",
+            "\u{0}\u{7f}\u{85}\u{a0}é\u{feff}€𝄞",
+            "'single' {flow} [seq] &anchor *alias !tag %dir @at `tick`",
+        ] {
+            let q = yaml_quote(s);
+            assert!(q.bytes().all(|b| (b' '..=b'~').contains(&b)), "{q}");
+            let doc = format!("k: {q}\n");
+            let y = parse(&doc);
+            assert_eq!(y["k"].as_str(), Some(s), "round trip of {s:?} via {q}");
+        }
+    }
+
+    #[test]
+    fn every_flavour_fills_all_placeholders() {
+        for f in Flavour::ALL {
+            let text = render(&spec(f)).unwrap();
+            assert!(text.starts_with("#cloud-config\n"), "{f}");
+            for left in ["@@AGENT_CONFIG@@", "@@SECRET_FILES@@", "@@AGENT_DEB_URL@@"] {
+                assert!(!text.contains(left), "{f}: {left} left:\n{text}");
+            }
+            let y = parse(&text);
+            let files = y["write_files"].as_vec().unwrap();
+            let paths: Vec<_> = files.iter().map(|e| e["path"].as_str().unwrap()).collect();
+            assert_eq!(
+                paths,
+                [
+                    AGENT_CONFIG_PATH,
+                    DB_ADMIN_PASSWORD_PATH,
+                    ENDPOINT_TOKEN_SHA256_PATH
+                ]
+            );
+            for e in files {
+                assert_eq!(e["permissions"].as_str(), Some("0600"));
+            }
+            assert_eq!(files[1]["content"].as_str(), Some("s3cret\n"));
+            assert_eq!(
+                files[0]["content"].as_str(),
+                Some(agent_config(&spec(f)).as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn optional_parts_disappear() {
+        let mut s = spec(Flavour::Aws);
+        s.database = None;
+        s.endpoint_token_sha256 = None;
+        s.extra_names.clear();
+        let text = render(&s).unwrap();
+        let y = parse(&text);
+        assert_eq!(y["write_files"].as_vec().unwrap().len(), 1);
+        let config = agent_config(&s);
+        assert!(!config.contains("database:") && !config.contains("host:"));
+    }
+
+    #[test]
+    fn stock_url_is_quoted_into_runcmd() {
+        let mut s = spec(Flavour::Stock);
+        s.agent_deb_url = Some("https://example.com/a deb?x=\"1\"".into());
+        let text = render(&s).unwrap();
+        let y = parse(&text);
+        let curl = &y["runcmd"].as_vec().unwrap()[0];
+        let args = curl.as_vec().unwrap();
+        assert_eq!(args.last().unwrap().as_str(), s.agent_deb_url.as_deref());
+    }
+
+    #[test]
+    fn a_password_that_looks_like_a_placeholder_stays_data() {
+        let mut s = spec(Flavour::Stock);
+        if let Some(d) = s.database.as_mut() {
+            d.admin_password = Some("# @@SECRET_FILES@@ \"@@AGENT_DEB_URL@@\"".into());
+        }
+        let text = render(&s).unwrap();
+        let y = parse(&text);
+        assert_eq!(
+            y["write_files"][1]["content"].as_str(),
+            Some("# @@SECRET_FILES@@ \"@@AGENT_DEB_URL@@\"\n")
+        );
+    }
+
+    #[test]
+    fn size_limit_is_inclusive_at_16384() {
+        let mut s = spec(Flavour::Aws);
+        let base = render(&s).unwrap().len();
+        let pad = USER_DATA_LIMIT - base;
+        if let Some(d) = s.database.as_mut() {
+            d.admin_password = Some(format!("s3cret{}", "x".repeat(pad)));
+        }
+        assert_eq!(render(&s).unwrap().len(), USER_DATA_LIMIT);
+        if let Some(d) = s.database.as_mut() {
+            d.admin_password.as_mut().unwrap().push('x');
+        }
+        match render(&s) {
+            Err(UserDataError::TooLarge { size, limit }) => {
+                assert_eq!((size, limit), (USER_DATA_LIMIT + 1, USER_DATA_LIMIT));
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    fn input() -> UserDataInput {
+        UserDataInput {
+            db_host: Some("10.0.0.5".into()),
+            db_admin_user: Some("pilot_admin".into()),
+            ..Default::default()
+        }
+    }
+
+    fn flag_of(r: Result<UserDataSpec, UserDataError>) -> &'static str {
+        match r {
+            Err(UserDataError::Invalid { flag, .. }) => flag,
+            Err(UserDataError::ReadFlagFile { flag, .. }) => flag,
+            other => panic!("expected an invalid flag, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        let cases: Vec<(UserDataInput, &str)> = vec![
+            (
+                UserDataInput {
+                    db_port: Some(0),
+                    ..input()
+                },
+                "--db-port",
+            ),
+            (
+                UserDataInput {
+                    db_port: Some(65536),
+                    ..input()
+                },
+                "--db-port",
+            ),
+            (
+                UserDataInput {
+                    db_host: Some(String::new()),
+                    ..input()
+                },
+                "--db-host",
+            ),
+            (
+                UserDataInput {
+                    db_host: None,
+                    ..input()
+                },
+                "--db-host",
+            ),
+            (
+                UserDataInput {
+                    db_admin_user: None,
+                    ..input()
+                },
+                "--db-admin-user",
+            ),
+            (
+                UserDataInput {
+                    endpoint_token_sha256: Some("abc".into()),
+                    ..input()
+                },
+                "--endpoint-token-sha256",
+            ),
+            (
+                UserDataInput {
+                    endpoint_token_sha256: Some("g".repeat(64)),
+                    ..input()
+                },
+                "--endpoint-token-sha256",
+            ),
+            (
+                UserDataInput {
+                    flavour: Some(Flavour::Stock),
+                    ..input()
+                },
+                "--agent-deb-url",
+            ),
+            (
+                UserDataInput {
+                    flavour: Some(Flavour::Stock),
+                    agent_deb_url: Some("http://example.com/a.deb".into()),
+                    ..input()
+                },
+                "--agent-deb-url",
+            ),
+            (
+                UserDataInput {
+                    agent_deb_url: Some("https://example.com/a.deb".into()),
+                    ..input()
+                },
+                "--agent-deb-url",
+            ),
+            (
+                UserDataInput {
+                    runners: Some(33),
+                    ..input()
+                },
+                "--runners",
+            ),
+            (
+                UserDataInput {
+                    extra_names: vec!["not a name".into()],
+                    ..input()
+                },
+                "--extra-names",
+            ),
+            (
+                UserDataInput {
+                    db_admin_password_file: Some("/nonexistent/pw".into()),
+                    ..input()
+                },
+                "--db-admin-password-file",
+            ),
+        ];
+        for (i, want) in cases {
+            let shown = format!("{i:?}");
+            assert_eq!(flag_of(i.validate()), want, "{shown}");
+        }
+    }
+
+    #[test]
+    fn password_file_follows_the_agents_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        for (content, ok) in [
+            (&b"pw\n"[..], Some("pw")),
+            (b"pw\r\n", Some("pw")),
+            (b"pw", Some("pw")),
+            (b"\n", None),
+            (b"", None),
+            (b"a\nb\n", None),
+            (b"a\0b", None),
+            (b"\xff\xfe", None),
+        ] {
+            std::fs::write(&file, content).unwrap();
+            let r = read_password_file(&file);
+            assert_eq!(r.as_deref().ok(), ok, "{content:?}");
+        }
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file = UserDataInput {
+            db_host: Some("file-host".into()),
+            db_port: Some(6543),
+            extra_names: vec!["from-file".into()],
+            ..Default::default()
+        };
+        let flags = UserDataInput {
+            db_host: Some("flag-host".into()),
+            ..Default::default()
+        };
+        let merged = flags.over(file);
+        assert_eq!(merged.db_host.as_deref(), Some("flag-host"));
+        assert_eq!(merged.db_port, Some(6543));
+        assert_eq!(merged.extra_names, ["from-file"]);
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let s = spec(Flavour::Aws);
+        assert!(!format!("{s:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn atomic_write_is_0600_and_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("user-data");
+        std::fs::write(&out, "old").unwrap();
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomic(&out, "new").unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "new");
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,387 @@
+//! `pilot-image user-data` end to end: the real binary renders, the real `cloud-init schema`
+//! (installed by scripts/setup.sh) checks the shipped templates and every rendering, and the
+//! real `pilot-agent config validate` checks the agent configuration embedded in write_files.
+//! Missing tools fail these tests; they never skip.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use saphyr::{LoadableYamlNode, Yaml};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pilot-image");
+const TOKEN_SHA256: &str = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// The agent binary built next to this one by `cargo build --release --workspace`.
+fn agent_bin() -> PathBuf {
+    let bin = Path::new(BIN).with_file_name("pilot-agent");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --release --workspace` first",
+        bin.display()
+    );
+    bin
+}
+
+/// `cloud-init schema --config-file FILE`: Ok on exit 0, Err(output) otherwise.
+fn cloud_init_schema(file: &Path) -> Result<(), String> {
+    let out = Command::new("cloud-init")
+        .args(["schema", "--config-file"])
+        .arg(file)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run cloud-init (scripts/setup.sh installs it): {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("user-data")
+        .args(args)
+        .output()
+        .expect("run pilot-image")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A full set of deployment flags for `flavour`, with the password in `dir/pw`.
+fn full_args(dir: &Path, flavour: &str) -> Vec<String> {
+    let pw = dir.join("pw");
+    std::fs::write(&pw, "p@ss\"w\\ord é: #x\n").unwrap();
+    let mut args: Vec<String> = [
+        "--flavour",
+        flavour,
+        "--db-host",
+        "pilot-db.example.internal",
+        "--db-port",
+        "6432",
+        "--db-admin-user",
+        "pilot_admin",
+        "--db-admin-password-file",
+        pw.to_str().unwrap(),
+        "--db-tls",
+        "verify-full",
+        "--endpoint-token-sha256",
+        TOKEN_SHA256,
+        "--runners",
+        "3",
+        "--extra-names",
+        "pilot.example.com,203.0.113.10",
+        "--extra-names",
+        "2001:db8::1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if flavour == "stock" {
+        args.push("--agent-deb-url".into());
+        args.push("https://downloads.example.com/pilot-agent_0.1.0_amd64.deb".into());
+    }
+    args
+}
+
+fn render_to_file(dir: &Path, flavour: &str) -> PathBuf {
+    let out = dir.join(format!("{flavour}.user-data"));
+    let mut args = full_args(dir, flavour);
+    args.push("-o".into());
+    args.push(out.to_str().unwrap().into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(&args);
+    assert!(o.status.success(), "{flavour}: {}", stderr(&o));
+    out
+}
+
+/// The `content` of the write_files entry for `path`.
+fn embedded_file(user_data: &str, path: &str) -> String {
+    let docs = Yaml::load_from_str(user_data).expect("rendered user-data is YAML");
+    let files = docs[0]["write_files"].as_vec().expect("write_files list");
+    let entry = files
+        .iter()
+        .find(|e| e["path"].as_str() == Some(path))
+        .unwrap_or_else(|| panic!("no write_files entry for {path}"));
+    assert_eq!(entry["permissions"].as_str(), Some("0600"), "{path}");
+    entry["content"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn shipped_templates_pass_cloud_init_schema() {
+    let dir = repo().join("cloud-init");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            if let Err(e) = cloud_init_schema(&path) {
+                panic!("{}: {e}", path.display());
+            }
+            seen.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["aws.yaml", "gcp.yaml", "stock.yaml"]);
+}
+
+#[test]
+fn schema_check_can_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    // A schema error (an unquoted octal mode is an integer) and an unknown write_files key.
+    let schema_bad = dir.path().join("schema-bad.yaml");
+    std::fs::write(
+        &schema_bad,
+        "#cloud-config\nwrite_files:\n  - path: /etc/x\n    permissions: 0600\n    bogus: 1\n",
+    )
+    .unwrap();
+    let err = cloud_init_schema(&schema_bad).expect_err("schema error must fail");
+    assert!(err.contains("write_files"), "{err}");
+    // A YAML syntax error.
+    let syntax_bad = dir.path().join("syntax-bad.yaml");
+    std::fs::write(&syntax_bad, "#cloud-config\nruncmd: [a, b\n").unwrap();
+    cloud_init_schema(&syntax_bad).expect_err("syntax error must fail");
+}
+
+#[test]
+fn every_flavour_renders_valid_cloud_config_0600() {
+    let dir = tempfile::tempdir().unwrap();
+    for flavour in ["aws", "gcp", "stock"] {
+        let out = render_to_file(dir.path(), flavour);
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{flavour}");
+        if let Err(e) = cloud_init_schema(&out) {
+            panic!("{flavour}: {e}");
+        }
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(text.len() <= 16384);
+        assert_eq!(
+            embedded_file(&text, "/etc/pilot/db-admin-password"),
+            "p@ss\"w\\ord é: #x\n"
+        );
+        assert_eq!(
+            embedded_file(&text, "/etc/pilot/endpoint-token.sha256"),
+            format!("{TOKEN_SHA256}\n")
+        );
+    }
+}
+
+#[test]
+fn minimal_render_to_stdout_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    for flavour in ["aws", "gcp"] {
+        let o = run(&["--flavour", flavour]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let file = dir.path().join(flavour);
+        std::fs::write(&file, &o.stdout).unwrap();
+        cloud_init_schema(&file).unwrap_or_else(|e| panic!("{flavour}: {e}"));
+        let text = String::from_utf8(o.stdout).unwrap();
+        // No database, no token: only agent.yaml is written.
+        let docs = Yaml::load_from_str(&text).unwrap();
+        assert_eq!(docs[0]["write_files"].as_vec().unwrap().len(), 1);
+    }
+}
+
+#[test]
+fn embedded_agent_config_passes_the_real_agent_validate() {
+    let agent = agent_bin();
+    let dir = tempfile::tempdir().unwrap();
+    for flavour in ["aws", "gcp", "stock"] {
+        let text = std::fs::read_to_string(render_to_file(dir.path(), flavour)).unwrap();
+        let config = embedded_file(&text, "/etc/pilot/agent.yaml");
+        assert!(config.contains("admin_password_file: /etc/pilot/db-admin-password"));
+        assert!(
+            !config.contains("p@ss"),
+            "agent.yaml must not carry the password"
+        );
+        let file = dir.path().join(format!("{flavour}-agent.yaml"));
+        std::fs::write(&file, &config).unwrap();
+        let o = Command::new(&agent)
+            .args(["config", "validate"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{flavour}: pilot-agent config validate rejected\n{config}\n{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            stderr(&o)
+        );
+        // The same check fails on a config the agent rejects (here: an unknown section, which
+        // is why the token's hash is not in agent.yaml).
+        let bad = dir.path().join(format!("{flavour}-bad.yaml"));
+        std::fs::write(&bad, format!("{config}endpoint:\n  token_sha256: x\n")).unwrap();
+        let o = Command::new(&agent)
+            .args(["config", "validate"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{flavour}: an unknown key must fail");
+    }
+}
+
+#[test]
+fn oversized_render_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("user-data");
+    // Through a big password file...
+    let pw = dir.path().join("big-pw");
+    std::fs::write(&pw, "x".repeat(20_000)).unwrap();
+    let o = run(&[
+        "--db-host",
+        "db",
+        "--db-admin-user",
+        "admin",
+        "--db-admin-password-file",
+        pw.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("16384"), "{err}");
+    // The size: the password plus the rest of the template.
+    let size: usize = err
+        .split_whitespace()
+        .find_map(|w| w.parse().ok().filter(|&n: &usize| n > 20_000))
+        .unwrap_or_else(|| panic!("no size in: {err}"));
+    assert!(size > 16384, "{err}");
+    assert!(!out.exists(), "nothing may be written");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temp file left"
+    );
+
+    // ...and through a long --extra-names list; an existing output stays as it was.
+    std::fs::write(&out, "previous").unwrap();
+    let names: Vec<String> = (0..1500).map(|i| format!("n{i}.example.com")).collect();
+    let names = names.join(",");
+    let o = run(&["--extra-names", &names, "-o", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("bytes, over EC2's user-data limit of 16384 bytes"));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "previous");
+}
+
+#[test]
+fn bad_flags_are_named_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("user-data");
+    let o_arg = out.to_str().unwrap().to_owned();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--endpoint-token-sha256", "abc"],
+            "--endpoint-token-sha256",
+        ),
+        (
+            &["--db-host", "db", "--db-admin-user", "a", "--db-port", "0"],
+            "--db-port",
+        ),
+        (
+            &[
+                "--db-host",
+                "db",
+                "--db-admin-user",
+                "a",
+                "--db-port",
+                "70000",
+            ],
+            "--db-port",
+        ),
+        (&["--db-host", "", "--db-admin-user", "a"], "--db-host"),
+        (&["--db-admin-user", "a"], "--db-host"),
+        (&["--db-host", "db"], "--db-admin-user"),
+        (&["--flavour", "stock"], "--agent-deb-url"),
+        (
+            &["--flavour", "stock", "--agent-deb-url", "http://x/a.deb"],
+            "--agent-deb-url",
+        ),
+        (&["--agent-deb-url", "https://x/a.deb"], "--agent-deb-url"),
+        (&["--runners", "99"], "--runners"),
+        (&["--extra-names", "bad name"], "--extra-names"),
+        (
+            &[
+                "--db-host",
+                "db",
+                "--db-admin-user",
+                "a",
+                "--db-admin-password-file",
+                "/nonexistent/pw",
+            ],
+            "--db-admin-password-file",
+        ),
+        (&["--flavour", "azure"], "--flavour"),
+        (&["--db-port", "abc"], "--db-port"),
+    ];
+    for (args, flag) in cases {
+        let mut all = args.to_vec();
+        all.extend(["-o", &o_arg]);
+        let o = run(&all);
+        assert!(!o.status.success(), "{args:?} must fail");
+        let err = stderr(&o);
+        assert!(
+            err.contains(flag),
+            "{args:?}: error does not name {flag}: {err}"
+        );
+        assert!(!out.exists(), "{args:?} wrote output");
+    }
+}
+
+#[test]
+fn from_file_with_flag_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "secret\n").unwrap();
+    let from = dir.path().join("deploy.json");
+    let json = serde_json::json!({
+        "flavour": "stock",
+        "db_host": "file-db.example.internal",
+        "db_admin_user": "pilot_admin",
+        "db_admin_password_file": pw,
+        "endpoint_token_sha256": TOKEN_SHA256.to_uppercase(),
+        "agent_deb_url": "https://example.com/pilot-agent.deb",
+        "extra_names": ["pilot.example.com"],
+    });
+    std::fs::write(&from, json.to_string()).unwrap();
+    let o = run(&[
+        "--from",
+        from.to_str().unwrap(),
+        "--db-host",
+        "flag-db.example.internal",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let config = embedded_file(&text, "/etc/pilot/agent.yaml");
+    assert!(
+        config.contains("host: \"flag-db.example.internal\""),
+        "{config}"
+    );
+    assert!(config.contains("\"pilot.example.com\""), "{config}");
+    // The hash is normalised to lowercase.
+    assert_eq!(
+        embedded_file(&text, "/etc/pilot/endpoint-token.sha256"),
+        format!("{TOKEN_SHA256}\n")
+    );
+    let file = dir.path().join("ud");
+    std::fs::write(&file, &text).unwrap();
+    cloud_init_schema(&file).unwrap();
+
+    // An unknown key in the file is an error naming --from.
+    std::fs::write(&from, r#"{"db_hots": "x"}"#).unwrap();
+    let o = run(&["--from", from.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--from"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("db_hots"), "{}", stderr(&o));
+}
