@@ -97,6 +97,11 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   die "cargo not found: install a Rust toolchain (rustup) and re-run"
 fi
+# The test runner (scripts/test.sh); present on this project's machines, installed otherwise.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install --locked --quiet cargo-nextest
+fi
 log "building the workspace into $CARGO_TARGET_DIR"
 mkdir -p "$CARGO_TARGET_DIR"
 (cd "$REPO" && cargo build --release --workspace --quiet)

@@ -13,6 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use pilot_e2e::poll;
 use pilot_harness::moto::VENV_PYTHON;
 use pilot_harness::{Moto, Postgres, Vm, VmOptions, leftovers, require_root};
 use serde_json::json;
@@ -32,28 +33,6 @@ fn start_vm() -> Result<Vm> {
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-/// Polls `check` until it yields `Some` or the deadline passes (then fails with `what` and the
-/// last observation).
-fn poll<T>(
-    timeout: Duration,
-    what: &str,
-    mut check: impl FnMut() -> Result<Option<T>, String>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    loop {
-        match check() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = e,
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}; last: {last}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

@@ -20,6 +20,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use pilot_e2e::poll;
 use pilot_harness::{Postgres, Vm, VmOptions, require_root, target_bin};
 use serde_json::Value;
 
@@ -414,27 +415,6 @@ fn measure_container_floor(s: &Setup) -> Result<(Duration, Duration)> {
     vm.docker_ok(["network", "rm", "floor-net"])?;
     vm.docker_ok(["rmi", IMAGE])?;
     Ok((load, rest))
-}
-
-/// Polls `check` every 100 ms until it yields `Some` or the deadline passes.
-fn poll<T>(
-    timeout: Duration,
-    what: &str,
-    mut check: impl FnMut() -> Result<Option<T>, String>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    let mut last = String::new();
-    loop {
-        match check() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = e,
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}; last: {last}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Seconds between two RFC 3339 times of the status file.
