@@ -89,6 +89,52 @@ mod database {
         assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err:?}");
     }
 
+    /// A run killed during `CREATE DATABASE` leaves its backend finishing the statement; the
+    /// next run must wait for it (advisory lock) instead of colliding with it. Simulated by a
+    /// session that holds the provisioning lock while it creates role and database itself:
+    /// provision stays blocked until the lock is released, then adopts what it finds.
+    #[tokio::test]
+    async fn provision_waits_for_a_concurrent_provisioning_session() {
+        let c = TestCluster::start().unwrap();
+        let st = state();
+        let other = c.superuser().await.unwrap();
+        other
+            .batch_execute(&format!(
+                "SELECT pg_advisory_lock(hashtext('pilot-agent provision {ROLE}'))"
+            ))
+            .await
+            .unwrap();
+        let settings = settings(&c);
+        let secret = st.secret.clone();
+        let run = tokio::spawn(async move { provision(&settings, &secret, false).await });
+        // Blocked on the lock (not failed, not done) while the other session works.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!run.is_finished(), "provision did not wait for the lock");
+        // Separate statements: CREATE DATABASE cannot share an (implicit) transaction.
+        for statement in [
+            format!("CREATE ROLE {ROLE} LOGIN"),
+            format!("CREATE DATABASE {DB} OWNER {ROLE}"),
+        ] {
+            other.batch_execute(&statement).await.unwrap();
+        }
+        other
+            .batch_execute(&format!(
+                "SELECT pg_advisory_unlock(hashtext('pilot-agent provision {ROLE}'))"
+            ))
+            .await
+            .unwrap();
+        let out = tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .expect("provision still blocked after the lock was released")
+            .unwrap()
+            .unwrap();
+        assert!(!out.role_created && !out.database_created, "{out:?}");
+        assert!(
+            out.password_set,
+            "the adopted role gets the stored password: {out:?}"
+        );
+    }
+
     #[tokio::test]
     async fn first_provision_creates_role_and_database_usable_by_the_app() {
         let c = TestCluster::start().unwrap();

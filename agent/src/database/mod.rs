@@ -297,6 +297,21 @@ pub async fn provision(
     let role = settings.app_role.as_str();
     let database = settings.app_database.as_str();
 
+    // One provisioning at a time per role, across agents and across runs: a run killed during
+    // `CREATE DATABASE` leaves its backend finishing the statement after the client is gone, and
+    // the next run would otherwise see no database yet and collide with it ("duplicate key
+    // value violates unique constraint pg_database_datname_index"). A session-level advisory
+    // lock is held by that orphaned backend until it has finished and noticed the closed
+    // connection, so waiting for it here makes the next run see what the killed one did. It is
+    // released when this session ends.
+    admin
+        .query_opt(
+            "wait for other provisioning runs of this role",
+            "SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtext('pilot-agent provision ' || $1))",
+            &[&role],
+        )
+        .await?;
+
     // A new role gets the password the run is converging to, so that step 3 has nothing left
     // to set.
     let target = match (&pending, rotating) {
