@@ -107,9 +107,27 @@ mod database {
         let settings = settings(&c);
         let secret = st.secret.clone();
         let run = tokio::spawn(async move { provision(&settings, &secret, false).await });
-        // Blocked on the lock (not failed, not done) while the other session works.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(!run.is_finished(), "provision did not wait for the lock");
+        // Observed, not assumed: the server shows provision's session waiting on the lock.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(!run.is_finished(), "provision did not wait for the lock");
+            let waiting: i64 = other
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "provision never queued on the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // Separate statements: CREATE DATABASE cannot share an (implicit) transaction.
         for statement in [
             format!("CREATE ROLE {ROLE} LOGIN"),
