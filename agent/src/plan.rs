@@ -16,13 +16,13 @@
 //! move { ... })` here with `.after(&[...])` naming what it needs, and put anything later
 //! steps need from it in [`Facts`] (set once with `OnceLock::set`).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use std::time::Duration;
 
 use crate::config::Config;
 use crate::database;
-use crate::docker::{self, DaemonInfo, DockerPlan};
+use crate::docker::{self, DockerPlan};
 use crate::engine::{Outcome, Step, StepError, StepResult};
 use crate::firewall::{self, FirewallSpec, Nft};
 use crate::fsutil;
@@ -41,6 +41,9 @@ pub const WAYPOINT_BOOTSTRAP: &str = "waypoint-bootstrap";
 pub const WAYPOINT_RUNNERS: &str = "waypoint-runners";
 pub const DATABASE: &str = "database";
 
+/// How long the database step may take before it reports the server as stalled.
+const DATABASE_STEP_LIMIT: Duration = Duration::from_secs(300);
+
 /// Where the application role's password is stored (0600), under the state directory.
 pub fn database_password_path(config: &Config) -> std::path::PathBuf {
     config.state_dir.join("database").join("password")
@@ -54,12 +57,13 @@ pub struct UpOptions {
     pub rotate_db_password: bool,
 }
 
-/// What steps learn and later steps use. Each field is set once, by the step that owns it;
-/// a dependent reads it only after that step converged (the engine guarantees the order).
+/// What steps learn and later steps use. Each field is set once; a dependent reads it only
+/// after the step that makes it valid converged (the engine guarantees the order).
 #[derive(Debug, Default)]
 pub struct Facts {
-    /// dockerd's version as it answered over TLS (`docker-tls`).
-    pub docker: OnceLock<DaemonInfo>,
+    /// The API client of dockerd's unix socket, connected (and its API version negotiated)
+    /// once, by the first Waypoint step, after `docker-tls` restarted dockerd for good.
+    docker: tokio::sync::OnceCell<bollard::Docker>,
 }
 
 /// The context every step of `up` receives.
@@ -73,6 +77,16 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// dockerd's API over its unix socket, shared by the Waypoint steps.
+    async fn docker(&self) -> Result<&bollard::Docker, StepError> {
+        let socket = &self.config.docker.socket;
+        Ok(self
+            .facts
+            .docker
+            .get_or_try_init(|| waypoint::connect(socket))
+            .await?)
+    }
+
     pub fn new(config: Config, options: UpOptions) -> Self {
         Ctx {
             config,
@@ -127,7 +141,6 @@ pub fn up_steps(config: &Config) -> Vec<Step<Ctx>> {
         Step::new(DOCKER_TLS, |ctx: Arc<Ctx>| async move {
             let plan = DockerPlan::from_config(&ctx.config);
             let r = docker::ensure_serving(&plan).await?;
-            let _ = ctx.facts.docker.set(r.info.clone());
             Ok(outcome(r.restarted.is_some(), r.summary()))
         })
         .after(&[FIREWALL, PKI, DOCKER_CONFIG]),
@@ -159,25 +172,25 @@ fn waypoint_steps() -> Vec<Step<Ctx>> {
     vec![
         Step::new(IMAGES, |ctx: Arc<Ctx>| async move {
             Ok(report(
-                waypoint::converge_images(&waypoint_plan(&ctx)?).await?,
+                waypoint::converge_images(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
             ))
         })
         .after(&[DOCKER_TLS]),
         Step::new(NETWORK, |ctx: Arc<Ctx>| async move {
             Ok(report(
-                waypoint::converge_network(&waypoint_plan(&ctx)?).await?,
+                waypoint::converge_network(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
             ))
         })
         .after(&[DOCKER_TLS]),
         Step::new(WAYPOINT_SERVER, |ctx: Arc<Ctx>| async move {
             Ok(report(
-                waypoint::converge_server(&waypoint_plan(&ctx)?).await?,
+                waypoint::converge_server(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
             ))
         })
         .after(&[IMAGES, NETWORK]),
         Step::new(WAYPOINT_BOOTSTRAP, |ctx: Arc<Ctx>| async move {
             Ok(report(
-                waypoint::converge_bootstrap(&waypoint_plan(&ctx)?).await?,
+                waypoint::converge_bootstrap(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
             ))
         })
         .after(&[WAYPOINT_SERVER]),
@@ -188,14 +201,18 @@ fn waypoint_steps() -> Vec<Step<Ctx>> {
                 Some(h) => h.clone(),
                 None => host::kernel_hostname()?,
             };
-            Ok(report(waypoint::converge_runners(&plan, &hostname).await?))
+            Ok(report(
+                waypoint::converge_runners(ctx.docker().await?, &plan, &hostname).await?,
+            ))
         })
         .after(&[WAYPOINT_BOOTSTRAP, PKI]),
     ]
 }
 
-/// The database step: fails open. An unreachable server is `degraded` (the step waits on
-/// something outside the host); any other failure is an error (it needs a person).
+/// The database step: fails open without being marked `fail_open`, because only some of its
+/// failures are the outside's: an unreachable or stalled server is `degraded` (the step waits
+/// on something outside the host, and holds back nothing); any other failure (a wrong admin
+/// password, a database owned by another role) is an `error`, because it needs a person.
 fn database_step() -> Step<Ctx> {
     Step::new(DATABASE, |ctx: Arc<Ctx>| async move {
         let Some(settings) = &ctx.config.database else {
@@ -206,7 +223,17 @@ fn database_step() -> Step<Ctx> {
             fsutil::ensure_dir(dir, fsutil::MODE_PRIVATE_DIR)?;
         }
         let target = format!("{}:{}", settings.host, settings.port);
-        match database::provision(settings, &secret_path, ctx.options.rotate_db_password).await {
+        // Bounded even if the server accepts connections and then stalls between statements;
+        // a stall is something outside the host, like an unreachable server: degraded.
+        let provisioning =
+            database::provision(settings, &secret_path, ctx.options.rotate_db_password);
+        let Ok(result) = tokio::time::timeout(DATABASE_STEP_LIMIT, provisioning).await else {
+            return Ok(Outcome::Degraded(format!(
+                "database {target} did not finish provisioning within {} s",
+                DATABASE_STEP_LIMIT.as_secs()
+            )));
+        };
+        match result {
             Ok(p) => {
                 let mut did = Vec::new();
                 if p.role_created {
@@ -248,9 +275,6 @@ fn database_step() -> Step<Ctx> {
             Err(e) => Err(e.into()),
         }
     })
-    .fail_open()
-    // Bounded even if the server accepts connections and then stalls between statements.
-    .timeout(Duration::from_secs(300))
 }
 
 fn pki_step(config: &Config) -> StepResult {

@@ -177,6 +177,7 @@ pub(crate) fn is_not_found(e: &bollard::errors::Error) -> bool {
 }
 
 /// Connects to dockerd's unix socket and negotiates the API version down to the daemon's.
+/// `up` does this once and shares the client between its Waypoint steps (`plan::Ctx::docker`).
 pub async fn connect(socket: &Path) -> Result<Docker, WaypointError> {
     let connect_error = |source| WaypointError::Connect {
         socket: socket.to_path_buf(),
@@ -245,13 +246,15 @@ pub struct Report {
 }
 
 /// Step `images`: the server and runner images present.
-pub async fn converge_images(plan: &WaypointPlan) -> Result<Report, WaypointError> {
-    let docker = connect(&plan.socket).await?;
+pub async fn converge_images(
+    docker: &Docker,
+    plan: &WaypointPlan,
+) -> Result<Report, WaypointError> {
     let c = &plan.config;
-    let server = images::ensure(&docker, &c.server_image, &c.images_dir).await?;
+    let server = images::ensure(docker, &c.server_image, &c.images_dir).await?;
     let mut found = vec![server.clone()];
     if c.runner_image != c.server_image {
-        found.push(images::ensure(&docker, &c.runner_image, &c.images_dir).await?);
+        found.push(images::ensure(docker, &c.runner_image, &c.images_dir).await?);
     }
     Ok(Report {
         changed: found.iter().any(|i| i.source != images::Source::Present),
@@ -268,12 +271,14 @@ pub async fn converge_images(plan: &WaypointPlan) -> Result<Report, WaypointErro
 /// A volume that has to be created is empty: no token stored for an earlier server is valid
 /// for the server that will start on it, so they are discarded first (before the create, so a
 /// run killed in between discards again rather than keeping them).
-pub async fn converge_network(plan: &WaypointPlan) -> Result<Report, WaypointError> {
-    let docker = connect(&plan.socket).await?;
+pub async fn converge_network(
+    docker: &Docker,
+    plan: &WaypointPlan,
+) -> Result<Report, WaypointError> {
     let c = &plan.config;
     let mut parts = Vec::new();
     let mut changed = false;
-    match network::ensure_network(&docker, &c.network).await? {
+    match network::ensure_network(docker, &c.network).await? {
         network::NetworkAction::Unchanged => parts.push(format!(
             "network {} ({} gateway {}) in place",
             c.network.name, c.network.subnet, c.network.gateway
@@ -300,11 +305,11 @@ pub async fn converge_network(plan: &WaypointPlan) -> Result<Report, WaypointErr
             ));
         }
     }
-    if network::volume_exists(&docker, &c.volume).await? {
+    if network::volume_exists(docker, &c.volume).await? {
         parts.push(format!("volume {} in place", c.volume));
     } else {
         let discarded = discard_tokens(plan)?;
-        network::ensure_volume(&docker, &c.volume).await?;
+        network::ensure_volume(docker, &c.volume).await?;
         changed = true;
         parts.push(if discarded.is_empty() {
             format!("created volume {}", c.volume)
@@ -348,9 +353,11 @@ fn discard_tokens(plan: &WaypointPlan) -> Result<Vec<String>, WaypointError> {
 }
 
 /// Step `waypoint-server`: the server container, ready.
-pub async fn converge_server(plan: &WaypointPlan) -> Result<Report, WaypointError> {
-    let docker = connect(&plan.socket).await?;
-    let r = server::ensure(&docker, plan).await?;
+pub async fn converge_server(
+    docker: &Docker,
+    plan: &WaypointPlan,
+) -> Result<Report, WaypointError> {
+    let r = server::ensure(docker, plan).await?;
     Ok(Report {
         changed: r.action.changed(),
         detail: r.summary(),
@@ -358,9 +365,11 @@ pub async fn converge_server(plan: &WaypointPlan) -> Result<Report, WaypointErro
 }
 
 /// Step `waypoint-bootstrap`: bootstrapped once, token on disk.
-pub async fn converge_bootstrap(plan: &WaypointPlan) -> Result<Report, WaypointError> {
-    let docker = connect(&plan.socket).await?;
-    let b = bootstrap::ensure(&docker, plan).await?;
+pub async fn converge_bootstrap(
+    docker: &Docker,
+    plan: &WaypointPlan,
+) -> Result<Report, WaypointError> {
+    let b = bootstrap::ensure(docker, plan).await?;
     Ok(Report {
         changed: b != bootstrap::Bootstrap::TokenOnDisk,
         detail: b.summary(plan),
@@ -369,11 +378,11 @@ pub async fn converge_bootstrap(plan: &WaypointPlan) -> Result<Report, WaypointE
 
 /// Step `waypoint-runners`: runners 1..=N, nothing beyond.
 pub async fn converge_runners(
+    docker: &Docker,
     plan: &WaypointPlan,
     runner_id_prefix: &str,
 ) -> Result<Report, WaypointError> {
-    let docker = connect(&plan.socket).await?;
-    let r = runners::ensure(&docker, plan, runner_id_prefix).await?;
+    let r = runners::ensure(docker, plan, runner_id_prefix).await?;
     Ok(Report {
         changed: r.changed(),
         detail: r.summary(),

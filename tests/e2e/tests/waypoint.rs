@@ -20,7 +20,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use pilot_e2e::poll;
+use pilot_e2e::{bake_standin, poll, write_admin_password};
 use pilot_harness::{Postgres, Vm, VmOptions, require_root, target_bin};
 use serde_json::Value;
 
@@ -44,14 +44,8 @@ fn setup() -> Result<Setup> {
     require_root()?;
     let vm = Vm::start(VmOptions::default())?;
     let pg = Postgres::start(&vm)?;
-    let images = vm.dir().join("images");
-    fs::create_dir_all(&images)?;
-    vm.import_standin(IMAGE)?;
-    vm.save_image(IMAGE, &images.join("waypoint.tar"))?;
-    vm.docker_ok(["rmi", IMAGE])?;
-    let admin_password = vm.dir().join("pg-admin-password");
-    fs::write(&admin_password, format!("{}\n", pg.password()))?;
-    fs::set_permissions(&admin_password, fs::Permissions::from_mode(0o600))?;
+    let images = bake_standin(&vm, IMAGE)?;
+    write_admin_password(&vm, &pg)?;
     let s = Setup {
         agent: target_bin("pilot-agent")?,
         config: vm.dir().join("agent.yaml"),
@@ -755,6 +749,18 @@ fn database_outage_fails_open() -> Result<()> {
     let (state, detail) = s.step("database")?;
     ensure!(state == "changed", "database: {state}: {detail}");
     s.app_creates_a_table("t_after_outage")?;
+
+    // Not every database failure is the outside's: a wrong admin password needs a person, so
+    // it is an error (exit 1), not degraded, and still holds back nothing else.
+    fs::write(s.vm.dir().join("pg-admin-password"), "not-the-password\n")?;
+    s.up_expect(1, "wrong admin password")?;
+    let (state, detail) = s.step("database")?;
+    ensure!(
+        state == "error",
+        "database with a wrong admin password: {state}: {detail}"
+    );
+    let (state, detail) = s.step("waypoint-runners")?;
+    ensure!(state == "ok", "waypoint-runners: {state}: {detail}");
     s.pg.cleanup()?;
     s.vm.cleanup()
 }

@@ -10,12 +10,12 @@
 //! `--keep` leaves the VM running for a look around (remove it with `scripts/harness-clean`).
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::process::{ExitCode, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use pilot_e2e::agent::Agent;
+use pilot_e2e::{bake_standin, write_admin_password};
 use pilot_harness::{Postgres, Vm, VmOptions, require_root};
 
 /// The image name the agent is configured with; the stand-in is tagged with it.
@@ -87,14 +87,8 @@ fn run() -> Result<()> {
     ));
 
     // Bake the image as pilot-image does: a `docker save` tarball, absent from dockerd.
-    let images = vm.dir().join("images");
-    fs::create_dir_all(&images)?;
-    vm.import_standin(IMAGE)?;
-    vm.save_image(IMAGE, &images.join("waypoint.tar"))?;
-    vm.docker_ok(["rmi", IMAGE])?;
-    let admin_password = vm.dir().join("pg-admin-password");
-    fs::write(&admin_password, format!("{}\n", pg.password()))?;
-    fs::set_permissions(&admin_password, fs::Permissions::from_mode(0o600))?;
+    let images = bake_standin(&vm, IMAGE)?;
+    let admin_password = write_admin_password(&vm, &pg)?;
     say(format!(
         "baked the Waypoint stand-in image into {} (not loaded in dockerd)",
         images.display()
