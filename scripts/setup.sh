@@ -28,6 +28,9 @@ PACKAGES=(
   postgresql postgresql-client openssh-server openssh-client cloud-init debootstrap busybox-static
   e2fsprogs fdisk dosfstools qemu-utils python3-venv ca-certificates curl wrk hyperfine
   build-essential pkg-config
+  # pilot-image build --target local: the root file system (mmdebstrap), the NoCloud seed of the
+  # boot test (genisoimage).
+  mmdebstrap genisoimage
 )
 # QEMU's system emulator cannot be apt-installed next to the backported qemu-utils (HARNESS.md);
 # its packages are unpacked into a prefix instead.
@@ -101,6 +104,11 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install --locked --quiet cargo-nextest
+fi
+# The agent's Debian package (scripts/build-deb).
+if ! cargo deb --version >/dev/null 2>&1; then
+  log "installing cargo-deb"
+  cargo install --locked --quiet cargo-deb
 fi
 log "building the workspace into $CARGO_TARGET_DIR"
 mkdir -p "$CARGO_TARGET_DIR"

@@ -63,6 +63,9 @@ pub enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Write the man pages generated from this command line (for packaging).
+    #[command(hide = true)]
+    Man(ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +96,45 @@ pub struct CredentialsArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Directory to write pilot-agent.8 and one page per subcommand into.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+/// Writes `pilot-agent.8` and `pilot-agent-SUBCOMMAND.8` (hidden ones left out) into `dir`,
+/// generated from this very definition so the manual cannot drift from `--help`. Returns the
+/// pages written.
+pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<Vec<PathBuf>> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let cmd = Cli::command();
+    let mut pages = Vec::new();
+    // Section 8 (system administration), as the units' Documentation=man:pilot-agent(8).
+    let mut write = |name: String, usage: String, cmd: clap::Command| -> std::io::Result<()> {
+        let path = dir.join(format!("{name}.8"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd.display_name(name.clone()).bin_name(usage))
+            .title(name.to_uppercase())
+            .section("8")
+            .render(&mut out)?;
+        std::fs::write(&path, out)?;
+        pages.push(path);
+        Ok(())
+    };
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = sub.get_name();
+        write(
+            format!("pilot-agent-{name}"),
+            format!("pilot-agent {name}"),
+            sub.clone(),
+        )?;
+    }
+    write("pilot-agent".to_owned(), "pilot-agent".to_owned(), cmd)?;
+    Ok(pages)
 }
 
 #[derive(Debug, Subcommand)]

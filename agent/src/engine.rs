@@ -162,7 +162,13 @@ pub struct Engine<C> {
     steps: Vec<Step<C>>,
     command: String,
     status_path: Option<PathBuf>,
+    /// Carried into every status this engine writes (`pilot-agent run`).
+    run: Option<status::RunInfo>,
+    /// Copies facts of the context into the status before each write (the host's identity).
+    annotate: Option<Annotate<C>>,
 }
+
+type Annotate<C> = Arc<dyn Fn(&C, &mut Status) + Send + Sync>;
 
 impl<C: Send + Sync + 'static> Engine<C> {
     /// Checks that names are unique, dependencies exist and there is no cycle. Steps are
@@ -209,6 +215,8 @@ impl<C: Send + Sync + 'static> Engine<C> {
             steps,
             command: command.to_string(),
             status_path: None,
+            run: None,
+            annotate: None,
         })
     }
 
@@ -216,6 +224,19 @@ impl<C: Send + Sync + 'static> Engine<C> {
     /// returned (as for `pilot-agent firewall`, which must not overwrite `up`'s status).
     pub fn with_status_file(mut self, path: PathBuf) -> Self {
         self.status_path = Some(path);
+        self
+    }
+
+    /// Adds `run`'s counters to every status written (see [`status::RunInfo`]).
+    pub fn with_run(mut self, run: status::RunInfo) -> Self {
+        self.run = Some(run);
+        self
+    }
+
+    /// Calls `f` on the status before every write after a step finished, so that facts the
+    /// steps learn (the host's identity) appear in the status file.
+    pub fn with_annotation(mut self, f: impl Fn(&C, &mut Status) + Send + Sync + 'static) -> Self {
+        self.annotate = Some(Arc::new(f));
         self
     }
 
@@ -230,6 +251,7 @@ impl<C: Send + Sync + 'static> Engine<C> {
     pub async fn run(&self, ctx: Arc<C>) -> Result<Status, EngineError> {
         let mut status =
             Status::start(&self.command, self.steps.iter().map(|s| s.name.to_string()));
+        status.run = self.run.clone().map(Box::new);
         self.save(&status)?;
         let mut write_failure: Option<StatusError> = None;
 
@@ -345,6 +367,9 @@ impl<C: Send + Sync + 'static> Engine<C> {
             s.detail = detail;
             s.finished_at = Some(status::now());
             status.condition = status.compute_condition();
+            if let Some(annotate) = &self.annotate {
+                annotate(&ctx, &mut status);
+            }
             self.save_or_remember(&status, &mut write_failure);
         }
 

@@ -6,11 +6,14 @@
 //! cli.rs              the command line (also the source of --help)
 //! commands/           up, firewall, config validate, status, credentials: what main.rs calls
 //! config/             /etc/pilot/agent.yaml: schema walker (every error with line:col), sections
+//! endpoint/           the HTTPS endpoint of `run`: health, status, credentials, metrics
 //! engine.rs           named steps, dependency order, fail-open, status transitions
 //! plan.rs             which steps `up` runs and what they share (Ctx, Facts)
+//! service/            `run`: the re-converge loop (Docker events, timers, backoff), sd_notify
 //! status.rs           STATE_DIR/status.json, the file `pilot-agent status` reads
 //! fsutil.rs           atomic, skip-if-identical file writes; modes; the state lock
 //! host.rs             host name and addresses -> the server certificate's SANs
+//! identity/           cloud identity (AWS IMDSv2, GCP metadata, host), the clone marker
 //! pki.rs              the CA, dockerd's server certificate, runner/operator client certificates
 //! firewall/           the agent's own nftables table (ruleset, idempotence check, nft runner)
 //! docker/             daemon.json merge, systemd drop-in, restart backend, TLS readiness probe
@@ -28,12 +31,15 @@ pub mod commands;
 pub mod config;
 pub mod database;
 pub mod docker;
+pub mod endpoint;
 pub mod engine;
 pub mod firewall;
 pub mod fsutil;
 pub mod host;
+pub mod identity;
 pub mod pki;
 pub mod plan;
+pub mod service;
 pub mod status;
 pub mod tls;
 pub mod waypoint;

@@ -106,8 +106,34 @@ fn run(cli: Cli, config_explicit: bool) -> anyhow::Result<u8> {
             Err(commands::credentials::CredentialsError::Config(e)) => Err(config_error(e)),
             Err(e) => Err(e.into()),
         },
+        Command::Man(args) => {
+            for page in pilot_agent::cli::write_man_pages(&args.out)
+                .with_context(|| format!("cannot write man pages into {}", args.out.display()))?
+            {
+                println!("{}", page.display());
+            }
+            Ok(0)
+        }
         Command::Run => {
-            anyhow::bail!("this command is not implemented yet")
+            let rt = runtime()?;
+            let result = rt.block_on(commands::run::run(&cli.config));
+            // A pass aborted at shutdown may leave a blocking task (key generation) behind;
+            // do not let it hold the exit past systemd's stop timeout.
+            rt.shutdown_timeout(Duration::from_secs(5));
+            match result {
+                Ok(summary) => {
+                    tracing::info!(
+                        passes = summary.run.passes,
+                        repairs = summary.run.repairs,
+                        aborted_pass = summary.aborted_pass,
+                        "stopped by {}",
+                        summary.stopped_by
+                    );
+                    Ok(0)
+                }
+                Err(commands::run::RunError::Config(e)) => Err(config_error(e)),
+                Err(e) => Err(e.into()),
+            }
         }
     }
 }

@@ -1,12 +1,18 @@
 //! Which steps `pilot-agent up` runs, in which order, and what they share.
 //!
 //! ```text
+//! identity (cloud metadata or host; a fact the pki step awaits, never a blocker)
 //! firewall ──────────────┬──> docker-config ──> docker-tls ──┬──> images ──┐
 //! pki (CA, certificates) ┘                                    └──> network ─┴──> waypoint-server
 //!                                                                               │
 //!                              waypoint-runners <── waypoint-bootstrap <────────┘
 //! database (fail-open, after nothing: an unreachable database holds back no one)
 //! ```
+//!
+//! The identity is resolved once per pass and shared ([`Ctx::identity`]): the pki step awaits
+//! it without depending on the `identity` step, so a metadata service that is down makes
+//! that step degraded (or an error, when it answers wrongly) while the host still converges
+//! with its own names.
 //!
 //! The firewall comes before anything that gives dockerd a TCP listener: `daemon.json` gets
 //! its `tcp://` host only once 2375 is locked and 2376 restricted. The Waypoint steps exist
@@ -27,9 +33,11 @@ use crate::engine::{Outcome, Step, StepError, StepResult};
 use crate::firewall::{self, FirewallSpec, Nft};
 use crate::fsutil;
 use crate::host::{self, San};
+use crate::identity::{self, Resolution, marker};
 use crate::pki::{self, LeafSpec, PkiLayout, Policy};
 use crate::waypoint::{self, WaypointPlan};
 
+pub const IDENTITY: &str = "identity";
 pub const FIREWALL: &str = "firewall";
 pub const PKI: &str = "pki";
 pub const DOCKER_CONFIG: &str = "docker-config";
@@ -64,6 +72,9 @@ pub struct Facts {
     /// The API client of dockerd's unix socket, connected (and its API version negotiated)
     /// once, by the first Waypoint step, after `docker-tls` restarted dockerd for good.
     docker: tokio::sync::OnceCell<bollard::Docker>,
+    /// Who the host is: resolved once per pass, by whichever of the identity and pki steps
+    /// asks first.
+    identity: tokio::sync::OnceCell<Resolution>,
 }
 
 /// The context every step of `up` receives.
@@ -87,6 +98,21 @@ impl Ctx {
             .await?)
     }
 
+    /// The host's identity for this pass (metadata lookup bounded by
+    /// `cloud.total_budget_secs`).
+    pub async fn identity(&self) -> &Resolution {
+        self.facts
+            .identity
+            .get_or_init(|| {
+                identity::resolve_for_state(
+                    &self.config.cloud,
+                    self.config.host.hostname.as_deref(),
+                    &self.config.state_dir,
+                )
+            })
+            .await
+    }
+
     pub fn new(config: Config, options: UpOptions) -> Self {
         Ctx {
             config,
@@ -106,13 +132,39 @@ pub fn firewall_step() -> Step<Ctx> {
     })
 }
 
+/// Copies the pass's facts into the status file (register with
+/// [`crate::engine::Engine::with_annotation`]): the `identity` object.
+pub fn annotate_status(ctx: &Ctx, status: &mut crate::status::Status) {
+    if let Some(r) = ctx.facts.identity.get() {
+        status.identity = Some(Box::new(r.report()));
+    }
+}
+
+/// The identity step: reports what [`Ctx::identity`] found. Degraded when the configured
+/// metadata service did not answer, an error when it answered wrongly (IMDSv1 only, not
+/// Google's); in both cases the host's identity stands in and nothing waits on this step.
+fn identity_step() -> Step<Ctx> {
+    Step::new(IDENTITY, |ctx: Arc<Ctx>| async move {
+        let r = ctx.identity().await;
+        match &r.problem {
+            None => Ok(Outcome::Ok(r.summary())),
+            Some(p) if p.severity == identity::Severity::Degraded => {
+                Ok(Outcome::Degraded(r.summary()))
+            }
+            Some(_) => Err(StepError::msg(r.summary())),
+        }
+    })
+}
+
 /// Every step of `up` for this configuration, in the order status lists them.
 pub fn up_steps(config: &Config) -> Vec<Step<Ctx>> {
     let mut steps = vec![
+        identity_step(),
         firewall_step(),
         Step::new(PKI, |ctx: Arc<Ctx>| async move {
+            let resolution = ctx.identity().await.clone();
             // File and key work: off the async thread.
-            tokio::task::spawn_blocking(move || pki_step(&ctx.config))
+            tokio::task::spawn_blocking(move || pki_step(&ctx.config, &resolution))
                 .await
                 .map_err(|e| StepError::msg(format!("pki step panicked: {e}")))?
         }),
@@ -123,8 +175,11 @@ pub fn up_steps(config: &Config) -> Vec<Step<Ctx>> {
             if r.daemon_config_changed {
                 changed.push(plan.daemon_config.display().to_string());
             }
-            if r.dropin_changed {
-                if let Some((p, _)) = &plan.dropin {
+            for (written, dropin) in [
+                (r.dropin_changed, &plan.dropin),
+                (r.socket_dropin_changed, &plan.socket_dropin),
+            ] {
+                if let (true, Some((p, _))) = (written, dropin) {
                     changed.push(p.display().to_string());
                 }
             }
@@ -277,7 +332,25 @@ fn database_step() -> Step<Ctx> {
     })
 }
 
-fn pki_step(config: &Config) -> StepResult {
+/// The clone check, then the CA and certificates with the identity's names among the SANs,
+/// then the new marker (see [`identity::marker`]).
+fn pki_step(config: &Config, resolution: &Resolution) -> StepResult {
+    let verdict = marker::check(&config.state_dir, resolution)?;
+    let mut notes = Vec::new();
+    match &verdict {
+        marker::Verdict::Cloned { previous, current } => {
+            tracing::warn!(%previous, %current, "state directory made by another instance: new CA, keys and certificates");
+            marker::discard_pki(&config.pki_dir())?;
+            notes.push(format!(
+                "state made by instance {previous}, this is {current}: discarded its CA, keys \
+                 and certificates"
+            ));
+        }
+        marker::Verdict::Undecided { reason } => {
+            notes.push(format!("clone check skipped: {reason}"))
+        }
+        marker::Verdict::First { .. } | marker::Verdict::Same => {}
+    }
     let hostname = match &config.host.hostname {
         Some(h) => h.clone(),
         None => host::kernel_hostname()?,
@@ -290,6 +363,9 @@ fn pki_step(config: &Config) -> StepResult {
         // from the configuration: known before the network exists, stable across runs.
         sans.insert(San::Ip(w.network.gateway.into()));
     }
+    // The cloud's addresses and names: a public IPv4 is on no interface (EC2 and GCE NAT
+    // it), yet it is what the Pilot CLI connects to.
+    sans.extend(resolution.identity.sans());
     let mut leaves = vec![LeafSpec::server(sans)];
     leaves.extend(pki::CLIENTS.iter().map(|c| LeafSpec::client(c)));
     let report = pki::ensure(
@@ -298,7 +374,17 @@ fn pki_step(config: &Config) -> StepResult {
         &leaves,
         time::OffsetDateTime::now_utc(),
     )?;
-    Ok(outcome(report.files_changed, report.summary()))
+    let mut changed = report.files_changed;
+    // Written after the new keys exist: a run killed before this point finds the old marker
+    // and discards again.
+    if let marker::Verdict::First { current } | marker::Verdict::Cloned { current, .. } = &verdict {
+        changed |= marker::write(&config.state_dir, current)?;
+    }
+    let mut detail = report.summary();
+    for note in notes {
+        detail = format!("{note}; {detail}");
+    }
+    Ok(outcome(changed, detail))
 }
 
 fn outcome(changed: bool, detail: String) -> Outcome {
@@ -318,7 +404,10 @@ mod tests {
     fn up_steps_form_a_valid_graph_with_the_firewall_first() {
         let steps = up_steps(&Config::default());
         let names: Vec<_> = steps.iter().map(|s| s.name()).collect();
-        assert_eq!(names, vec![FIREWALL, PKI, DOCKER_CONFIG, DOCKER_TLS]);
+        assert_eq!(
+            names,
+            vec![IDENTITY, FIREWALL, PKI, DOCKER_CONFIG, DOCKER_TLS]
+        );
         Engine::new("up", steps).unwrap();
 
         let full =
@@ -328,6 +417,7 @@ mod tests {
         assert_eq!(
             names,
             vec![
+                IDENTITY,
                 FIREWALL,
                 PKI,
                 DOCKER_CONFIG,
@@ -359,7 +449,7 @@ mod tests {
             .map(|n| n.to_string())
             .collect();
         assert_eq!(sources, vec!["172.31.5.0/24"]);
-        pki_step(&config).unwrap();
+        pki_step(&config, &identity::host_resolution(Some("vm"))).unwrap();
         let pem = std::fs::read_to_string(dir.path().join("pki/server/cert.pem")).unwrap();
         let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
         let cert = der.parse_x509().unwrap();
@@ -382,6 +472,8 @@ mod tests {
         };
         config.docker.daemon_config = dir.path().join("daemon.json");
         config.docker.systemd_dropin_dir = dir.path().join("dropin");
+        // No metadata traffic from a unit test (and none is needed here).
+        config.cloud.provider = crate::config::cloud::ProviderSetting::None;
         std::fs::create_dir_all(&config.state_dir).unwrap();
         let mut ctx = Ctx::new(config.clone(), UpOptions::default());
         ctx.nft = Nft::with_argv(vec!["/nonexistent/nft".into()]);

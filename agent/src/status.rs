@@ -12,6 +12,27 @@
 //!             "started_at": "...", "finished_at": "..."}]}
 //! ```
 //!
+//! `pilot-agent run` adds a `run` object (absent for `up`; adding it did not bump the schema):
+//!
+//! ```json
+//! "run": {"pid": 812, "mode": "run", "passes": 7, "last_trigger": "docker-event: waypoint-server die",
+//!         "repairs": 1, "last_repair_at": "...", "last_pass_condition": "healthy",
+//!         "last_pass_finished_at": "...", "stopped_at": null}
+//! ```
+//!
+//! While `run` re-converges after its first pass, the file's `status` is `running` with the
+//! new pass's steps; readers judge such a file by [`Status::between_passes`].
+//!
+//! The identity step adds an `identity` object (also additive):
+//!
+//! ```json
+//! "identity": {"provider": "aws", "instance_id": "i-0abc", "region": "eu-west-1",
+//!              "zone": "eu-west-1b", "private_ipv4": "10.0.1.23", "public_ipv4": "203.0.113.45",
+//!              "hostname": "ip-10-0-1-23.eu-west-1.compute.internal",
+//!              "public_hostname": "ec2-203-0-113-45.eu-west-1.compute.amazonaws.com",
+//!              "configured": "auto", "elapsed_ms": 4}
+//! ```
+//!
 //! Never put a secret in a detail: this file is world-readable and shown to operators.
 
 use std::path::{Path, PathBuf};
@@ -111,6 +132,64 @@ pub struct Status {
     #[serde(with = "time::serde::rfc3339::option")]
     pub finished_at: Option<OffsetDateTime>,
     pub steps: Vec<StepStatus>,
+    /// Written by `pilot-agent run` only (boxed: most statuses are `up`'s, without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<Box<RunInfo>>,
+    /// Who the host is and which addresses its certificate names (the identity step's
+    /// fact); absent until that step ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Boxed: it is large, and most readers of a status never look at it.
+    pub identity: Option<Box<crate::identity::Report>>,
+}
+
+/// What `pilot-agent run` adds to the status: how many passes it made and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// The `run` process.
+    pub pid: u32,
+    /// Always `run` (room for other long-running modes).
+    pub mode: String,
+    /// Passes finished so far (the one under way not counted).
+    pub passes: u64,
+    /// Why the latest pass (under way or finished) ran: `start`, `interval`,
+    /// `docker-event: waypoint-server die`, `docker-reconnected`, `degraded-retry: database`,
+    /// `retry: ...` (the pass could not start: another converge held the lock).
+    pub last_trigger: String,
+    /// Passes after the first that changed at least one step.
+    pub repairs: u64,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_repair_at: Option<OffsetDateTime>,
+    /// The condition the last finished pass ended with (what readers report while the next
+    /// pass is under way).
+    #[serde(default)]
+    pub last_pass_condition: Option<Condition>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_pass_finished_at: Option<OffsetDateTime>,
+    /// Set when `run` shut down cleanly (SIGTERM/SIGINT).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub stopped_at: Option<OffsetDateTime>,
+}
+
+impl RunInfo {
+    pub fn new() -> RunInfo {
+        RunInfo {
+            pid: std::process::id(),
+            mode: "run".into(),
+            passes: 0,
+            last_trigger: String::new(),
+            repairs: 0,
+            last_repair_at: None,
+            last_pass_condition: None,
+            last_pass_finished_at: None,
+            stopped_at: None,
+        }
+    }
+}
+
+impl Default for RunInfo {
+    fn default() -> Self {
+        RunInfo::new()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +226,23 @@ impl Status {
                     finished_at: None,
                 })
                 .collect(),
+            run: None,
+            identity: None,
         }
+    }
+
+    /// The condition of the last pass of `run` when this file shows a later pass under way
+    /// (`running`, with a pass already finished): the host was converged by then and `run`
+    /// is only re-checking it, so readers report `done` with this condition instead of
+    /// `running`. `None` for `up`, a first pass, or a finished pass.
+    pub fn between_passes(&self) -> Option<Condition> {
+        let run = self.run.as_ref()?;
+        if self.status != RunStatus::Running || run.passes == 0 {
+            return None;
+        }
+        // The new pass's finished steps count too: a container found dead is news.
+        let so_far = self.compute_condition();
+        Some(run.last_pass_condition.unwrap_or(so_far).max(so_far))
     }
 
     /// The condition the steps so far add up to: any error is an error, else any degraded

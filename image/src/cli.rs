@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::aws::{AwsBuildArgs, AwsCleanupArgs};
 use crate::userdata::UserDataInput;
 
 #[derive(Debug, Parser)]
@@ -25,6 +26,51 @@ pub enum Target {
     Aws,
 }
 
+/// Flags of `build --target local` (they override the build definition's keys).
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Local image (--target local)")]
+pub struct LocalArgs {
+    /// Debian mirror URL (default: the one in /etc/apt/sources.list.d serving the suite).
+    #[arg(long)]
+    pub mirror: Option<String>,
+    /// Output format; repeat for both (default: raw and qcow2).
+    #[arg(long = "format", value_enum)]
+    pub formats: Vec<crate::local::Format>,
+    /// Directory the images are written to.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Disk size in MiB.
+    #[arg(long)]
+    pub disk_size_mib: Option<u64>,
+    /// The agent's Debian package (scripts/build-deb).
+    #[arg(long)]
+    pub agent_deb: Option<PathBuf>,
+    /// A `docker save` tarball to bake into the image; repeat for more.
+    #[arg(long = "image", value_name = "TAR")]
+    pub images: Vec<PathBuf>,
+    /// Image name (files NAME.raw, NAME.qcow2).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where root file systems are cached between builds.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl LocalArgs {
+    pub fn overrides(&self) -> crate::local::Overrides {
+        crate::local::Overrides {
+            mirror: self.mirror.clone(),
+            formats: self.formats.clone(),
+            output_dir: self.output_dir.clone(),
+            disk_size_mib: self.disk_size_mib,
+            agent_deb: self.agent_deb.clone(),
+            images: self.images.clone(),
+            name: self.name.clone(),
+            cache_dir: self.cache_dir.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build an image: a local disk from a Debian root file system, or an AWS AMI.
@@ -38,12 +84,21 @@ pub enum Command {
         /// Print the plan and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Flags of `--target aws` (image/src/aws/args.rs); boxed, they are the bulk of the enum.
+        #[command(flatten)]
+        aws: Box<AwsBuildArgs>,
+        /// Flags of `--target local` (image/src/local).
+        #[command(flatten)]
+        local: LocalArgs,
     },
     /// Remove every resource tagged with a build id (leftovers of a killed AWS build).
     Cleanup {
         /// The build id the resources are tagged with.
         #[arg(long)]
         build_id: String,
+        /// Where the EC2 API is, and the clean-up's bounds.
+        #[command(flatten)]
+        aws: AwsCleanupArgs,
     },
     /// Render the cloud-init user-data a Pilot VM boots with (refuses output over 16 KiB).
     UserData {

@@ -11,10 +11,11 @@
 //! The template is scanned once, line by line, so text that came from the deployment (a
 //! password that happens to read `# @@SECRET_FILES@@`) is never taken for a placeholder.
 //!
-//! The agent's configuration is written to `/etc/pilot/agent.yaml`. It rejects unknown keys and
-//! has no `endpoint:` section yet, so the endpoint token's SHA-256 goes to its own file,
-//! `/etc/pilot/endpoint-token.sha256`; the database admin password goes to
-//! `/etc/pilot/db-admin-password`, which agent.yaml names, so agent.yaml carries no secret.
+//! The agent's configuration is written to `/etc/pilot/agent.yaml`, and carries no secret: the
+//! endpoint token's SHA-256 goes to `/etc/pilot/endpoint-token.sha256`, which agent.yaml's
+//! `endpoint.token_sha256_file` names (the section turns the agent's HTTPS endpoint on), and
+//! the database admin password to `/etc/pilot/db-admin-password`, which
+//! `database.admin_password_file` names.
 
 use std::fmt::{self, Write as _};
 use std::io::{self, Write as _};
@@ -31,7 +32,7 @@ pub const USER_DATA_LIMIT: usize = 16 * 1024;
 pub const AGENT_CONFIG_PATH: &str = "/etc/pilot/agent.yaml";
 /// The database admin password, named by `database.admin_password_file`.
 pub const DB_ADMIN_PASSWORD_PATH: &str = "/etc/pilot/db-admin-password";
-/// The SHA-256 (hex) of the endpoint's bearer token, until the agent has an `endpoint:` section.
+/// The SHA-256 (hex) of the endpoint's bearer token, named by `endpoint.token_sha256_file`.
 pub const ENDPOINT_TOKEN_SHA256_PATH: &str = "/etc/pilot/endpoint-token.sha256";
 /// The agent's own bound on `waypoint.runners` (agent/src/config/waypoint.rs, MAX_RUNNERS).
 pub const MAX_RUNNERS: u32 = 32;
@@ -497,6 +498,13 @@ pub fn agent_config(spec: &UserDataSpec) -> String {
         }
         s.push_str(&format!("  tls: {}\n", db.tls.name()));
     }
+    if spec.endpoint_token_sha256.is_some() {
+        // The hash in its own 0600 file (see `secret_files`), not inline: agent.yaml stays
+        // free of anything that helps an attacker.
+        s.push_str(&format!(
+            "endpoint:\n  token_sha256_file: {ENDPOINT_TOKEN_SHA256_PATH}\n"
+        ));
+    }
     s
 }
 
@@ -712,6 +720,22 @@ mod tests {
         assert_eq!(y["write_files"].as_vec().unwrap().len(), 1);
         let config = agent_config(&s);
         assert!(!config.contains("database:") && !config.contains("host:"));
+    }
+
+    #[test]
+    fn endpoint_section_names_the_hash_file_only_when_a_hash_is_given() {
+        let s = spec(Flavour::Gcp);
+        let config = agent_config(&s);
+        let y = parse(&config);
+        assert_eq!(
+            y["endpoint"]["token_sha256_file"].as_str(),
+            Some(ENDPOINT_TOKEN_SHA256_PATH)
+        );
+        // The hash itself stays in its 0600 file, out of agent.yaml.
+        assert!(!config.contains(&"ab".repeat(32)), "{config}");
+        let mut s = spec(Flavour::Gcp);
+        s.endpoint_token_sha256 = None;
+        assert!(!agent_config(&s).contains("endpoint"));
     }
 
     #[test]

@@ -202,6 +202,16 @@ fn embedded_agent_config_passes_the_real_agent_validate() {
         let text = std::fs::read_to_string(render_to_file(dir.path(), flavour)).unwrap();
         let config = embedded_file(&text, "/etc/pilot/agent.yaml");
         assert!(config.contains("admin_password_file: /etc/pilot/db-admin-password"));
+        // The endpoint is on, its token's hash in its own file (not in agent.yaml).
+        assert!(
+            config.contains("endpoint:\n  token_sha256_file: /etc/pilot/endpoint-token.sha256\n"),
+            "{config}"
+        );
+        let hash = embedded_file(&text, "/etc/pilot/endpoint-token.sha256");
+        assert!(
+            !config.contains(hash.trim()),
+            "agent.yaml must not carry the hash"
+        );
         assert!(
             !config.contains("p@ss"),
             "agent.yaml must not carry the password"
@@ -219,10 +229,9 @@ fn embedded_agent_config_passes_the_real_agent_validate() {
             String::from_utf8_lossy(&o.stdout),
             stderr(&o)
         );
-        // The same check fails on a config the agent rejects (here: an unknown section, which
-        // is why the token's hash is not in agent.yaml).
+        // The same check fails on a config the agent rejects (here: an unknown section).
         let bad = dir.path().join(format!("{flavour}-bad.yaml"));
-        std::fs::write(&bad, format!("{config}endpoint:\n  token_sha256: x\n")).unwrap();
+        std::fs::write(&bad, format!("{config}no_such_section:\n  key: x\n")).unwrap();
         let o = Command::new(&agent)
             .args(["config", "validate"])
             .arg(&bad)

@@ -3,6 +3,7 @@
 
 pub mod credentials;
 pub mod firewall;
+pub mod run;
 pub mod status;
 pub mod up;
 pub mod validate;

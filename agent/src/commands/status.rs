@@ -5,7 +5,10 @@
 //! the file alone does not tell, and which this command judges:
 //! - no status file: the agent never ran here (`not-started`, exit 1: nothing converged);
 //! - `running` but the recorded pid is gone: the agent was killed mid-run (condition `error`,
-//!   exit 1), so `--wait` does not wait for a run that will never finish.
+//!   exit 1), so `--wait` does not wait for a run that will never finish;
+//! - `running` written by a live `pilot-agent run` that already finished a pass: it is
+//!   re-checking a converged host, so this is reported as `done` with the last pass's condition
+//!   ([`Status::between_passes`]), not as a host still converging.
 //!
 //! It needs no valid configuration to be useful (an operator debugging a broken host runs it
 //! first): without one it reads the default state directory and says so. It never prints a
@@ -119,12 +122,13 @@ impl Observation {
         })
     }
 
-    /// Whether waiting longer cannot change the answer: the run is done, or its agent died.
+    /// Whether waiting longer cannot change the answer: the run is done (or `run` finished a
+    /// pass), or its agent died.
     pub fn is_final(&self) -> bool {
         match self {
             Observation::NotStarted { .. } => false,
             Observation::Recorded { status, agent_gone } => {
-                *agent_gone || status.status == RunStatus::Done
+                *agent_gone || status.status == RunStatus::Done || status.between_passes().is_some()
             }
         }
     }
@@ -132,6 +136,10 @@ impl Observation {
     pub fn run_status(&self) -> RunStatus {
         match self {
             Observation::NotStarted { .. } => RunStatus::NotStarted,
+            Observation::Recorded {
+                status,
+                agent_gone: false,
+            } if status.between_passes().is_some() => RunStatus::Done,
             Observation::Recorded { status, .. } => status.status,
         }
     }
@@ -144,7 +152,9 @@ impl Observation {
             Observation::Recorded {
                 agent_gone: true, ..
             } => Condition::Error,
-            Observation::Recorded { status, .. } => status.condition,
+            Observation::Recorded { status, .. } => {
+                status.between_passes().unwrap_or(status.condition)
+            }
         }
     }
 
@@ -168,7 +178,30 @@ impl Observation {
                 "agent (pid {}) is not running; last run did not finish",
                 status.pid
             )),
-            Observation::Recorded { .. } => None,
+            Observation::Recorded { status, .. } => {
+                let run = status.run.as_ref()?;
+                if let Some(at) = run.stopped_at {
+                    return Some(format!(
+                        "pilot-agent run (pid {}) stopped at {}; nothing re-converges the host",
+                        run.pid,
+                        rfc3339(at)
+                    ));
+                }
+                if !pid_alive(run.pid) {
+                    return Some(format!(
+                        "pilot-agent run (pid {}) is not running (it did not stop cleanly); \
+                         this is its last pass",
+                        run.pid
+                    ));
+                }
+                status.between_passes().map(|_| {
+                    format!(
+                        "pass {} under way ({}); condition as of the last pass",
+                        run.passes + 1,
+                        run.last_trigger
+                    )
+                })
+            }
         }
     }
 }
@@ -351,6 +384,7 @@ pub fn render_json(observation: &Observation, extras: Option<&Extras>) -> Value 
         // Serializing plain structs with string keys cannot fail.
         Observation::Recorded { status, .. } => serde_json::to_value(status).unwrap_or_default(),
     };
+    v["status"] = json!(observation.run_status());
     v["condition"] = json!(observation.condition());
     if let Some(detail) = observation.detail() {
         v["detail"] = json!(detail);
@@ -413,6 +447,22 @@ pub fn render_text(
             "command:   {} (pid {}, version {})",
             status.command, status.pid, status.version
         );
+        if let Some(run) = &status.run {
+            let mut line = format!(
+                "service:   {} passes, {} repairs, last trigger: {}",
+                run.passes,
+                run.repairs,
+                if run.last_trigger.is_empty() {
+                    "-"
+                } else {
+                    &run.last_trigger
+                }
+            );
+            if let Some(at) = run.last_repair_at {
+                line.push_str(&format!(", last repair {}", rfc3339(at)));
+            }
+            let _ = writeln!(out, "{line}");
+        }
         let _ = writeln!(out, "started:   {}", rfc3339(status.started_at));
         match status.finished_at {
             Some(f) => {
@@ -431,11 +481,52 @@ pub fn render_text(
             out.push('\n');
             render_steps(&mut out, status, width, long, now);
         }
+        if let (true, Some(identity)) = (long, &status.identity) {
+            render_identity(&mut out, identity);
+        }
     }
     if let Some(extras) = extras {
         render_extras(&mut out, extras);
     }
     out
+}
+
+/// `--long`: who the host is and which addresses and names its certificate carries.
+fn render_identity(out: &mut String, r: &crate::identity::Report) {
+    let i = &r.identity;
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_string());
+    let mut source = format!("{} (cloud.provider: {})", i.provider, r.configured);
+    if r.remembered {
+        source.push_str(", read in an earlier pass");
+    }
+    out.push_str("\nidentity:\n");
+    let _ = writeln!(out, "  provider         {source}");
+    let _ = writeln!(out, "  instance id      {}", or_dash(i.instance_id.clone()));
+    let region = match (&i.region, &i.zone) {
+        (Some(r), Some(z)) => format!("{r} (zone {z})"),
+        (r, z) => or_dash(r.clone().or_else(|| z.clone())),
+    };
+    let _ = writeln!(out, "  region           {region}");
+    let _ = writeln!(
+        out,
+        "  private ipv4     {}",
+        or_dash(i.private_ipv4.map(|a| a.to_string()))
+    );
+    let _ = writeln!(
+        out,
+        "  public ipv4      {}",
+        or_dash(i.public_ipv4.map(|a| a.to_string()))
+    );
+    let _ = writeln!(out, "  hostname         {}", or_dash(i.hostname.clone()));
+    let _ = writeln!(
+        out,
+        "  public hostname  {}",
+        or_dash(i.public_hostname.clone())
+    );
+    let _ = writeln!(out, "  lookup           {} ms", r.elapsed_ms);
+    if let Some(p) = &r.problem {
+        let _ = writeln!(out, "  problem          {p}");
+    }
 }
 
 fn render_steps(out: &mut String, status: &Status, width: usize, long: bool, now: OffsetDateTime) {
@@ -445,7 +536,9 @@ fn render_steps(out: &mut String, status: &Status, width: usize, long: bool, now
         .map(|s| s.name.chars().count())
         .chain([4])
         .max()
-        .unwrap_or(4);
+        .unwrap_or(4)
+        // A width beyond u16::MAX makes `format!` panic; a status file is outside input.
+        .min(64);
     // "changed", "degraded": the longest states.
     let state_w = 8;
     let durations: Vec<String> = status
@@ -979,5 +1072,68 @@ mod tests {
         assert_eq!(duration(time::Duration::milliseconds(350)), "350 ms");
         assert_eq!(duration(time::Duration::milliseconds(4200)), "4.2 s");
         assert_eq!(duration(time::Duration::seconds(185)), "3 min 5 s");
+    }
+
+    /// A live `run` re-checking the host after a finished pass reports `done` with the last
+    /// pass's condition; the same file of a dead `run` is an error; the counters show in text.
+    #[test]
+    fn run_between_passes_is_done_not_running() {
+        use crate::status::RunInfo;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sample(StepState::Ok, RunStatus::Running, std::process::id());
+        s.command = "run".into();
+        s.step_mut("database").unwrap().state = StepState::Pending;
+        s.condition = s.compute_condition();
+        let mut run = RunInfo::new();
+        run.last_trigger = "docker-event: waypoint-server die".into();
+        // The first pass under way: running, as for `up`.
+        s.run = Some(Box::new(run.clone()));
+        let o = Observation::observe(&write(dir.path(), &s)).unwrap();
+        assert_eq!(o.run_status(), RunStatus::Running);
+        assert!(!o.is_final());
+        // A later pass: done, with the last pass's condition.
+        run.passes = 3;
+        run.repairs = 1;
+        run.last_pass_condition = Some(Condition::Degraded);
+        s.run = Some(Box::new(run.clone()));
+        let o = Observation::observe(&write(dir.path(), &s)).unwrap();
+        assert_eq!(o.run_status(), RunStatus::Done);
+        assert!(o.is_final());
+        assert_eq!(o.condition(), Condition::Degraded);
+        assert_eq!(o.exit_code(), 2);
+        assert!(
+            o.detail().unwrap().contains("pass 4 under way"),
+            "{:?}",
+            o.detail()
+        );
+        let v = render_json(&o, None);
+        assert_eq!(v["status"], "done");
+        assert_eq!(v["run"]["passes"], 3);
+        assert_eq!(v["run"]["repairs"], 1);
+        assert_eq!(v["run"]["mode"], "run");
+        let text = render_text(&o, None, 100, false, now());
+        assert!(
+            text.contains(
+                "service:   3 passes, 1 repairs, last trigger: docker-event: waypoint-server die"
+            ),
+            "{text}"
+        );
+        // Killed mid-pass: the pid is gone, an error like any unfinished run.
+        let dead = dead_pid();
+        s.pid = dead;
+        s.run.as_mut().unwrap().pid = dead;
+        let o = Observation::observe(&write(dir.path(), &s)).unwrap();
+        assert_eq!(o.condition(), Condition::Error);
+        assert_eq!(o.run_status(), RunStatus::Running);
+        // Stopped cleanly after a pass: done, and the detail says nothing watches.
+        s.status = RunStatus::Done;
+        s.run.as_mut().unwrap().stopped_at = Some(now());
+        let o = Observation::observe(&write(dir.path(), &s)).unwrap();
+        assert_eq!(o.run_status(), RunStatus::Done);
+        assert!(
+            o.detail().unwrap().contains("stopped at"),
+            "{:?}",
+            o.detail()
+        );
     }
 }

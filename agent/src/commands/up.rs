@@ -51,7 +51,9 @@ pub async fn up_with(config: Config, options: UpOptions) -> Result<Status, UpErr
             tracing::warn!("--rotate-db-password has no effect: no database section");
         }
     }
-    let engine = Engine::new("up", plan::up_steps(&config))?.with_status_file(config.status_path());
+    let engine = Engine::new("up", plan::up_steps(&config))?
+        .with_status_file(config.status_path())
+        .with_annotation(plan::annotate_status);
     let status = engine.run(Arc::new(Ctx::new(config, options))).await?;
     Ok(status)
 }

@@ -9,12 +9,15 @@
 //! `config/<section>.rs` with the typed struct, its `Default` and a `read` function like
 //! [`docker::read`], add the key to [`TOP_LEVEL_KEYS`] and one line to [`Config::from_yaml`].
 
+pub mod cloud;
 pub mod database;
 pub mod docker;
+pub mod endpoint;
 pub mod firewall;
 pub mod host;
 pub mod pki;
 pub mod schema;
+pub mod service;
 pub mod waypoint;
 
 use std::fmt;
@@ -23,12 +26,15 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use saphyr::{LoadableYamlNode, MarkedYaml};
 
+pub use cloud::CloudConfig;
 pub use docker::{DockerConfig, ServiceConfig};
+pub use endpoint::EndpointConfig;
 pub use firewall::FirewallConfig;
 pub use host::HostConfig;
 pub use pki::PkiConfig;
 pub use schema::Diagnostic;
 use schema::Walker;
+pub use service::ServiceSettings;
 pub use waypoint::WaypointConfig;
 
 use crate::database::DatabaseSettings;
@@ -42,11 +48,14 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/pilot-agent";
 pub const TOP_LEVEL_KEYS: &[&str] = &[
     "state_dir",
     "host",
+    "cloud",
     "pki",
     "docker",
     "firewall",
     "waypoint",
     "database",
+    "endpoint",
+    "service",
 ];
 
 /// A loaded and fully checked configuration.
@@ -55,6 +64,8 @@ pub struct Config {
     /// Where the agent keeps its keys, certificates, status and markers.
     pub state_dir: PathBuf,
     pub host: HostConfig,
+    /// Where the host's identity comes from (cloud metadata or the host).
+    pub cloud: CloudConfig,
     pub pki: PkiConfig,
     pub docker: DockerConfig,
     pub firewall: FirewallConfig,
@@ -62,6 +73,10 @@ pub struct Config {
     pub waypoint: Option<WaypointConfig>,
     /// The application database; `None` (no `database:` key): no database step.
     pub database: Option<DatabaseSettings>,
+    /// The HTTPS endpoint of `run`; `None` (no `endpoint:` key): not served.
+    pub endpoint: Option<EndpointConfig>,
+    /// How `run` schedules its passes (defaults when there is no `service:` key).
+    pub service: ServiceSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,11 +117,14 @@ impl Default for Config {
         Config {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             host: HostConfig::default(),
+            cloud: CloudConfig::default(),
             pki: PkiConfig::default(),
             docker: DockerConfig::default(),
             firewall: FirewallConfig::default(),
             waypoint: None,
             database: None,
+            endpoint: None,
+            service: ServiceSettings::default(),
         }
     }
 }
@@ -191,6 +209,9 @@ fn read_root(w: &mut Walker, root: &MarkedYaml<'_>) -> Config {
     if let Some(node) = fields.get("host") {
         config.host = host::read(w, node);
     }
+    if let Some(node) = fields.get("cloud") {
+        config.cloud = cloud::read(w, node);
+    }
     if let Some(node) = fields.get("pki") {
         config.pki = pki::read(w, node);
     }
@@ -206,6 +227,13 @@ fn read_root(w: &mut Walker, root: &MarkedYaml<'_>) -> Config {
     }
     if let Some(node) = lookup(root, &["database"]) {
         config.database = database::read(w, node);
+    }
+    // Like `waypoint:`, the key's presence turns the endpoint on.
+    if let Some(node) = lookup(root, &["endpoint"]) {
+        config.endpoint = Some(endpoint::read(w, node));
+    }
+    if let Some(node) = fields.get("service") {
+        config.service = service::read(w, node);
     }
 
     // Locking the TLS port would cut the agent off from dockerd (and the runners with it).
@@ -225,6 +253,10 @@ fn read_root(w: &mut Walker, root: &MarkedYaml<'_>) -> Config {
     if let Some(wp) = &config.waypoint {
         check_waypoint_ports(w, root, &config, wp);
     }
+    let endpoint_at = lookup(root, &["endpoint", "listen"])
+        .or_else(|| lookup(root, &["endpoint"]))
+        .unwrap_or(root);
+    endpoint::check_port(w, endpoint_at, &config);
     config
 }
 

@@ -87,6 +87,15 @@ fn example_config_validates() {
         db.admin_password_file,
         Some(PathBuf::from("/etc/pilot/db-admin-password"))
     );
+    // The endpoint's defaults, but for the example source.
+    let endpoint = c.endpoint.expect("the example has an endpoint section");
+    assert_eq!(
+        endpoint,
+        EndpointConfig {
+            sources: vec!["198.51.100.0/24".parse().unwrap()],
+            ..EndpointConfig::default()
+        }
+    );
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! 1. [`ensure_config`]: merge the listener and TLS keys into `daemon.json`
 //!    ([`daemon_config`]) and, under systemd, write the drop-in that clears the unit's
 //!    `-H fd://` (dockerd refuses to start with hosts both on its command line and in
-//!    `daemon.json`).
+//!    `daemon.json`), plus one that moves the socket unit's listener off dockerd's socket
+//!    path ([`socket_dropin_content`] says why).
 //! 2. [`ensure_serving`]: restart dockerd through the [`service`] backend only when what it
 //!    reads at start changed since it last came up healthy, or when it does not answer over
 //!    TLS; then poll ([`ready`]) until it answers over mutual TLS.
@@ -32,7 +33,10 @@ pub use daemon_config::TlsSettings;
 pub use ready::{DaemonInfo, TlsProbe};
 pub use service::ServiceManager;
 
-/// Name of the systemd drop-in file.
+/// Where the socket unit listens instead of dockerd's socket path. Nothing connects to it;
+/// it exists because docker.service `Requires=` its socket unit.
+pub const ACTIVATION_SOCKET: &str = "/run/pilot-agent-docker-activation.sock";
+/// Name of the systemd drop-in files (for the service and for its socket unit).
 pub const DROPIN_NAME: &str = "pilot-agent.conf";
 /// Name of the fingerprint marker in the state directory.
 pub const APPLIED_MARKER: &str = "docker-applied";
@@ -76,6 +80,8 @@ pub struct DockerPlan {
     pub settings: TlsSettings,
     /// The drop-in path and content (systemd only).
     pub dropin: Option<(PathBuf, String)>,
+    /// The socket unit's drop-in path and content (systemd, unit named `*.service`).
+    pub socket_dropin: Option<(PathBuf, String)>,
     pub service: ServiceManager,
     pub probe: TlsProbe,
     pub ready_timeout: Duration,
@@ -95,6 +101,23 @@ impl DockerPlan {
                 dropin_content(&d.dockerd_path.to_string_lossy()),
             )
         });
+        let socket_dropin = match &d.service {
+            crate::config::ServiceConfig::Systemd { unit } => {
+                service::socket_unit(unit).map(|socket| {
+                    // Beside the service's drop-in directory (/etc/systemd/system).
+                    let units_dir = d
+                        .systemd_dropin_dir
+                        .parent()
+                        .map(PathBuf::from)
+                        .unwrap_or_default();
+                    (
+                        units_dir.join(format!("{socket}.d")).join(DROPIN_NAME),
+                        socket_dropin_content(&d.socket.to_string_lossy()),
+                    )
+                })
+            }
+            crate::config::ServiceConfig::Command { .. } => None,
+        };
         DockerPlan {
             daemon_config: d.daemon_config.clone(),
             settings: TlsSettings {
@@ -107,6 +130,7 @@ impl DockerPlan {
                 key: server.key,
             },
             dropin,
+            socket_dropin,
             service,
             probe: TlsProbe {
                 addr: TlsProbe::connect_addr(d.tls_listen),
@@ -133,26 +157,49 @@ pub fn dropin_content(dockerd: &str) -> String {
     )
 }
 
+/// The socket unit's drop-in. dockerd must listen on its unix socket itself (`unix://` in
+/// `hosts`): given the unit's socket (`fd://`) while TLS is on, dockerd wraps that one in TLS
+/// as well. But the stock socket unit listens on the same path: dockerd then replaces the
+/// file, the unit's listener is orphaned, and a client that connects while dockerd starts
+/// (the unit's file is still there) waits in that listener's backlog forever; after a
+/// restart, socket activation is gone too. docker.service `Requires=` its socket unit, so it
+/// cannot be disabled or masked: it gets a path of its own that nothing uses.
+pub fn socket_dropin_content(dockerd_socket: &str) -> String {
+    format!(
+        "# Written by pilot-agent. dockerd listens on {dockerd_socket} itself (daemon.json\n\
+         # `hosts`); this unit keeps out of its way on a path nothing connects to.\n\
+         [Socket]\n\
+         ListenStream=\n\
+         ListenStream={ACTIVATION_SOCKET}\n"
+    )
+}
+
 /// What [`ensure_config`] changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConfigReport {
     pub daemon_config_changed: bool,
     pub dropin_changed: bool,
+    pub socket_dropin_changed: bool,
 }
 
 /// Step 1: `daemon.json` and the drop-in.
 pub fn ensure_config(plan: &DockerPlan) -> Result<ConfigReport, DockerError> {
     let daemon_config_changed = daemon_config::ensure(&plan.daemon_config, &plan.settings)?;
-    let mut dropin_changed = false;
-    if let Some((path, content)) = &plan.dropin {
+    let write_dropin = |dropin: &Option<(PathBuf, String)>| -> Result<bool, DockerError> {
+        let Some((path, content)) = dropin else {
+            return Ok(false);
+        };
         if let Some(dir) = path.parent() {
             fsutil::ensure_dir(dir, MODE_PUBLIC_DIR)?;
         }
-        dropin_changed = fsutil::write_atomic(path, content.as_bytes(), MODE_PUBLIC)?.changed();
-    }
+        Ok(fsutil::write_atomic(path, content.as_bytes(), MODE_PUBLIC)?.changed())
+    };
+    let dropin_changed = write_dropin(&plan.dropin)?;
+    let socket_dropin_changed = write_dropin(&plan.socket_dropin)?;
     Ok(ConfigReport {
         daemon_config_changed,
         dropin_changed,
+        socket_dropin_changed,
     })
 }
 
@@ -210,7 +257,26 @@ pub async fn ensure_serving(plan: &DockerPlan) -> Result<ServingReport, DockerEr
 
     tracing::info!(reason, "restarting dockerd");
     plan.service.restart_docker(plan.ready_timeout).await?;
-    let (info, waited) = ready::wait_ready(&plan.probe, plan.ready_timeout).await?;
+    let (info, waited) = match ready::wait_ready(&plan.probe, plan.ready_timeout).await {
+        Ok(r) => r,
+        Err(DockerError::NotReady {
+            addr,
+            last_error,
+            waited,
+        }) => {
+            // The unit's state says more than a refused connection (failed, restarting).
+            let last_error = match plan.service.describe().await {
+                Some(state) => format!("{last_error}; {state}"),
+                None => last_error,
+            };
+            return Err(DockerError::NotReady {
+                addr,
+                last_error,
+                waited,
+            });
+        }
+        Err(e) => return Err(e),
+    };
     // Recorded only now: a run killed before this point restarts again next time.
     fsutil::write_atomic(&plan.applied_marker, fingerprint.as_bytes(), MODE_SECRET)?;
     Ok(ServingReport {
@@ -224,7 +290,7 @@ pub async fn ensure_serving(plan: &DockerPlan) -> Result<ServingReport, DockerEr
 /// Digest of the files dockerd reads when it starts.
 fn fingerprint(plan: &DockerPlan) -> Result<String, DockerError> {
     let mut files = vec![plan.daemon_config.clone()];
-    if let Some((path, _)) = &plan.dropin {
+    for (path, _) in plan.dropin.iter().chain(&plan.socket_dropin) {
         files.push(path.clone());
     }
     files.extend([
@@ -282,11 +348,23 @@ mod tests {
         let exec = content.lines().last().unwrap();
         assert!(!exec.contains("-H"), "{exec}");
         assert_eq!(p.applied_marker, PathBuf::from("/srv/state/docker-applied"));
+        let (path, content) = p.socket_dropin.unwrap();
+        assert_eq!(
+            path,
+            PathBuf::from("/etc/systemd/system/docker.socket.d/pilot-agent.conf")
+        );
+        assert!(
+            content.contains(
+                "\nListenStream=\nListenStream=/run/pilot-agent-docker-activation.sock\n"
+            ),
+            "{content}"
+        );
 
         c.docker.service = crate::config::ServiceConfig::Command {
             restart_command: vec!["/bin/true".into()],
         };
         assert!(DockerPlan::from_config(&c).dropin.is_none());
+        assert!(DockerPlan::from_config(&c).socket_dropin.is_none());
     }
 
     #[test]
@@ -320,14 +398,16 @@ mod tests {
             ensure_config(&p).unwrap(),
             ConfigReport {
                 daemon_config_changed: true,
-                dropin_changed: true
+                dropin_changed: true,
+                socket_dropin_changed: true
             }
         );
         assert_eq!(
             ensure_config(&p).unwrap(),
             ConfigReport {
                 daemon_config_changed: false,
-                dropin_changed: false
+                dropin_changed: false,
+                socket_dropin_changed: false
             }
         );
     }

@@ -9,6 +9,10 @@
 //!     tcp dport 2376 ip saddr { API SOURCES } accept        # docker_api_sources, docker networks
 //!     tcp dport 2376 ip6 saddr { API SOURCES } accept
 //!     tcp dport 2376 drop
+//!     # only with endpoint.sources (the HTTPS endpoint of `run`):
+//!     tcp dport 8443 ip saddr { ENDPOINT SOURCES } accept
+//!     tcp dport 8443 ip6 saddr { ENDPOINT SOURCES } accept
+//!     tcp dport 8443 drop
 //!   }
 //!   chain forward {  type filter hook forward priority filter; policy accept;
 //!     ct status dnat meta l4proto tcp ct original proto-dst 2375 drop   # a published 2375
@@ -63,6 +67,9 @@ pub struct FirewallSpec {
     pub published_sources: Vec<IpNet>,
     /// Which published ports are restricted; empty: all.
     pub published_ports: Vec<u16>,
+    /// The HTTPS endpoint's port and who may reach it besides loopback; `None` when the
+    /// endpoint is off or `endpoint.sources` is empty (anyone may).
+    pub endpoint: Option<(u16, Vec<IpNet>)>,
 }
 
 impl FirewallSpec {
@@ -80,6 +87,11 @@ impl FirewallSpec {
             api_sources: config.docker_api_allowed_sources(),
             published_sources,
             published_ports: fw.published_ports.clone(),
+            endpoint: config
+                .endpoint
+                .as_ref()
+                .filter(|e| !e.sources.is_empty())
+                .map(|e| (e.listen.port(), e.sources.clone())),
         }
     }
 }
@@ -124,6 +136,19 @@ impl Ruleset {
             ]);
         }
         input.push(vec![eq(tcp_dport(), port(spec.api_port)), drop()]);
+        if let Some((endpoint_port, sources)) = &spec.endpoint {
+            let (e4, e6) = split_families(sources);
+            for (family, nets) in [("ip", e4), ("ip6", e6)] {
+                if !nets.is_empty() {
+                    input.push(vec![
+                        eq(tcp_dport(), port(*endpoint_port)),
+                        eq(payload(family, "saddr"), prefix_set(&nets)),
+                        accept(),
+                    ]);
+                }
+            }
+            input.push(vec![eq(tcp_dport(), port(*endpoint_port)), drop()]);
+        }
 
         let mut forward = Vec::new();
         for p in &spec.lock_ports {
@@ -508,6 +533,48 @@ mod tests {
         assert_eq!(
             v[3]["match"]["right"]["set"][0]["prefix"]["addr"],
             "198.51.100.0"
+        );
+    }
+
+    #[test]
+    fn endpoint_port_admits_only_its_sources() {
+        use crate::config::EndpointConfig;
+        let mut c = Config {
+            endpoint: Some(EndpointConfig::default()),
+            ..Config::default()
+        };
+        // No sources: anyone may reach the endpoint, the table is the default one.
+        let open = Ruleset::new(&FirewallSpec::from_config(&c));
+        assert_eq!(open, Ruleset::new(&spec()));
+        if let Some(e) = &mut c.endpoint {
+            e.listen = "0.0.0.0:9443".parse().unwrap();
+            e.sources = vec![
+                "203.0.113.0/24".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ];
+        }
+        let r = Ruleset::new(&FirewallSpec::from_config(&c));
+        assert_ne!(r.hash, open.hash);
+        let input = &r.chains[0].rules;
+        // lo, 2375, 2376 drop, then 9443 from v4, from v6, drop.
+        assert_eq!(input.len(), 6);
+        let v4 = serde_json::to_value(&input[3]).unwrap();
+        assert_eq!(v4[0]["match"]["right"], 9443);
+        assert_eq!(v4[1]["match"]["left"]["payload"]["protocol"], "ip");
+        assert_eq!(
+            v4[1]["match"]["right"]["set"][0]["prefix"]["addr"],
+            "203.0.113.0"
+        );
+        assert!(v4[2].get("accept").is_some());
+        let v6 = serde_json::to_value(&input[4]).unwrap();
+        assert_eq!(v6[1]["match"]["left"]["payload"]["protocol"], "ip6");
+        let last = serde_json::to_value(&input[5]).unwrap();
+        assert_eq!(last[0]["match"]["right"], 9443);
+        assert!(last[1].get("drop").is_some());
+        // Loopback is accepted before any of it.
+        assert_eq!(
+            serde_json::to_value(&input[0]).unwrap()[0]["match"]["right"],
+            "lo"
         );
     }
 

@@ -54,13 +54,22 @@ impl Agent {
     /// Like [`Agent::new`], with more top-level YAML (e.g. `waypoint:` and `database:`
     /// sections) appended to the configuration.
     pub fn with_sections(vm: &Vm, sections: &str) -> Result<Agent> {
-        let bin = target_bin("pilot-agent")?;
+        // PILOT_AGENT_BIN runs the suites (and benchmarks) against another build of the agent,
+        // e.g. the `dist` profile that is packaged and shipped.
+        let bin = match std::env::var_os("PILOT_AGENT_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => target_bin("pilot-agent")?,
+        };
         let state_dir = vm.dir().join("agent-state");
         let config = vm.dir().join("agent.yaml");
         let d = |p: &Path| yaml_str(&p.display().to_string());
         let text = format!(
             "# pilot-agent configuration for simulated VM {name} (written by pilot-e2e).\n\
              state_dir: {state}\n\
+             # A host outside any cloud: no metadata service to ask (the identity suites\n\
+             # serve one and set the provider themselves).\n\
+             cloud:\n\
+             \x20 provider: none\n\
              docker:\n\
              \x20 socket: {sock}\n\
              \x20 daemon_config: {daemon}\n\
@@ -553,4 +562,399 @@ pub fn snapshot_diff(
         }
     }
     diffs
+}
+
+// ---------------------------------------------------------------------------------------------
+// `pilot-agent run` as a child, its endpoint's token, and an HTTPS client for the endpoint
+
+/// The endpoint's default port (`endpoint.listen`).
+pub const ENDPOINT_PORT: u16 = 8443;
+
+impl Agent {
+    /// Rewrites the configuration file through `edit` (e.g. to replace the service manager's
+    /// restart command); takes effect at the agent's next start.
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) -> Result<()> {
+        let text = fs::read_to_string(&self.config)
+            .with_context(|| format!("cannot read {}", self.config.display()))?;
+        fs::write(&self.config, edit(text))
+            .with_context(|| format!("cannot write {}", self.config.display()))
+    }
+
+    /// The agent's CA certificate (what clients of the endpoint verify against).
+    pub fn ca_cert(&self) -> PathBuf {
+        self.pki_dir().join("ca").join("ca.pem")
+    }
+
+    /// Reads `status.json` as JSON.
+    pub fn status_json(&self) -> Result<serde_json::Value> {
+        let p = self.status_path();
+        let text =
+            fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))
+    }
+
+    /// Starts `pilot-agent --config CONFIG run` inside the VM; its stdout and stderr (the log)
+    /// go to `log`, so tests can grep the whole log for secrets afterwards.
+    pub fn spawn_run(&self, vm: &Vm, log: &Path) -> Result<RunningAgent> {
+        self.spawn_run_args(vm, &["run"], log)
+    }
+
+    /// Like [`Agent::spawn_run`] with other arguments (e.g. `up`, to watch it from outside).
+    pub fn spawn_run_args(&self, vm: &Vm, args: &[&str], log: &Path) -> Result<RunningAgent> {
+        let out =
+            fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = self
+            .cmd(vm, args)
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start pilot-agent {}", args.join(" ")))?;
+        Ok(RunningAgent {
+            pid: child.id(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+}
+
+/// A `pilot-agent run` (or other long) child (nsenter execs the agent, so its PID is the
+/// agent's). Dropping it kills it by that PID.
+pub struct RunningAgent {
+    child: Option<Child>,
+    pid: u32,
+    log: PathBuf,
+}
+
+impl RunningAgent {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+    /// Everything the agent logged so far.
+    pub fn log(&self) -> Result<String> {
+        Ok(String::from_utf8_lossy(
+            &fs::read(&self.log).with_context(|| format!("cannot read {}", self.log.display()))?,
+        )
+        .into_owned())
+    }
+    /// The last `n` lines of the log, for error messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = self.log().unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// `Some(status)` once the agent has exited.
+    pub fn try_exit(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("pilot-agent run (pid {}) was already reaped", self.pid),
+        }
+    }
+
+    /// Fails with the log's tail when the agent has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        if let Some(st) = self.try_exit()? {
+            bail!(
+                "pilot-agent run (pid {}) exited {st}:\n{}",
+                self.pid,
+                self.log_tail(40)
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit; then SIGKILL and an error.
+    pub fn terminate(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        signal(self.pid, "TERM");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_exit()? {
+                self.child = None;
+                return Ok(st);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "pilot-agent run (pid {}) did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.pid,
+                    self.log_tail(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sends signal `sig` (a name: `TERM`) to `pid` with kill(1): this crate has no libc binding.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A bearer token for the endpoint and the file with its SHA-256 that the configuration names.
+#[derive(Clone)]
+pub struct EndpointToken {
+    pub token: String,
+    pub sha256_file: PathBuf,
+}
+
+impl std::fmt::Debug for EndpointToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointToken")
+            .field("sha256_file", &self.sha256_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EndpointToken {
+    /// A random token (32 bytes from /dev/urandom, hex) and `VM_DIR/endpoint-token.sha256`.
+    pub fn generate(vm: &Vm) -> Result<EndpointToken> {
+        let mut raw = [0u8; 32];
+        fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let sha256_file = vm.dir().join("endpoint-token.sha256");
+        fs::write(&sha256_file, format!("{}\n", sha256_hex(token.as_bytes())?))?;
+        Ok(EndpointToken { token, sha256_file })
+    }
+}
+
+/// SHA-256 of `data` as 64 lowercase hex digits (sha256sum, from coreutils).
+pub fn sha256_hex(data: &[u8]) -> Result<String> {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run sha256sum")?;
+    child
+        .stdin
+        .take()
+        .context("no stdin pipe")?
+        .write_all(data)?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        out.status.success() && hex.len() == 64,
+        "sha256sum failed: {text}"
+    );
+    Ok(hex)
+}
+
+/// An HTTP answer.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub code: u16,
+    /// Header names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    /// The body as JSON.
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.body)
+            .with_context(|| format!("HTTP {} body is not JSON: {:?}", self.code, self.body))
+    }
+}
+
+/// An HTTPS client (rustls, no client certificate) that verifies the server against the CA
+/// certificates in a PEM file, at the IP address it connects to: no skip-verify.
+pub struct HttpsClient {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl HttpsClient {
+    pub fn new(ca: &Path) -> Result<HttpsClient> {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| anyhow!("cannot read PEM {}: {e:?}", ca.display()))?;
+        for c in certs {
+            roots.add(c.map_err(|e| anyhow!("cannot read PEM {}: {e:?}", ca.display()))?)?;
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(HttpsClient {
+            config: Arc::new(config),
+        })
+    }
+
+    /// `GET path` with `Authorization: Bearer TOKEN` when `bearer` is given (`raw_auth` sets the
+    /// header's whole value instead). One connection per request (`Connection: close`). Call it
+    /// from a thread in the right network namespace.
+    pub fn get(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        auth: Option<&str>,
+        timeout: Duration,
+    ) -> Result<HttpResponse> {
+        let tcp = TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        tcp.set_read_timeout(Some(timeout))?;
+        tcp.set_write_timeout(Some(timeout))?;
+        let conn =
+            rustls::ClientConnection::new(Arc::clone(&self.config), ServerName::from(addr.ip()))?;
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if let Some(a) = auth {
+            req.push_str(&format!("Authorization: {a}\r\n"));
+        }
+        req.push_str("\r\n");
+        tls.write_all(req.as_bytes())
+            .with_context(|| format!("TLS to {addr}"))?;
+        let mut buf = Vec::new();
+        match tls.read_to_end(&mut buf) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => {}
+            Err(e) => return Err(anyhow!(e).context(format!("reading from {addr}"))),
+        }
+        parse_http(&buf)
+    }
+
+    /// Like [`HttpsClient::get`] with `Authorization: Bearer TOKEN`.
+    pub fn get_bearer(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<HttpResponse> {
+        self.get(addr, path, Some(&format!("Bearer {token}")), timeout)
+    }
+}
+
+/// Parses an HTTP/1.x response (Content-Length, chunked or read-to-close bodies).
+fn parse_http(buf: &[u8]) -> Result<HttpResponse> {
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .with_context(|| format!("not an HTTP answer: {:?}", String::from_utf8_lossy(buf)))?;
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut raw_body = &buf[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let code = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        let mut out = Vec::new();
+        while let Some(eol) = raw_body.windows(2).position(|w| w == b"\r\n") {
+            let size_text = String::from_utf8_lossy(&raw_body[..eol]);
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .with_context(|| format!("bad chunk size {size_text:?}"))?;
+            raw_body = &raw_body[eol + 2..];
+            if size == 0 || raw_body.len() < size {
+                break;
+            }
+            out.extend_from_slice(&raw_body[..size]);
+            raw_body = raw_body.get(size + 2..).unwrap_or_default();
+        }
+        out
+    } else {
+        let len = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        match len {
+            Some(n) => raw_body[..n.min(raw_body.len())].to_vec(),
+            None => raw_body.to_vec(),
+        }
+    };
+    Ok(HttpResponse {
+        code,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// The `endpoint:` rate limit of [`service_sections`].
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    pub failures: u32,
+    pub window_secs: u64,
+}
+
+/// Configuration sections for `pilot-agent run` on a full Pilot host: `waypoint:` (server and
+/// one runner from `image`, baked in `images`), `database:` on `pg` (admin password in
+/// `admin_password_file`), `endpoint:` on [`ENDPOINT_PORT`] accepting `token`, and `service:`
+/// (a 300 s periodic pass, database retries capped at 10 s). Append to [`Agent::with_sections`].
+pub fn run_sections(
+    image: &str,
+    images: &Path,
+    pg: &pilot_harness::Postgres,
+    admin_password_file: &Path,
+    token: &EndpointToken,
+    rate_limit: RateLimit,
+) -> String {
+    let q = |p: &Path| yaml_str(&p.display().to_string());
+    format!(
+        "waypoint:\n\
+         \x20 server_image: {image}\n\
+         \x20 runner_image: {image}\n\
+         \x20 images_dir: {images}\n\
+         \x20 runners: 1\n\
+         \x20 ready_timeout_secs: 30\n\
+         database:\n\
+         \x20 host: {pg_host}\n\
+         \x20 port: {pg_port}\n\
+         \x20 admin_user: {pg_user}\n\
+         \x20 admin_password_file: {pw}\n\
+         \x20 tls: disable\n\
+         \x20 connect_timeout_secs: 2\n\
+         endpoint:\n\
+         \x20 listen: 0.0.0.0:{ENDPOINT_PORT}\n\
+         \x20 token_sha256_file: {hash}\n\
+         \x20 rate_limit: {{ failures: {failures}, window_secs: {window} }}\n\
+         service:\n\
+         \x20 interval_secs: 300\n\
+         \x20 database_retry_max_secs: 10\n",
+        image = yaml_str(image),
+        images = q(images),
+        pg_host = pg.addr(),
+        pg_port = pg.port(),
+        pg_user = yaml_str(pg.superuser()),
+        pw = q(admin_password_file),
+        hash = q(&token.sha256_file),
+        failures = rate_limit.failures,
+        window = rate_limit.window_secs,
+    )
 }

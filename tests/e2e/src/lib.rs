@@ -1,6 +1,9 @@
 //! End-to-end suites live in tests/; helpers they share (and the benchmarks in src/bin/) here.
 
 pub mod agent;
+pub mod crash;
+pub mod floor;
+pub mod stack;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -20,6 +20,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use pilot_e2e::floor::container_floor;
 use pilot_e2e::{bake_standin, poll, write_admin_password};
 use pilot_harness::{Postgres, Vm, VmOptions, require_root, target_bin};
 use serde_json::Value;
@@ -279,136 +280,10 @@ impl Setup {
     }
 }
 
-/// The container work a cold converge cannot avoid, done by hand with the docker CLI on the
-/// same dockerd just before the agent's cold run: load the baked image; make a network and a
-/// volume; start the server and wait until it answers HTTPS; run the bootstrap; mint a token;
-/// start one runner. Everything (the image too) is removed again afterwards. Returns (load,
-/// the rest). The CLI's own start-up per command makes this a slight over-estimate.
+/// The container work a cold converge cannot avoid, by hand on the same dockerd just before
+/// the agent's cold run (see `pilot_e2e::floor::container_floor`): returns (load, the rest).
 fn measure_container_floor(s: &Setup) -> Result<(Duration, Duration)> {
-    let vm = &s.vm;
-    let t0 = Instant::now();
-    vm.docker_ok([
-        "load",
-        "-q",
-        "-i",
-        s.images.join("waypoint.tar").to_str().unwrap_or_default(),
-    ])?;
-    let load = t0.elapsed();
-    let t1 = Instant::now();
-    vm.docker_ok([
-        "network",
-        "create",
-        "--subnet",
-        "172.28.0.0/24",
-        "floor-net",
-    ])?;
-    vm.docker_ok(["volume", "create", "floor-data"])?;
-    vm.docker_ok([
-        "run",
-        "-d",
-        "--name",
-        "floor-server",
-        "--network",
-        "floor-net",
-        "-v",
-        "floor-data:/data",
-        "-p",
-        "29701:9701",
-        "-p",
-        "29702:9702",
-        IMAGE,
-        "server",
-        "run",
-        "-accept-tos",
-        "-db=/data/data.db",
-        "-listen-grpc=0.0.0.0:9701",
-        "-listen-http=0.0.0.0:9702",
-    ])?;
-    let ip = vm.docker_ok([
-        "inspect",
-        "-f",
-        "{{(index .NetworkSettings.Networks \"floor-net\").IPAddress}}",
-        "floor-server",
-    ])?;
-    poll(
-        Duration::from_secs(20),
-        "the floor server to answer",
-        || {
-            let out = vm
-                .cmd("curl")
-                .args([
-                    "-k",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--max-time",
-                    "1",
-                ])
-                .arg(format!("https://{ip}:9702/"))
-                .output()
-                .map_err(|e| e.to_string())?;
-            let code = String::from_utf8_lossy(&out.stdout).to_string();
-            if code == "200" {
-                Ok(Some(()))
-            } else {
-                Err(code)
-            }
-        },
-    )?;
-    let token = vm.docker_ok([
-        "run",
-        "--name",
-        "floor-boot",
-        "--network",
-        "container:floor-server",
-        IMAGE,
-        "server",
-        "bootstrap",
-        "-server-addr=127.0.0.1:9701",
-        "-server-tls-skip-verify",
-    ])?;
-    let runner_token = vm.docker_ok([
-        "exec",
-        "-e",
-        "WAYPOINT_SERVER_ADDR=127.0.0.1:9701",
-        "-e",
-        &format!("WAYPOINT_SERVER_TOKEN={}", token.trim()),
-        "-e",
-        "WAYPOINT_SERVER_TLS=true",
-        "-e",
-        "WAYPOINT_SERVER_TLS_SKIP_VERIFY=true",
-        "floor-server",
-        "waypoint",
-        "token",
-        "new",
-    ])?;
-    vm.docker_ok([
-        "run",
-        "-d",
-        "--name",
-        "floor-runner",
-        "--network",
-        "floor-net",
-        "-e",
-        "WAYPOINT_SERVER_ADDR=floor-server:9701",
-        "-e",
-        &format!("WAYPOINT_SERVER_TOKEN={}", runner_token.trim()),
-        "-e",
-        "WAYPOINT_SERVER_TLS=true",
-        "-e",
-        "WAYPOINT_SERVER_TLS_SKIP_VERIFY=true",
-        IMAGE,
-        "runner",
-        "agent",
-    ])?;
-    let rest = t1.elapsed();
-    vm.docker_ok(["rm", "-f", "floor-runner", "floor-boot", "floor-server"])?;
-    vm.docker_ok(["volume", "rm", "floor-data"])?;
-    vm.docker_ok(["network", "rm", "floor-net"])?;
-    vm.docker_ok(["rmi", IMAGE])?;
-    Ok((load, rest))
+    container_floor(&s.vm, &s.images.join("waypoint.tar"), IMAGE)
 }
 
 /// Seconds between two RFC 3339 times of the status file.

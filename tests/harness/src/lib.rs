@@ -7,9 +7,12 @@
 //! - [`Postgres`]: PostgreSQL 15 on its own database host namespace linked to a VM, with
 //!   [`Postgres::cut_link`] / [`Postgres::restore_link`] to simulate an outage.
 //! - [`Moto`]: the EC2 API (moto) on 127.0.0.1.
+//! - [`metadata`]: an AWS IMDS / GCE metadata server (loopback or inside a test's namespace).
 //! - [`leftovers`]: what harness objects left behind (namespaces, links, mounts, cgroups,
 //!   processes, directories); suites assert it is empty after dropping everything.
 //! - [`standin`]: packaging of the Waypoint STAND-IN binary as a container image.
+//! - [`Sshd`]: a real OpenSSH server inside a VM (own config, host key and client key), for an
+//!   operator's `ssh root@VM ...` from the outside namespace.
 //!
 //! Every object removes what it made when dropped (also while a test panics). What a killed
 //! test process leaves behind is recorded under `/run/pilot-harness/<name>/` and removed by
@@ -19,9 +22,11 @@
 //! bip; stopped dockerds leave bind mounts that must be unmounted.
 
 pub mod leftovers;
+pub mod metadata;
 pub mod moto;
 pub mod names;
 pub mod postgres;
+pub mod sshd;
 pub mod standin;
 mod sys;
 pub mod vm;
@@ -35,6 +40,7 @@ use anyhow::{Result, bail};
 pub use leftovers::{all_leftovers, leftovers};
 pub use moto::Moto;
 pub use postgres::Postgres;
+pub use sshd::{Sshd, SshdOptions};
 pub use vm::{Vm, VmOptions};
 
 /// Programs the harness runs; all installed by `scripts/setup.sh`.

@@ -16,13 +16,12 @@
 //! test: it asserts nothing about times (it fails only when a run itself fails).
 
 use std::fs;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
-use pilot_e2e::agent::{Agent, TLS_PORT, TlsClient};
+use anyhow::{Context, Result, bail};
+use pilot_e2e::agent::Agent;
+use pilot_e2e::floor::{docker_tls_floor, stats};
 use pilot_harness::{Vm, VmOptions, require_root, target_dir};
 use serde_json::{Value, json};
 
@@ -160,70 +159,12 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn stats(v: &[f64]) -> Value {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    let median = if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    };
-    json!({
-        "min": s.first().copied().unwrap_or_default(),
-        "median": median,
-        "max": s.last().copied().unwrap_or_default(),
-    })
-}
-
 fn bench_one() -> Result<Run> {
     let vm = Vm::start(VmOptions::default())?;
     let agent = Agent::new(&vm)?;
-    let original = fs::read(vm.daemon_json())?;
 
-    // The floor, by hand.
-    let tls = make_tls_material(&vm)?;
-    let mut cfg: Value = serde_json::from_slice(&original)?;
-    cfg["hosts"] = json!([
-        format!("unix://{}", vm.docker_socket().display()),
-        format!("tcp://0.0.0.0:{TLS_PORT}")
-    ]);
-    cfg["tls"] = json!(true);
-    cfg["tlsverify"] = json!(true);
-    cfg["tlscacert"] = json!(tls.join("ca.pem"));
-    cfg["tlscert"] = json!(tls.join("server-cert.pem"));
-    cfg["tlskey"] = json!(tls.join("server-key.pem"));
-    vm.write_daemon_json(&cfg)?;
-    let client = TlsClient::new(
-        &tls.join("ca.pem"),
-        &tls.join("client-cert.pem"),
-        &tls.join("client-key.pem"),
-    )?;
-    let probe_addr = SocketAddr::from(([127, 0, 0, 1], TLS_PORT));
-    let t0 = Instant::now();
-    vm.restart_dockerd()?;
-    let floor_restart = t0.elapsed();
-    let floor = vm.in_vm_ns(|| -> Result<Duration> {
-        let deadline = t0 + Duration::from_secs(30);
-        loop {
-            let last = match client.get(probe_addr, "/version", Duration::from_secs(1)) {
-                Ok((200, _)) => return Ok(t0.elapsed()),
-                Ok((code, body)) => format!("HTTP {code}: {body}"),
-                Err(e) => format!("{e:#}"),
-            };
-            if Instant::now() >= deadline {
-                bail!("dockerd did not answer /version over mutual TLS within 30 s: {last}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    })??;
-
-    // Back to the untouched host, untimed.
-    vm.write_daemon_json(&serde_json::from_slice(&original)?)?;
-    vm.restart_dockerd()?;
-    fs::remove_dir_all(&tls)?;
+    // The floor, by hand (the VM is put back as it was).
+    let (floor, floor_restart) = docker_tls_floor(&vm)?;
 
     let cold = agent.up_ok(&vm)?;
     let cold_steps = step_durations(&agent)?;
@@ -280,94 +221,4 @@ fn rfc3339_secs(t: &str) -> Result<f64> {
         }
         _ => bail!("not an RFC 3339 time: {t}"),
     }
-}
-
-/// A CA, a server certificate for dockerd (127.0.0.1, the VM's address, localhost) and a
-/// client certificate, made with the openssl CLI in `VM_DIR/bench-tls`.
-fn make_tls_material(vm: &Vm) -> Result<PathBuf> {
-    let dir = vm.dir().join("bench-tls");
-    fs::create_dir_all(&dir)?;
-    let p = |n: &str| dir.join(n);
-    fs::write(
-        p("server.ext"),
-        format!(
-            "subjectAltName=IP:127.0.0.1,IP:{},DNS:localhost\nextendedKeyUsage=serverAuth\n",
-            vm.addr()
-        ),
-    )?;
-    fs::write(p("client.ext"), "extendedKeyUsage=clientAuth\n")?;
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    openssl(
-        &dir,
-        &[
-            &["req", "-x509"],
-            &ec[..],
-            &["-days", "1", "-subj", "/CN=bench CA"],
-            &["-keyout", "ca-key.pem", "-out", "ca.pem"],
-        ],
-    )?;
-    for who in ["server", "client"] {
-        let (key, csr, cert, ext) = (
-            format!("{who}-key.pem"),
-            format!("{who}.csr"),
-            format!("{who}-cert.pem"),
-            format!("{who}.ext"),
-        );
-        openssl(
-            &dir,
-            &[
-                &["req"],
-                &ec[..],
-                &["-subj", &format!("/CN=bench {who}")],
-                &["-keyout", &key, "-out", &csr],
-            ],
-        )?;
-        openssl(
-            &dir,
-            &[
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca-key.pem",
-                ],
-                &[
-                    "-CAcreateserial",
-                    "-days",
-                    "1",
-                    "-extfile",
-                    &ext,
-                    "-out",
-                    &cert,
-                ],
-            ],
-        )?;
-    }
-    Ok(dir)
-}
-
-fn openssl(dir: &Path, parts: &[&[&str]]) -> Result<()> {
-    let args: Vec<&str> = parts.iter().flat_map(|p| p.iter().copied()).collect();
-    let out = Command::new("openssl")
-        .args(&args)
-        .current_dir(dir)
-        .output()
-        .context("cannot run openssl")?;
-    ensure!(
-        out.status.success(),
-        "openssl {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
 }

@@ -1,0 +1,327 @@
+//! What `/metrics` shows: the counters the run loop and the endpoint feed ([`Telemetry`]), the
+//! per-step outcome of the last pass (from status.json at scrape time), and the process's
+//! resident memory, in the Prometheus text exposition format (version 0.0.4).
+//!
+//! Nothing here is a secret: counts, durations, step names and states. Label values come from
+//! fixed sets (trigger kinds are cut at the first `:` and capped, step names are the agent's
+//! own), so a client cannot grow the label space.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::status::{Status, StepState};
+
+/// Distinct trigger kinds kept apart; more than this (a run loop bug) are counted as `other`.
+const MAX_TRIGGER_KINDS: usize = 16;
+
+/// Counters shared by the run loop (passes, Docker events) and the endpoint (requests,
+/// authentication failures). Lock-free except the per-trigger table, touched once per pass.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    passes: AtomicU64,
+    /// Passes after the first that changed something: drift the agent repaired.
+    repairs: AtomicU64,
+    changed_steps: AtomicU64,
+    last_pass_micros: AtomicU64,
+    /// Unix time of the end of the last pass, in milliseconds; 0: none yet.
+    last_pass_unix_ms: AtomicU64,
+    docker_events: AtomicU64,
+    by_trigger: Mutex<BTreeMap<String, u64>>,
+    pub(crate) auth_failures: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) requests: Requests,
+}
+
+/// Requests answered, by route and class of outcome.
+#[derive(Debug, Default)]
+pub(crate) struct Requests {
+    pub ok: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub not_found: AtomicU64,
+    pub other: AtomicU64,
+}
+
+impl Telemetry {
+    /// One converge pass ended. `trigger` says why it ran (`start`, `interval`,
+    /// `docker-event: waypoint-server die`); only the part before the first `:` becomes a
+    /// label. A pass after the first that changed steps counts as a repair.
+    pub fn record_pass(&self, trigger: &str, duration: Duration, changed_steps: usize) {
+        let previous = self.passes.fetch_add(1, Ordering::Relaxed);
+        if previous > 0 && changed_steps > 0 {
+            self.repairs.fetch_add(1, Ordering::Relaxed);
+        }
+        self.changed_steps
+            .fetch_add(changed_steps as u64, Ordering::Relaxed);
+        self.last_pass_micros.store(
+            u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        self.last_pass_unix_ms.store(now_ms, Ordering::Relaxed);
+        let kind = trigger_kind(trigger);
+        // A poisoned lock only means another thread panicked mid-increment: the map is intact.
+        let mut map = self
+            .by_trigger
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let key = if map.contains_key(&kind) || map.len() < MAX_TRIGGER_KINDS {
+            kind
+        } else {
+            "other".to_string()
+        };
+        *map.entry(key).or_insert(0) += 1;
+    }
+
+    /// A Docker event about a managed container arrived.
+    pub fn record_docker_event(&self) {
+        self.docker_events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn passes(&self) -> u64 {
+        self.passes.load(Ordering::Relaxed)
+    }
+
+    pub fn repairs(&self) -> u64 {
+        self.repairs.load(Ordering::Relaxed)
+    }
+
+    pub fn auth_failures(&self) -> u64 {
+        self.auth_failures.load(Ordering::Relaxed)
+    }
+
+    pub fn rate_limited(&self) -> u64 {
+        self.rate_limited.load(Ordering::Relaxed)
+    }
+}
+
+/// `docker-event: waypoint-server die` -> `docker-event`; only `[a-z0-9_-]`, so the label
+/// needs no escaping.
+fn trigger_kind(trigger: &str) -> String {
+    let head = trigger.split(':').next().unwrap_or_default().trim();
+    let kind: String = head
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(32)
+        .collect();
+    if kind.is_empty() {
+        "unknown".into()
+    } else {
+        kind
+    }
+}
+
+const STEP_STATES: &[(StepState, &str)] = &[
+    (StepState::Pending, "pending"),
+    (StepState::Running, "running"),
+    (StepState::Ok, "ok"),
+    (StepState::Changed, "changed"),
+    (StepState::Degraded, "degraded"),
+    (StepState::Error, "error"),
+    (StepState::Skipped, "skipped"),
+];
+
+/// Renders the exposition text. `status` is the last status file (if any), `rss_bytes` the
+/// process's resident memory (if known).
+pub fn render(t: &Telemetry, status: Option<&Status>, rss_bytes: Option<u64>) -> String {
+    let mut out = String::with_capacity(4096);
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    // Writing to a String cannot fail.
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let one = |v: String| vec![(String::new(), v)];
+
+    let by_trigger: Vec<(String, String)> = {
+        let map = t
+            .by_trigger
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.iter()
+            .map(|(k, v)| (format!("{{trigger=\"{k}\"}}"), v.to_string()))
+            .collect()
+    };
+    family(
+        "pilot_agent_passes_total",
+        "counter",
+        "Converge passes run, by what triggered them.",
+        &by_trigger,
+    );
+    family(
+        "pilot_agent_repairs_total",
+        "counter",
+        "Passes after the first that changed something (drift repaired).",
+        &one(load(&t.repairs).to_string()),
+    );
+    family(
+        "pilot_agent_changed_steps_total",
+        "counter",
+        "Steps that changed something, summed over passes.",
+        &one(load(&t.changed_steps).to_string()),
+    );
+    let last_ms = load(&t.last_pass_unix_ms);
+    if last_ms > 0 {
+        family(
+            "pilot_agent_last_pass_duration_seconds",
+            "gauge",
+            "Duration of the last converge pass.",
+            &one(format!("{:.6}", load(&t.last_pass_micros) as f64 / 1e6)),
+        );
+        family(
+            "pilot_agent_last_pass_timestamp_seconds",
+            "gauge",
+            "Unix time the last converge pass ended.",
+            &one(format!("{:.3}", last_ms as f64 / 1e3)),
+        );
+    }
+    family(
+        "pilot_agent_docker_events_total",
+        "counter",
+        "Docker events about managed containers received.",
+        &one(load(&t.docker_events).to_string()),
+    );
+    if let Some(status) = status {
+        let mut samples = Vec::new();
+        for step in &status.steps {
+            let name = label_value(&step.name);
+            for (state, word) in STEP_STATES {
+                let v = u8::from(step.state == *state);
+                samples.push((
+                    format!("{{step=\"{name}\",state=\"{word}\"}}"),
+                    v.to_string(),
+                ));
+            }
+        }
+        family(
+            "pilot_agent_step_state",
+            "gauge",
+            "State of each step in the last status (1 for the current state).",
+            &samples,
+        );
+    }
+    family(
+        "pilot_agent_endpoint_auth_failures_total",
+        "counter",
+        "Requests to the endpoint with a missing or wrong bearer token.",
+        &one(load(&t.auth_failures).to_string()),
+    );
+    family(
+        "pilot_agent_endpoint_rate_limited_total",
+        "counter",
+        "Requests refused with 429 because their source failed authentication too often.",
+        &one(load(&t.rate_limited).to_string()),
+    );
+    let r = &t.requests;
+    family(
+        "pilot_agent_endpoint_responses_total",
+        "counter",
+        "Responses of the endpoint, by class.",
+        &[
+            ("{class=\"ok\"}".into(), load(&r.ok).to_string()),
+            (
+                "{class=\"unauthorized\"}".into(),
+                load(&r.unauthorized).to_string(),
+            ),
+            (
+                "{class=\"rate_limited\"}".into(),
+                load(&r.rate_limited).to_string(),
+            ),
+            (
+                "{class=\"not_found\"}".into(),
+                load(&r.not_found).to_string(),
+            ),
+            ("{class=\"other\"}".into(), load(&r.other).to_string()),
+        ],
+    );
+    if let Some(rss) = rss_bytes {
+        family(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            &one(rss.to_string()),
+        );
+    }
+    out
+}
+
+/// Escapes a label value as the text format requires (`\`, `"`, newline).
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The process's resident set size, from `/proc/self/status` (`VmRSS`, in kB).
+pub fn rss_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trigger_kinds_are_bounded_labels() {
+        assert_eq!(
+            trigger_kind("docker-event: waypoint-server die"),
+            "docker-event"
+        );
+        assert_eq!(trigger_kind("interval"), "interval");
+        assert_eq!(trigger_kind("We\"ird{}"), "weird");
+        assert_eq!(trigger_kind(": x"), "unknown");
+        let t = Telemetry::default();
+        for i in 0..40 {
+            t.record_pass(&format!("kind{i}"), Duration::from_millis(5), 0);
+        }
+        let map = t.by_trigger.lock().unwrap();
+        assert_eq!(map.len(), MAX_TRIGGER_KINDS + 1);
+        assert_eq!(map["other"], 40 - MAX_TRIGGER_KINDS as u64);
+    }
+
+    #[test]
+    fn repairs_are_changing_passes_after_the_first() {
+        let t = Telemetry::default();
+        t.record_pass("start", Duration::from_secs(2), 5);
+        t.record_pass("interval", Duration::from_millis(30), 0);
+        t.record_pass(
+            "docker-event: waypoint-server die",
+            Duration::from_secs(1),
+            1,
+        );
+        assert_eq!(t.passes(), 3);
+        assert_eq!(t.repairs(), 1);
+        let text = render(&t, None, Some(4096));
+        assert!(text.contains("pilot_agent_passes_total{trigger=\"docker-event\"} 1\n"));
+        assert!(text.contains("pilot_agent_repairs_total 1\n"));
+        assert!(text.contains("pilot_agent_changed_steps_total 6\n"));
+        assert!(text.contains("pilot_agent_last_pass_duration_seconds 1.000000\n"));
+        assert!(text.contains("process_resident_memory_bytes 4096\n"));
+    }
+
+    #[test]
+    fn no_pass_no_last_pass_gauges() {
+        let text = render(&Telemetry::default(), None, None);
+        assert!(!text.contains("last_pass"));
+        assert!(text.contains("# TYPE pilot_agent_passes_total counter\n"));
+    }
+
+    #[test]
+    fn rss_is_read() {
+        let rss = rss_bytes().unwrap();
+        assert!(rss > 1024 * 1024, "{rss}");
+    }
+}

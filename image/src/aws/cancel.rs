@@ -1,0 +1,83 @@
+//! Ctrl-C (SIGINT) and SIGTERM turn into a cancellation that the build observes between API
+//! calls and during waits. An API call in flight is allowed to finish, so that every resource
+//! the service created is known (and tagged) before the clean-up runs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+
+use super::error::{AwsError, Result};
+
+/// Shared by the build and the signal task.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    cancelled: AtomicBool,
+    notify: Notify,
+}
+
+impl Cancel {
+    /// Installs SIGINT and SIGTERM handlers that cancel. The handlers stay installed for the
+    /// life of the process, so a second Ctrl-C during the clean-up does not kill the process
+    /// half-way through it; the clean-up itself is bounded.
+    pub fn on_signals() -> std::io::Result<Cancel> {
+        let cancel = Cancel::default();
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                let name = tokio::select! {
+                    _ = int.recv() => "SIGINT",
+                    _ = term.recv() => "SIGTERM",
+                };
+                if c.is_cancelled() {
+                    eprintln!(
+                        "pilot-image: {name} again: the clean-up is bounded and is finishing"
+                    );
+                } else {
+                    eprintln!("pilot-image: {name}: cancelling the build and cleaning up");
+                    c.cancel();
+                }
+            }
+        });
+        Ok(cancel)
+    }
+
+    pub fn cancel(&self) {
+        self.inner.cancelled.store(true, Ordering::SeqCst);
+        self.inner.notify.notify_waiters();
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Errors with [`AwsError::Cancelled`] once cancelled.
+    pub fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            Err(AwsError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Sleeps for `d` unless cancelled first (then errors at once).
+    pub async fn sleep(&self, d: Duration) -> Result<()> {
+        let notified = self.inner.notify.notified();
+        // Checked after creating the `Notified` future, so a cancel between the check and the
+        // select is not lost.
+        self.check()?;
+        tokio::select! {
+            _ = notified => Err(AwsError::Cancelled),
+            _ = tokio::time::sleep(d) => self.check(),
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Errors of the AWS target: typed, lowercase, with the API operation and the AWS error code.
+
+use std::time::Duration;
+
+use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+use crate::userdata::UserDataError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AwsError {
+    #[error("{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+    #[error("cannot read the user-data file {path}: {source}")]
+    ReadUserData {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("builder user-data: {0}")]
+    UserData(#[from] UserDataError),
+    #[error("no AWS region: pass --region or set AWS_REGION")]
+    NoRegion,
+    /// `code` is the AWS error code when the service answered (e.g. `InvalidGroup.NotFound`).
+    #[error("ec2 {op} failed: {message}")]
+    Api {
+        op: &'static str,
+        code: Option<String>,
+        message: String,
+    },
+    #[error("ec2 {op}: the answer lacks {what}")]
+    Incomplete {
+        op: &'static str,
+        what: &'static str,
+    },
+    #[error(
+        "no source image owned by {owner} named {name:?} for architecture {arch} (check --source-owner, --source-name, --source-arch and the region)"
+    )]
+    NoSourceImage {
+        owner: String,
+        name: String,
+        arch: String,
+    },
+    #[error("timed out after {waited:?} waiting for {what} (last seen: {last})")]
+    Timeout {
+        what: String,
+        waited: Duration,
+        last: String,
+    },
+    #[error("builder instance {instance} went to {state} instead of stopping ({reason})")]
+    InstanceLost {
+        instance: String,
+        state: String,
+        reason: String,
+    },
+    #[error("image {image} is {state}: {reason}")]
+    ImageFailed {
+        image: String,
+        state: String,
+        reason: String,
+    },
+    #[error("failure injected after step {step} (PILOT_IMAGE_FAIL_AFTER)")]
+    Injected { step: &'static str },
+    #[error("cancelled by a signal")]
+    Cancelled,
+    #[error("clean-up left resources behind: {}", .0.join("; "))]
+    Cleanup(Vec<String>),
+}
+
+impl AwsError {
+    /// The AWS error code, when the service answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            AwsError::Api { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// An `*.NotFound` answer: the resource is already gone, which clean-up wants anyway.
+    pub fn is_not_found(&self) -> bool {
+        self.code().is_some_and(|c| {
+            c.ends_with(".NotFound") || c.ends_with(".Malformed") || c == "InvalidAMIID.Unavailable"
+        })
+    }
+}
+
+/// Wraps an SDK error with the operation's name; the message keeps the whole source chain
+/// (connection refused, the HTTP status, the service's message).
+pub fn api<E, R>(op: &'static str) -> impl FnOnce(SdkError<E, R>) -> AwsError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    move |e| AwsError::Api {
+        op,
+        code: e.code().map(str::to_owned),
+        message: DisplayErrorContext(&e).to_string(),
+    }
+}
+
+pub type Result<T, E = AwsError> = std::result::Result<T, E>;

@@ -1,0 +1,446 @@
+//! Removal of everything a build made, found by its `pilot:build-id` tag (plus what the failing
+//! build itself knows), in dependency order: images are deregistered before their snapshots
+//! are deleted, instances are terminated (and awaited) before their volumes and security group
+//! go, and the key pair last. Every removal is attempted even when another fails; "not found"
+//! counts as removed, so running it twice is harmless.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::{Image, InstanceStateName, VolumeState};
+
+use super::args::AwsCleanupArgs;
+use super::build::describe_instance;
+use super::error::{AwsError, Result, api};
+use super::{Deadline, Ec2, build_filter, filter, secs};
+
+/// Resource ids to remove besides those found by tag.
+#[derive(Debug, Default, Clone)]
+pub struct Known {
+    pub instances: BTreeSet<String>,
+    pub images: BTreeSet<String>,
+    pub snapshots: BTreeSet<String>,
+    pub volumes: BTreeSet<String>,
+    /// Key pair names (DeleteKeyPair by name: moto ignores KeyPairId).
+    pub key_pairs: BTreeSet<String>,
+    pub security_groups: BTreeSet<String>,
+}
+
+impl Known {
+    pub fn is_empty(&self) -> bool {
+        self.instances.is_empty()
+            && self.images.is_empty()
+            && self.snapshots.is_empty()
+            && self.volumes.is_empty()
+            && self.key_pairs.is_empty()
+            && self.security_groups.is_empty()
+    }
+}
+
+/// `pilot-image cleanup --build-id ID` on its own runtime.
+pub fn cleanup_blocking(build_id: &str, args: &AwsCleanupArgs) -> Result<Known> {
+    super::check_build_id(build_id)?;
+    let rt = super::runtime().map_err(|e| AwsError::Invalid {
+        flag: "--build-id",
+        reason: format!("cannot start the async runtime: {e}"),
+    })?;
+    rt.block_on(async {
+        let ec2 = Ec2::connect(
+            &args.connection,
+            Duration::from_millis(args.poll_interval_ms.max(1)),
+        )
+        .await?;
+        reap(
+            &ec2,
+            build_id,
+            Known::default(),
+            Duration::from_secs(args.cleanup_timeout),
+        )
+        .await
+    })
+}
+
+/// Finds and removes every resource of `build_id`; returns what was removed. Each phase's
+/// wait is bounded by `timeout`.
+pub async fn reap(ec2: &Ec2, build_id: &str, known: Known, timeout: Duration) -> Result<Known> {
+    let t0 = Instant::now();
+    let mut errors = Vec::new();
+    let mut found = match discover(ec2, build_id, known).await {
+        Ok(f) => f,
+        // Without the inventory nothing can be removed safely.
+        Err(e) => return Err(AwsError::Cleanup(vec![e.to_string()])),
+    };
+    note(&found);
+
+    // 1. Images, after noting their snapshots (a deregistered image no longer names them).
+    for image in &found.images {
+        match describe_image(ec2, image).await {
+            Ok(Some(img)) => found.snapshots.extend(image_snapshots(&img)),
+            Ok(None) => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+        match ec2
+            .client
+            .deregister_image()
+            .image_id(image)
+            .send()
+            .await
+            .map_err(api("DeregisterImage"))
+        {
+            Ok(_) => eprintln!("pilot-image: cleanup: deregistered {image}"),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+
+    // 2. Snapshots: EC2 refuses to delete one while an image still uses it (InUse) for a
+    // moment after the deregistration, hence the retry until the deadline.
+    for snap in &found.snapshots {
+        let deadline = Deadline::new(timeout);
+        loop {
+            match ec2
+                .client
+                .delete_snapshot()
+                .snapshot_id(snap)
+                .send()
+                .await
+                .map_err(api("DeleteSnapshot"))
+            {
+                Ok(_) => {
+                    eprintln!("pilot-image: cleanup: deleted {snap}");
+                    break;
+                }
+                Err(e) if e.is_not_found() => break,
+                Err(e) if e.code() == Some("InvalidSnapshot.InUse") && !deadline.expired() => {
+                    tokio::time::sleep(ec2.poll).await;
+                }
+                Err(e) => {
+                    errors.push(e.to_string());
+                    break;
+                }
+            }
+        }
+    }
+
+    // 3. Instances: terminate, then wait, because their security group and volumes can go
+    // only once they are terminated.
+    let live: Vec<String> = found.instances.iter().cloned().collect();
+    if !live.is_empty() {
+        match ec2
+            .client
+            .terminate_instances()
+            .set_instance_ids(Some(live.clone()))
+            .send()
+            .await
+            .map_err(api("TerminateInstances"))
+        {
+            Ok(_) => eprintln!("pilot-image: cleanup: terminating {}", live.join(" ")),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+        let deadline = Deadline::new(timeout);
+        for id in &live {
+            if let Err(e) = wait_terminated(ec2, id, deadline).await {
+                errors.push(e.to_string());
+            }
+        }
+    }
+
+    // 4. Volumes left detached by the instances.
+    for vol in &found.volumes {
+        if let Err(e) = delete_volume(ec2, vol, Deadline::new(timeout)).await {
+            errors.push(e.to_string());
+        }
+    }
+    if let Err(e) = delete_build_volumes(ec2, build_id, Deadline::new(timeout)).await {
+        errors.push(e.to_string());
+    }
+
+    // 5. Security groups (in reverse order of creation: after the instances, before the key
+    // pair).
+    for sg in &found.security_groups {
+        if let Err(e) = delete_security_group(ec2, sg, Deadline::new(timeout)).await {
+            errors.push(e.to_string());
+        }
+    }
+
+    // 6. Key pairs.
+    for kp in &found.key_pairs {
+        match ec2
+            .client
+            .delete_key_pair()
+            .key_name(kp)
+            .send()
+            .await
+            .map_err(api("DeleteKeyPair"))
+        {
+            Ok(_) => eprintln!("pilot-image: cleanup: deleted key pair {kp}"),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+
+    eprintln!(
+        "pilot-image: cleanup of build {build_id} {} in {}",
+        if errors.is_empty() {
+            "complete"
+        } else {
+            "incomplete"
+        },
+        secs(t0.elapsed())
+    );
+    if errors.is_empty() {
+        Ok(found)
+    } else {
+        Err(AwsError::Cleanup(errors))
+    }
+}
+
+fn note(found: &Known) {
+    let list = |s: &BTreeSet<String>| {
+        if s.is_empty() {
+            "-".to_owned()
+        } else {
+            s.iter().cloned().collect::<Vec<_>>().join(" ")
+        }
+    };
+    eprintln!(
+        "pilot-image: cleanup: images {}; snapshots {}; instances {}; volumes {}; security groups {}; key pairs {}",
+        list(&found.images),
+        list(&found.snapshots),
+        list(&found.instances),
+        list(&found.volumes),
+        list(&found.security_groups),
+        list(&found.key_pairs),
+    );
+}
+
+/// Everything tagged with the build id, plus `known`. Instances already terminated are left
+/// out, but their ids still find the snapshots of images made from them (EC2 describes such a
+/// snapshot as `Created by CreateImage(<instance>) for <image>`), which covers a build killed
+/// after CreateImage and before it could tag the snapshots.
+async fn discover(ec2: &Ec2, build_id: &str, mut known: Known) -> Result<Known> {
+    let c = &ec2.client;
+    let by_tag = build_filter(build_id);
+
+    let images = c
+        .describe_images()
+        .owners("self")
+        .filters(by_tag.clone())
+        .send()
+        .await
+        .map_err(api("DescribeImages"))?;
+    for img in images.images() {
+        if let Some(id) = img.image_id() {
+            known.images.insert(id.to_owned());
+            known.snapshots.extend(image_snapshots(img));
+        }
+    }
+
+    let mut all_instances = known.instances.clone();
+    let mut pages = c
+        .describe_instances()
+        .filters(by_tag.clone())
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(api("DescribeInstances"))?;
+        for inst in page.reservations().iter().flat_map(|r| r.instances()) {
+            let Some(id) = inst.instance_id() else {
+                continue;
+            };
+            all_instances.insert(id.to_owned());
+            let gone = matches!(
+                inst.state().and_then(|s| s.name()),
+                Some(InstanceStateName::Terminated)
+            );
+            if !gone {
+                known.instances.insert(id.to_owned());
+            }
+        }
+    }
+
+    let snaps = c
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(by_tag.clone())
+        .send()
+        .await
+        .map_err(api("DescribeSnapshots"))?;
+    known.snapshots.extend(
+        snaps
+            .snapshots()
+            .iter()
+            .filter_map(|s| s.snapshot_id())
+            .map(str::to_owned),
+    );
+    if !all_instances.is_empty() {
+        let patterns: Vec<String> = all_instances
+            .iter()
+            .map(|i| format!("Created by CreateImage({i})*"))
+            .collect();
+        let snaps = c
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(filter("description", patterns.iter().map(String::as_str)))
+            .send()
+            .await
+            .map_err(api("DescribeSnapshots"))?;
+        known.snapshots.extend(
+            snaps
+                .snapshots()
+                .iter()
+                .filter_map(|s| s.snapshot_id())
+                .map(str::to_owned),
+        );
+    }
+
+    let vols = c
+        .describe_volumes()
+        .filters(by_tag.clone())
+        .send()
+        .await
+        .map_err(api("DescribeVolumes"))?;
+    known.volumes.extend(
+        vols.volumes()
+            .iter()
+            .filter_map(|v| v.volume_id())
+            .map(str::to_owned),
+    );
+
+    let kps = c
+        .describe_key_pairs()
+        .filters(by_tag.clone())
+        .send()
+        .await
+        .map_err(api("DescribeKeyPairs"))?;
+    known.key_pairs.extend(
+        kps.key_pairs()
+            .iter()
+            .filter_map(|k| k.key_name())
+            .map(str::to_owned),
+    );
+
+    let sgs = c
+        .describe_security_groups()
+        .filters(by_tag)
+        .send()
+        .await
+        .map_err(api("DescribeSecurityGroups"))?;
+    known.security_groups.extend(
+        sgs.security_groups()
+            .iter()
+            .filter_map(|g| g.group_id())
+            .map(str::to_owned),
+    );
+    Ok(known)
+}
+
+/// The snapshot ids in an image's block-device mappings.
+pub fn image_snapshots(image: &Image) -> Vec<String> {
+    image
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// One image, or None if EC2 does not know it (yet, or any more).
+pub async fn describe_image(ec2: &Ec2, image_id: &str) -> Result<Option<Image>> {
+    match ec2
+        .client
+        .describe_images()
+        .image_ids(image_id)
+        .send()
+        .await
+        .map_err(api("DescribeImages"))
+    {
+        Ok(out) => Ok(out
+            .images()
+            .iter()
+            .find(|i| i.image_id() == Some(image_id))
+            .cloned()),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+async fn wait_terminated(ec2: &Ec2, id: &str, deadline: Deadline) -> Result<()> {
+    loop {
+        let state = describe_instance(ec2, id)
+            .await?
+            .and_then(|i| i.state().and_then(|s| s.name()).cloned());
+        match state {
+            None | Some(InstanceStateName::Terminated) => return Ok(()),
+            Some(s) => deadline.check(format!("instance {id} to terminate"), s.as_str())?,
+        }
+        tokio::time::sleep(ec2.poll).await;
+    }
+}
+
+/// Deletes a security group, retrying while EC2 still sees it in use: a terminated
+/// instance's network interface lingers for a while (DependencyViolation).
+pub async fn delete_security_group(ec2: &Ec2, sg: &str, deadline: Deadline) -> Result<()> {
+    loop {
+        match ec2
+            .client
+            .delete_security_group()
+            .group_id(sg)
+            .send()
+            .await
+            .map_err(api("DeleteSecurityGroup"))
+        {
+            Ok(_) => {
+                eprintln!("pilot-image: cleanup: deleted security group {sg}");
+                return Ok(());
+            }
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) if e.code() == Some("DependencyViolation") && !deadline.expired() => {
+                tokio::time::sleep(ec2.poll).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn delete_volume(ec2: &Ec2, vol: &str, deadline: Deadline) -> Result<()> {
+    loop {
+        match ec2
+            .client
+            .delete_volume()
+            .volume_id(vol)
+            .send()
+            .await
+            .map_err(api("DeleteVolume"))
+        {
+            Ok(_) => {
+                eprintln!("pilot-image: cleanup: deleted {vol}");
+                return Ok(());
+            }
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) if e.code() == Some("VolumeInUse") && !deadline.expired() => {
+                tokio::time::sleep(ec2.poll).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Deletes the build's volumes that are no longer attached (those attached to a live instance
+/// go with it: the builder's root volume is delete-on-termination).
+pub async fn delete_build_volumes(ec2: &Ec2, build_id: &str, deadline: Deadline) -> Result<()> {
+    let vols = ec2
+        .client
+        .describe_volumes()
+        .filters(build_filter(build_id))
+        .send()
+        .await
+        .map_err(api("DescribeVolumes"))?;
+    for v in vols.volumes() {
+        if let (Some(id), Some(VolumeState::Available)) = (v.volume_id(), v.state()) {
+            delete_volume(ec2, id, deadline).await?;
+        }
+    }
+    Ok(())
+}
