@@ -144,6 +144,7 @@ bootcmd:
         n=$((n+1))
         echo "PILOT-DIAG round $n active: $(systemctl is-active docker.service docker.socket containerd.service pilot-agent.service pilot-agent-firewall.service | tr '\n' ' ')"
         echo "PILOT-DIAG jobs: $(timeout 5 systemctl list-jobs --no-pager 2>&1 | tr '\n' ';')"
+        timeout 5 journalctl -u pilot-agent -p warning --no-pager -n 6 -o cat 2>&1 | sed 's/^/PILOT-DIAG w: /'
         echo "PILOT-DIAG ss: $(timeout 5 ss -ltnpx 2>&1 | grep -E 'docker|2376|containerd' | tr '\n' ';')"
         if [ $((n % 4)) = 0 ]; then
           timeout 5 systemctl status --no-pager docker.service docker.socket pilot-agent.service 2>&1 | sed 's/^/PILOT-DIAG st: /'

@@ -995,7 +995,8 @@ fn mutate(rng: &mut Rng, text: &str) -> Vec<u8> {
 #[test]
 fn malformed_configs_and_status_files_never_panic() -> Result<()> {
     let bin = target_bin("pilot-agent")?;
-    let dir = tempfile_dir("pilot-rel-malformed")?;
+    let tmp = TempDir::new("pilot-rel-malformed")?;
+    let dir = tmp.0.clone();
     let example_path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../agent/examples/agent.yaml");
     let example = fs::read_to_string(&example_path)
@@ -1304,14 +1305,24 @@ fn malformed_configs_and_status_files_never_panic() -> Result<()> {
         "reliability: {} malformed status files x 4 invocations (+1 directory): {tally:?}, no panic",
         bad.len()
     );
-    fs::remove_dir_all(&dir)?;
+    drop(tmp);
     Ok(())
 }
 
-/// A fresh directory under the system temp dir.
-fn tempfile_dir(prefix: &str) -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d)?;
-    Ok(d)
+/// A fresh directory under the system temp dir, removed when dropped (a failed test too).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> Result<TempDir> {
+        let d = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d)?;
+        Ok(TempDir(d))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
