@@ -145,7 +145,10 @@ async fn restart_systemd(unit: &str, limit: Duration) -> Result<(), DockerError>
                 .max(Duration::from_secs(1)),
         )
         .await?;
-        if now.active_state == "active" && now.invocation_id != before.invocation_id {
+        // No invocation before: the unit was not running, so any active one is the new one.
+        let new_invocation =
+            before.invocation_id.is_empty() || now.invocation_id != before.invocation_id;
+        if now.active_state == "active" && new_invocation {
             return Ok(());
         }
         if start.elapsed() >= limit {
