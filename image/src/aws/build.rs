@@ -44,15 +44,32 @@ pub const STEPS: [&str; 11] = [
 
 /// Appended to the rendered `stock` user-data: the builder powers itself off once the agent
 /// package is installed, which is the build's signal that provisioning is done.
-const POWER_OFF: &str = "
-# Appended by `pilot-image build --target aws`: power the builder off once the agent package is
-# installed; the build waits for the instance to stop, then makes the image. If the installation
-# failed, the builder stays up and the build times out instead of baking a broken image.
+/// The builder's user-data. Unlike the `stock` flavour, it writes no agent configuration and
+/// starts no agent: an image must not carry the builder's CA, keys, Waypoint tokens or server
+/// data, or every VM made from it would share them. It installs the packages, enables the
+/// agent's units (they wait for /etc/pilot/agent.yaml, which each VM's own user-data writes),
+/// empties machine-id for the clones, and powers off only if the agent is installed: a failed
+/// installation leaves the builder up, and the build times out instead of baking it.
+const BUILDER_USER_DATA: &str = r#"#cloud-config
+# Written by `pilot-image build --target aws` for its builder instance.
+package_update: true
+packages:
+  - docker.io
+  - nftables
+  - apparmor
+  - curl
+  - ca-certificates
+runcmd:
+  - [curl, --fail, --silent, --show-error, --location, --proto, '=https', --retry, '5', --output, /var/cache/pilot-agent.deb, @@AGENT_DEB_URL@@]
+  - [env, DEBIAN_FRONTEND=noninteractive, apt-get, install, --yes, --no-install-recommends, /var/cache/pilot-agent.deb]
+  - [rm, -f, /var/cache/pilot-agent.deb]
+  - [systemctl, enable, pilot-agent-firewall.service, pilot-agent.service]
+  - [truncate, --size, '0', /etc/machine-id]
 power_state:
   mode: poweroff
   message: pilot-image builder provisioned
   condition: [test, -x, /usr/bin/pilot-agent]
-";
+"#;
 
 /// Everything checked before the first API call.
 #[derive(Debug, Clone)]
@@ -171,17 +188,21 @@ fn read_user_data(path: &Path) -> Result<String> {
     Ok(text)
 }
 
-/// The `stock` user-data (installs Docker, nftables and the agent package) plus a conditional
-/// power-off, refused above EC2's limit like every rendering.
+/// [`BUILDER_USER_DATA`] for the agent package at `agent_deb_url` (https only, checked as the
+/// `user-data` command checks it), refused above EC2's limit like every rendering.
 pub fn builder_user_data(agent_deb_url: &str) -> Result<String> {
-    let spec = UserDataInput {
+    UserDataInput {
         flavour: Some(Flavour::Stock),
         agent_deb_url: Some(agent_deb_url.to_owned()),
         ..UserDataInput::default()
     }
     .validate()?;
-    let mut text = userdata::render(&spec)?;
-    text.push_str(POWER_OFF);
+    // A JSON string is a valid YAML double-quoted scalar: no quoting of our own.
+    let quoted = serde_json::to_string(agent_deb_url).map_err(|e| AwsError::Invalid {
+        flag: "--agent-deb-url",
+        reason: e.to_string(),
+    })?;
+    let text = BUILDER_USER_DATA.replace("@@AGENT_DEB_URL@@", &quoted);
     if text.len() > USER_DATA_LIMIT {
         return Err(userdata::UserDataError::TooLarge {
             size: text.len(),
@@ -832,7 +853,10 @@ mod tests {
         let text = builder_user_data("https://example.com/pilot-agent.deb").unwrap();
         assert!(text.starts_with("#cloud-config"));
         assert!(text.contains("power_state:"));
-        assert!(text.contains("https://example.com/pilot-agent.deb"));
+        assert!(text.contains("\"https://example.com/pilot-agent.deb\""));
+        // The image must not carry the builder's state: no configuration, no agent started.
+        assert!(!text.contains("agent.yaml"));
+        assert!(!text.contains("restart"));
         assert!(text.len() <= USER_DATA_LIMIT);
         assert!(builder_user_data("http://insecure.example.com/x.deb").is_err());
     }
