@@ -213,11 +213,12 @@ async fn authenticates_rate_limits_serves_and_logs_no_secret() -> Result<()> {
         window_secs: 3600,
     })?;
     let telemetry = Arc::new(Telemetry::default());
-    telemetry.record_pass("start", Duration::from_millis(1500), 2);
+    telemetry.record_pass("start", Duration::from_millis(1500), 2, false);
     telemetry.record_pass(
         "docker-event: waypoint-server die",
         Duration::from_millis(300),
         1,
+        true,
     );
     telemetry.record_docker_event();
     let ep = Endpoint::start(fx.config.clone(), telemetry.clone()).await?;
@@ -578,6 +579,6 @@ async fn shutdown_does_not_wait_for_a_silent_client() -> Result<()> {
 fn api_shape(e: &Endpoint, t: &Telemetry) {
     let _: SocketAddr = e.local_addr();
     let _: Result<(), EndpointError> = e.reload_tls();
-    t.record_pass("start", Duration::ZERO, 0);
+    t.record_pass("start", Duration::ZERO, 0, false);
     t.record_docker_event();
 }

@@ -48,10 +48,17 @@ pub(crate) struct Requests {
 impl Telemetry {
     /// One converge pass ended. `trigger` says why it ran (`start`, `interval`,
     /// `docker-event: waypoint-server die`); only the part before the first `:` becomes a
-    /// label. A pass after the first that changed steps counts as a repair.
-    pub fn record_pass(&self, trigger: &str, duration: Duration, changed_steps: usize) {
-        let previous = self.passes.fetch_add(1, Ordering::Relaxed);
-        if previous > 0 && changed_steps > 0 {
+    /// label. `repair`: the run loop counted this pass as a repair (its rule, kept in one
+    /// place, `service`, so /metrics and status.json's `run.repairs` cannot disagree).
+    pub fn record_pass(
+        &self,
+        trigger: &str,
+        duration: Duration,
+        changed_steps: usize,
+        repair: bool,
+    ) {
+        self.passes.fetch_add(1, Ordering::Relaxed);
+        if repair {
             self.repairs.fetch_add(1, Ordering::Relaxed);
         }
         self.changed_steps
@@ -285,7 +292,7 @@ mod tests {
         assert_eq!(trigger_kind(": x"), "unknown");
         let t = Telemetry::default();
         for i in 0..40 {
-            t.record_pass(&format!("kind{i}"), Duration::from_millis(5), 0);
+            t.record_pass(&format!("kind{i}"), Duration::from_millis(5), 0, false);
         }
         let map = t.by_trigger.lock().unwrap();
         assert_eq!(map.len(), MAX_TRIGGER_KINDS + 1);
@@ -293,14 +300,15 @@ mod tests {
     }
 
     #[test]
-    fn repairs_are_changing_passes_after_the_first() {
+    fn repairs_are_counted_as_the_run_loop_reports_them() {
         let t = Telemetry::default();
-        t.record_pass("start", Duration::from_secs(2), 5);
-        t.record_pass("interval", Duration::from_millis(30), 0);
+        t.record_pass("start", Duration::from_secs(2), 5, false);
+        t.record_pass("interval", Duration::from_millis(30), 0, false);
         t.record_pass(
             "docker-event: waypoint-server die",
             Duration::from_secs(1),
             1,
+            true,
         );
         assert_eq!(t.passes(), 3);
         assert_eq!(t.repairs(), 1);

@@ -300,7 +300,9 @@ impl Service {
         let degraded = (!degraded.is_empty()).then(|| degraded.join(", "));
         let first = self.run.passes == 0;
         self.run.passes += 1;
-        if !first && changed > 0 {
+        // The one definition of a repair (status.json and /metrics both take it from here).
+        let repair = !first && changed > 0;
+        if repair {
             self.run.repairs += 1;
             self.run.last_repair_at = Some(status::now());
         }
@@ -313,7 +315,7 @@ impl Service {
             tracing::warn!("cannot record the pass in the status file: {e}");
         }
         self.telemetry
-            .record_pass(&pass.trigger.to_string(), elapsed, changed);
+            .record_pass(&pass.trigger.to_string(), elapsed, changed, repair);
         self.schedule.pass_finished(now, degraded);
         tracing::info!(
             condition = ?status.condition,
