@@ -110,9 +110,9 @@ pub struct StepStatus {
     pub state: StepState,
     /// What happened, for operators; never a secret.
     pub detail: String,
-    #[serde(with = "time::serde::rfc3339::option")]
+    #[serde(with = "millis::option")]
     pub started_at: Option<OffsetDateTime>,
-    #[serde(with = "time::serde::rfc3339::option")]
+    #[serde(with = "millis::option")]
     pub finished_at: Option<OffsetDateTime>,
 }
 
@@ -127,9 +127,9 @@ pub struct Status {
     pub version: String,
     /// The command that ran (`up`, `run`).
     pub command: String,
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(with = "millis")]
     pub started_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339::option")]
+    #[serde(with = "millis::option")]
     pub finished_at: Option<OffsetDateTime>,
     pub steps: Vec<StepStatus>,
     /// Written by `pilot-agent run` only (boxed: most statuses are `up`'s, without it).
@@ -157,16 +157,16 @@ pub struct RunInfo {
     pub last_trigger: String,
     /// Passes after the first that changed at least one step.
     pub repairs: u64,
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(default, with = "millis::option")]
     pub last_repair_at: Option<OffsetDateTime>,
     /// The condition the last finished pass ended with (what readers report while the next
     /// pass is under way).
     #[serde(default)]
     pub last_pass_condition: Option<Condition>,
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(default, with = "millis::option")]
     pub last_pass_finished_at: Option<OffsetDateTime>,
     /// Set when `run` shut down cleanly (SIGTERM/SIGINT).
-    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[serde(default, with = "millis::option")]
     pub stopped_at: Option<OffsetDateTime>,
 }
 
@@ -290,6 +290,65 @@ impl Status {
     }
 }
 
+/// Timestamps in status.json: RFC 3339 in UTC with exactly three fractional digits
+/// (`2026-11-22T08:36:21.700Z`). `time`'s own RFC 3339 output drops trailing zeros
+/// (`.7Z`), which makes equal-width comparison and `sort` on the text lie; a fixed width
+/// keeps the file sortable by eye and by tools. Reading accepts any RFC 3339 time, so
+/// files written by older agents still load.
+pub mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use time::format_description::well_known::Rfc3339;
+    use time::macros::format_description;
+    use time::{OffsetDateTime, UtcOffset};
+
+    /// Format `t` the way status.json stores it.
+    pub fn format(t: OffsetDateTime) -> String {
+        let fmt = format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        );
+        let utc = t.to_offset(UtcOffset::UTC);
+        // Only years outside 0..=9999 fail to format; fall back to time's own text.
+        utc.format(fmt).unwrap_or_else(|_| utc.to_string())
+    }
+
+    pub fn serialize<S: Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
+        let text = String::deserialize(d)?;
+        OffsetDateTime::parse(&text, &Rfc3339).map_err(serde::de::Error::custom)
+    }
+
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+        use time::OffsetDateTime;
+
+        pub fn serialize<S: Serializer>(
+            t: &Option<OffsetDateTime>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => s.serialize_some(&super::format(*t)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<OffsetDateTime>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                Some(text) => {
+                    OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+                        .map(Some)
+                        .map_err(serde::de::Error::custom)
+                }
+                None => Ok(None),
+            }
+        }
+    }
+}
+
 /// The wall-clock time, to the millisecond (enough for operators, and stable in JSON).
 pub fn now() -> OffsetDateTime {
     let t = OffsetDateTime::now_utc();
@@ -328,6 +387,29 @@ mod tests {
             serde_json::to_value(RunStatus::NotStarted).unwrap(),
             "not-started"
         );
+    }
+
+    #[test]
+    fn timestamps_have_three_fractional_digits_and_sort_as_text() {
+        // 700 ms was written `.7Z` by time's RFC 3339, which sorts after `.701Z`.
+        let a = time::macros::datetime!(2026-11-22 08:36:21.700 UTC);
+        let b = time::macros::datetime!(2026-11-22 08:36:21.701 UTC);
+        let c = time::macros::datetime!(2026-11-22 08:36:22 UTC);
+        let (fa, fb, fc) = (millis::format(a), millis::format(b), millis::format(c));
+        assert_eq!(fa, "2026-11-22T08:36:21.700Z");
+        assert_eq!(fc, "2026-11-22T08:36:22.000Z");
+        assert!(fa < fb && fb < fc, "{fa} {fb} {fc}");
+        // Other offsets are written in UTC.
+        let local = time::macros::datetime!(2026-11-22 09:36:21.7 +01:00);
+        assert_eq!(millis::format(local), fa);
+        // Older files (time's trimmed form) still read back to the same instant.
+        let mut s = Status::start("up", ["x".to_string()]);
+        s.started_at = a;
+        let mut v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["started_at"], "2026-11-22T08:36:21.700Z");
+        v["started_at"] = "2026-11-22T08:36:21.7Z".into();
+        let back: Status = serde_json::from_value(v).unwrap();
+        assert_eq!(back.started_at, a);
     }
 
     #[test]

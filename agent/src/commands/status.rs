@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::{Config, ConfigError, DEFAULT_STATE_DIR, DockerConfig};
@@ -397,7 +396,7 @@ pub fn render_json(observation: &Observation, extras: Option<&Extras>) -> Value 
                 let mut e = json!({
                     "name": c.name,
                     "path": c.path,
-                    "not_after": c.not_after.and_then(|t| t.format(&Rfc3339).ok()),
+                    "not_after": c.not_after.map(crate::status::millis::format),
                     "days_left": c.days_left,
                 });
                 if let Some(p) = &c.problem {
@@ -647,8 +646,9 @@ fn json_word<T: serde::Serialize>(v: &T) -> String {
     }
 }
 
+/// The same text status.json holds, so an operator can grep one for the other.
 fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+    crate::status::millis::format(t)
 }
 
 /// A short human duration: `350 ms`, `4.2 s`, `3 min 5 s`, `2 h 3 min`.

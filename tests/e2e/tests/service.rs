@@ -153,17 +153,14 @@ fn step_names(status: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Whether `t` looks like an RFC 3339 UTC or offset time (`2026-11-22T05:48:40.123Z`).
+/// `t` parsed as an RFC 3339 time, or None: times are compared as instants, never as text.
+fn rfc3339(t: &Value) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(t.as_str()?, &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// Whether `t` is an RFC 3339 time (`2026-11-22T05:48:40.123Z`).
 fn is_rfc3339(t: &Value) -> bool {
-    let Some(s) = t.as_str() else { return false };
-    let b = s.as_bytes();
-    b.len() >= 20
-        && b[4] == b'-'
-        && b[7] == b'-'
-        && b[10] == b'T'
-        && b[13] == b':'
-        && b[16] == b':'
-        && (s.ends_with('Z') || s[19..].contains(['+', '-']))
+    rfc3339(t).is_some()
 }
 
 /// Checks the fields of `status --json` of a finished, healthy run by `command`.
@@ -193,7 +190,7 @@ fn check_status_json(v: &Value, command: &str) -> Result<()> {
             "step times: {s}"
         );
         ensure!(
-            s["started_at"].as_str() <= s["finished_at"].as_str(),
+            rfc3339(&s["started_at"]) <= rfc3339(&s["finished_at"]),
             "step finished before it started: {s}"
         );
     }
