@@ -39,6 +39,7 @@ pub mod host;
 pub mod identity;
 pub mod pki;
 pub mod plan;
+pub mod remote;
 pub mod service;
 pub mod status;
 pub mod tls;

@@ -6,7 +6,18 @@
 //! pki (CA, certificates) ┘                                    └──> network ─┴──> waypoint-server
 //!                                                                               │
 //!                              waypoint-runners <── waypoint-bootstrap <────────┘
+//!                              waypoint-advertise <─ waypoint-bootstrap
 //! database (fail-open, after nothing: an unreachable database holds back no one)
+//! ```
+//!
+//! A runner-only host (`role: runner`) has no server, bootstrap, advertise or database step;
+//! `server-link` fetches the server VM's Waypoint address and token from its endpoint
+//! (degraded while the server VM cannot be reached: the runners keep running on what was
+//! fetched before) and the runners come after it:
+//!
+//! ```text
+//! docker-tls ──> images, network ──┐
+//! server-link ─────────────────────┴──> waypoint-runners
 //! ```
 //!
 //! The identity is resolved once per pass and shared ([`Ctx::identity`]): the pki step awaits
@@ -26,7 +37,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::config::{Config, Role};
 use crate::database;
 use crate::docker::{self, DockerPlan};
 use crate::engine::{Outcome, Step, StepError, StepResult};
@@ -46,7 +57,9 @@ pub const IMAGES: &str = "images";
 pub const NETWORK: &str = "network";
 pub const WAYPOINT_SERVER: &str = "waypoint-server";
 pub const WAYPOINT_BOOTSTRAP: &str = "waypoint-bootstrap";
+pub const WAYPOINT_ADVERTISE: &str = "waypoint-advertise";
 pub const WAYPOINT_RUNNERS: &str = "waypoint-runners";
+pub const SERVER_LINK: &str = "server-link";
 pub const DATABASE: &str = "database";
 
 /// How long the database step may take before it reports the server as stalled.
@@ -200,8 +213,10 @@ pub fn up_steps(config: &Config) -> Vec<Step<Ctx>> {
         })
         .after(&[FIREWALL, PKI, DOCKER_CONFIG]),
     ];
-    if config.waypoint.is_some() {
-        steps.extend(waypoint_steps());
+    match (config.role, config.waypoint.is_some()) {
+        (Role::Server, true) => steps.extend(waypoint_steps()),
+        (Role::Server, false) => {}
+        (Role::Runner, _) => steps.extend(runner_host_steps()),
     }
     if config.database.is_some() {
         steps.push(database_step());
@@ -249,19 +264,60 @@ fn waypoint_steps() -> Vec<Step<Ctx>> {
             ))
         })
         .after(&[WAYPOINT_SERVER]),
-        Step::new(WAYPOINT_RUNNERS, |ctx: Arc<Ctx>| async move {
-            let plan = waypoint_plan(&ctx)?;
-            // Waypoint runner IDs carry the host name, so runners of several hosts differ.
-            let hostname = match &ctx.config.host.hostname {
-                Some(h) => h.clone(),
-                None => host::kernel_hostname()?,
-            };
+        Step::new(WAYPOINT_ADVERTISE, |ctx: Arc<Ctx>| async move {
+            let identity = ctx.identity().await.identity.clone();
+            // Without the interface list the fallback is the host name: not worth failing.
+            let addrs = host::interface_addrs().unwrap_or_default();
+            let address = waypoint::advertise::wanted_address(&ctx.config, &identity, &addrs);
             Ok(report(
-                waypoint::converge_runners(ctx.docker().await?, &plan, &hostname).await?,
+                waypoint::converge_advertise(ctx.docker().await?, &waypoint_plan(&ctx)?, &address)
+                    .await?,
             ))
         })
-        .after(&[WAYPOINT_BOOTSTRAP, PKI]),
+        .after(&[WAYPOINT_BOOTSTRAP]),
+        runners_step(&[WAYPOINT_BOOTSTRAP, PKI]),
     ]
+}
+
+/// The steps of a runner-only host after `docker-tls`.
+fn runner_host_steps() -> Vec<Step<Ctx>> {
+    vec![
+        Step::new(IMAGES, |ctx: Arc<Ctx>| async move {
+            Ok(report(
+                waypoint::converge_images(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
+            ))
+        })
+        .after(&[DOCKER_TLS]),
+        Step::new(NETWORK, |ctx: Arc<Ctx>| async move {
+            Ok(report(
+                waypoint::converge_network(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
+            ))
+        })
+        .after(&[DOCKER_TLS]),
+        Step::new(SERVER_LINK, |ctx: Arc<Ctx>| async move {
+            let Some(link) = &ctx.config.server else {
+                return Err(StepError::msg("role: runner without a server section"));
+            };
+            waypoint::link::converge(&waypoint_plan(&ctx)?, link).await
+        }),
+        runners_step(&[SERVER_LINK, IMAGES, NETWORK, PKI]),
+    ]
+}
+
+/// The runners step, after `deps`.
+fn runners_step(deps: &[&'static str]) -> Step<Ctx> {
+    Step::new(WAYPOINT_RUNNERS, |ctx: Arc<Ctx>| async move {
+        let plan = waypoint_plan(&ctx)?;
+        // Waypoint runner IDs carry the host name, so runners of several hosts differ.
+        let hostname = match &ctx.config.host.hostname {
+            Some(h) => h.clone(),
+            None => host::kernel_hostname()?,
+        };
+        Ok(report(
+            waypoint::converge_runners(ctx.docker().await?, &plan, &hostname).await?,
+        ))
+    })
+    .after(deps)
 }
 
 /// The database step: fails open without being marked `fail_open`, because only some of its
@@ -426,8 +482,34 @@ mod tests {
                 NETWORK,
                 WAYPOINT_SERVER,
                 WAYPOINT_BOOTSTRAP,
+                WAYPOINT_ADVERTISE,
                 WAYPOINT_RUNNERS,
                 DATABASE
+            ]
+        );
+        Engine::new("up", steps).unwrap();
+
+        // A runner-only host: no server, bootstrap, advertise or database; waypoint defaults.
+        let yaml = format!(
+            "role: runner\nserver:\n  endpoint: 10.0.0.5\n  ca_sha256: \"{}\"\n",
+            "ab".repeat(32)
+        );
+        let runner = Config::from_yaml(&yaml).unwrap();
+        assert_eq!(runner.server.as_ref().unwrap().endpoint.port, 8443);
+        let steps = up_steps(&runner);
+        let names: Vec<_> = steps.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            vec![
+                IDENTITY,
+                FIREWALL,
+                PKI,
+                DOCKER_CONFIG,
+                DOCKER_TLS,
+                IMAGES,
+                NETWORK,
+                SERVER_LINK,
+                WAYPOINT_RUNNERS,
             ]
         );
         Engine::new("up", steps).unwrap();

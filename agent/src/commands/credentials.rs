@@ -10,13 +10,18 @@
 //! {"waypoint": {"address": "pilot.example.com:9701", "token": "...", "tls_skip_verify": true},
 //!  "database": {"host": "...", "port": 5432, "name": "pilot", "user": "pilot_app",
 //!               "password": "..."},
-//!  "ca_pem": "-----BEGIN CERTIFICATE-----\n...", "missing": []}
+//!  "ca_pem": "-----BEGIN CERTIFICATE-----\n...", "ca_sha256": "3F:9A:...", "missing": []}
 //! ```
 //!
-//! The Waypoint address is the first of: the first `host.extra_names` entry (the name clients
-//! are told to use), `waypoint.publish_address` when it is a specific address, `host.hostname`,
-//! the first non-loopback, non-link-local address of an interface that `host.exclude_interfaces`
-//! does not exclude (IPv4 first), the kernel's host name. The port is `waypoint.grpc_port`.
+//! The Waypoint address is the one the server advertises to applications (the
+//! `waypoint-advertise` step's, so the CLI and every entrypoint dial the same address); before
+//! that step ran, `waypoint.advertise_address` when set, else the first of: the first
+//! `host.extra_names` entry (the name clients are told to use), `waypoint.publish_address` when
+//! it is a specific address, `host.hostname`, the first non-loopback, non-link-local address of
+//! an interface that `host.exclude_interfaces` does not exclude (IPv4 first), the kernel's host
+//! name, with `waypoint.grpc_port`. `ca_sha256` is the CA certificate's SHA-256 fingerprint, the
+//! value a runner-only host pins (`server.ca_sha256`). On a runner-only host `waypoint` is
+//! missing: the server VM's credentials have it.
 //! `tls_skip_verify` is true because Waypoint serves its own self-signed certificate, not one
 //! from the agent's CA.
 //!
@@ -30,12 +35,13 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
+use crate::config::waypoint::join_host_port;
 use crate::config::{Config, ConfigError};
 use crate::database::{self, Secret};
 use crate::host::{self, InterfaceAddr};
 use crate::pki::PkiLayout;
 use crate::plan;
-use crate::waypoint::WaypointPlan;
+use crate::waypoint::{ServerRef, WaypointPlan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -105,12 +111,17 @@ pub fn gather(config: &Config, addrs: &[InterfaceAddr]) -> Result<Credentials, C
             ));
             None
         }
+        Some(plan) if plan.server == ServerRef::Remote => {
+            missing.push((
+                "waypoint".into(),
+                "a runner-only host (role: runner): the server VM's credentials have the \
+                 Waypoint address and token"
+                    .into(),
+            ));
+            None
+        }
         Some(plan) => {
-            let host = waypoint_host(config, addrs);
-            let address = match host.parse::<IpAddr>() {
-                Ok(IpAddr::V6(v6)) => format!("[{v6}]:{}", plan.config.grpc_port),
-                _ => format!("{host}:{}", plan.config.grpc_port),
-            };
+            let address = waypoint_address(config, &plan, addrs)?;
             let token = read_secret(&plan.bootstrap_token_path())?;
             if token.is_none() {
                 missing.push((
@@ -176,6 +187,29 @@ pub fn gather(config: &Config, addrs: &[InterfaceAddr]) -> Result<Credentials, C
         ca_pem,
         missing,
     })
+}
+
+/// The address the Pilot CLI should dial: the one the server advertises to applications (as
+/// the `waypoint-advertise` step last set it), else the configured advertise address, else
+/// [`waypoint_host`] with the gRPC port.
+fn waypoint_address(
+    config: &Config,
+    plan: &WaypointPlan,
+    addrs: &[InterfaceAddr],
+) -> Result<String, CredentialsError> {
+    if let Some(set) = read_file(&plan.advertise_marker_path())? {
+        let set = String::from_utf8_lossy(&set).trim().to_string();
+        if !set.is_empty() {
+            return Ok(set);
+        }
+    }
+    if let Some(fixed) = plan.config.advertise.fixed() {
+        return Ok(fixed);
+    }
+    Ok(join_host_port(
+        &waypoint_host(config, addrs),
+        plan.config.grpc_port,
+    ))
 }
 
 /// The host name or address the Pilot CLI should dial (order in the module documentation).
@@ -256,6 +290,15 @@ fn read_password(path: &Path) -> Result<Secret, CredentialsError> {
 }
 
 impl Credentials {
+    /// The SHA-256 fingerprint of the agent's CA certificate: what a runner-only host's
+    /// `server.ca_sha256` pins.
+    pub fn ca_sha256(&self) -> Option<String> {
+        let pem = self.ca_pem.as_deref()?;
+        crate::remote::Fingerprint::of_pem(pem)
+            .ok()
+            .map(|f| f.to_string())
+    }
+
     /// The JSON output (the documented API). Exposes the secrets: only for the command's stdout.
     pub fn to_json(&self) -> Value {
         json!({
@@ -276,6 +319,7 @@ impl Credentials {
                 v
             }),
             "ca_pem": self.ca_pem,
+            "ca_sha256": self.ca_sha256(),
             "missing": self.missing.iter().map(|(field, _)| field).collect::<Vec<_>>(),
         })
     }
@@ -302,6 +346,9 @@ impl Credentials {
             if let Some(p) = &d.password {
                 let _ = writeln!(out, "database password:  {}", p.expose());
             }
+        }
+        if let Some(fp) = self.ca_sha256() {
+            let _ = writeln!(out, "agent CA sha256:    {fp}");
         }
         if let Some(pem) = &self.ca_pem {
             let _ = writeln!(out, "agent CA certificate:");
@@ -408,6 +455,8 @@ mod tests {
                 "database": {"host": "db.internal", "port": 5432, "name": "pilot",
                     "user": "pilot_app", "password": "pw-456"},
                 "ca_pem": "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
+                // The PEM above holds the single byte 0.
+                "ca_sha256": crate::remote::Fingerprint::of_der(&[0]).to_string(),
                 "missing": [],
             })
         );

@@ -17,6 +17,7 @@ pub mod firewall;
 pub mod host;
 pub mod pki;
 pub mod schema;
+pub mod server;
 pub mod service;
 pub mod waypoint;
 
@@ -34,6 +35,7 @@ pub use host::HostConfig;
 pub use pki::PkiConfig;
 pub use schema::Diagnostic;
 use schema::Walker;
+pub use server::{Role, ServerLink};
 pub use service::ServiceSettings;
 pub use waypoint::WaypointConfig;
 
@@ -47,6 +49,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/pilot-agent";
 /// The sections and keys allowed at the top of the file.
 pub const TOP_LEVEL_KEYS: &[&str] = &[
     "state_dir",
+    "role",
+    "server",
     "host",
     "cloud",
     "pki",
@@ -63,6 +67,10 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
 pub struct Config {
     /// Where the agent keeps its keys, certificates, status and markers.
     pub state_dir: PathBuf,
+    /// Server VM (the default) or runner-only host.
+    pub role: Role,
+    /// How a runner-only host reaches the server VM; `Some` exactly when `role: runner`.
+    pub server: Option<ServerLink>,
     pub host: HostConfig,
     /// Where the host's identity comes from (cloud metadata or the host).
     pub cloud: CloudConfig,
@@ -116,6 +124,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            role: Role::Server,
+            server: None,
             host: HostConfig::default(),
             cloud: CloudConfig::default(),
             pki: PkiConfig::default(),
@@ -198,6 +208,26 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The Waypoint server's published gRPC port and who may reach it besides loopback, or
+    /// `None` when this host runs no Waypoint server: the application sources, the operators
+    /// (the Pilot CLI speaks to the same port), and the container networks on this host
+    /// (applications deployed here reach the advertised address through the host).
+    pub fn waypoint_allowed_sources(&self) -> Option<(u16, Vec<IpNet>)> {
+        if self.role != Role::Server {
+            return None;
+        }
+        let w = self.waypoint.as_ref()?;
+        let mut all = w.application_sources.clone();
+        for net in self.docker_api_allowed_sources() {
+            if !all.contains(&net) {
+                all.push(net);
+            }
+        }
+        Some((w.grpc_port, all))
+    }
+}
+
 fn read_root(w: &mut Walker, root: &MarkedYaml<'_>) -> Config {
     let mut config = Config::default();
     let Some(fields) = w.mapping(root, "", TOP_LEVEL_KEYS) else {
@@ -235,6 +265,10 @@ fn read_root(w: &mut Walker, root: &MarkedYaml<'_>) -> Config {
     if let Some(node) = fields.get("service") {
         config.service = service::read(w, node);
     }
+    if let Some(node) = fields.get("role") {
+        config.role = server::read_role(w, node);
+    }
+    read_role_sections(w, root, &mut config);
 
     // Locking the TLS port would cut the agent off from dockerd (and the runners with it).
     let tls_port = config.docker.tls_listen.port();
@@ -258,6 +292,40 @@ fn read_root(w: &mut Walker, root: &MarkedYaml<'_>) -> Config {
         .unwrap_or(root);
     endpoint::check_port(w, endpoint_at, &config);
     config
+}
+
+/// `server:` belongs to `role: runner` and is required there; a runner-only host runs runners
+/// (its `waypoint:` defaults apply even without the key) and no database user.
+fn read_role_sections(w: &mut Walker, root: &MarkedYaml<'_>, config: &mut Config) {
+    let server_node = lookup(root, &["server"]);
+    match (config.role, server_node) {
+        (Role::Server, Some(n)) => w.error(
+            n,
+            "server: configures a runner-only host; add `role: runner` or remove it",
+        ),
+        (Role::Server, None) => {}
+        (Role::Runner, None) => {
+            let at = lookup(root, &["role"]).unwrap_or(root);
+            w.error(
+                at,
+                "role: runner needs a `server:` section (endpoint, token_file, ca_sha256 of \
+                 the server VM)",
+            );
+        }
+        (Role::Runner, Some(n)) => {
+            config.server = server::read(w, n);
+            if config.waypoint.is_none() {
+                config.waypoint = Some(WaypointConfig::default());
+            }
+            if let Some(db) = lookup(root, &["database"]) {
+                w.error(
+                    db,
+                    "database: is provisioned by the server VM; a runner-only host (role: \
+                     runner) has no database section",
+                );
+            }
+        }
+    }
 }
 
 /// Published Waypoint ports must not be ports the firewall locks or dockerd's TLS port.

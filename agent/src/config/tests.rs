@@ -70,7 +70,14 @@ fn example_config_validates() {
     assert_eq!(c.firewall.table, defaults.firewall.table);
     assert_eq!(c.firewall.lock_ports, defaults.firewall.lock_ports);
     assert_eq!(c.host.exclude_interfaces, defaults.host.exclude_interfaces);
-    assert_eq!(c.waypoint, Some(WaypointConfig::default()));
+    assert_eq!(c.role, Role::Server);
+    assert_eq!(
+        c.waypoint,
+        Some(WaypointConfig {
+            application_sources: vec!["198.51.100.0/24".parse().unwrap()],
+            ..WaypointConfig::default()
+        })
+    );
     let db = c.database.expect("the example has a database section");
     let db_defaults =
         crate::database::DatabaseSettings::new(db.host.clone(), db.admin_user.clone());
@@ -361,4 +368,93 @@ fn api_sources_include_docker_networks() {
         .map(|n| n.to_string())
         .collect();
     assert_eq!(all, vec!["198.51.100.0/24", "172.30.0.0/24"]);
+}
+
+#[test]
+fn runner_role_needs_a_server_section_and_no_database() {
+    let pin = "AB:".repeat(31) + "AB";
+    let ok = Config::from_yaml(&format!(
+        "role: runner\nserver:\n  endpoint: \"[2001:db8::5]:9443\"\n  ca_sha256: \"{pin}\"\n  \
+         token_file: /run/t\n  waypoint_address: pilot.internal:9701\nwaypoint:\n  runners: 3\n"
+    ))
+    .unwrap();
+    assert_eq!(ok.role, Role::Runner);
+    let link = ok.server.as_ref().unwrap();
+    assert_eq!(link.endpoint.to_string(), "[2001:db8::5]:9443");
+    assert_eq!(link.ca_sha256.to_string(), pin);
+    assert_eq!(link.token_file, PathBuf::from("/run/t"));
+    assert_eq!(
+        link.waypoint_address.as_deref(),
+        Some("pilot.internal:9701")
+    );
+    assert_eq!(ok.waypoint.as_ref().unwrap().runners, 3);
+    // Runner hosts run no Waypoint server, so the firewall restricts no gRPC port.
+    assert_eq!(ok.waypoint_allowed_sources(), None);
+
+    let e = errors("role: runner\n");
+    assert!(e[0].contains("needs a `server:` section"), "{e:?}");
+    let e = errors("role: worker\n");
+    assert!(e[0].contains("expected `server` or `runner`"), "{e:?}");
+    let e = errors("server:\n  endpoint: a\n");
+    assert!(e[0].contains("add `role: runner`"), "{e:?}");
+    let e = errors("role: runner\nserver:\n  endpoint: a\n");
+    assert!(
+        e.iter().any(|m| m.contains("server.ca_sha256 is required")),
+        "{e:?}"
+    );
+    let e = errors("role: runner\nserver:\n  ca_sha256: xyz\n  endpoint: 'bad host:1'\n");
+    assert!(
+        e.iter()
+            .any(|m| m.contains("server.ca_sha256: expected 64 hex digits")),
+        "{e:?}"
+    );
+    assert!(e.iter().any(|m| m.contains("server.endpoint:")), "{e:?}");
+    let e = errors(&format!(
+        "role: runner\nserver:\n  endpoint: a\n  ca_sha256: \"{pin}\"\ndatabase:\n  host: db\n"
+    ));
+    assert!(
+        e.iter().any(|m| m.contains("provisioned by the server VM")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn waypoint_advertise_address_and_application_sources() {
+    use super::waypoint::Advertise;
+    let c = Config::from_yaml(
+        "waypoint:\n  advertise_address: pilot.example.com\n  grpc_port: 19701\n  \
+         application_sources: [198.51.100.0/24]\nfirewall:\n  docker_api_sources: \
+         [192.0.2.7/32]\n",
+    )
+    .unwrap();
+    let w = c.waypoint.as_ref().unwrap();
+    assert_eq!(
+        w.advertise,
+        Advertise::Fixed {
+            host: "pilot.example.com".into(),
+            port: 19701
+        }
+    );
+    let (port, sources) = c.waypoint_allowed_sources().unwrap();
+    assert_eq!(port, 19701);
+    let sources: Vec<String> = sources.iter().map(|n| n.to_string()).collect();
+    // Applications, operators, and the Pilot network's subnet (hairpin from containers).
+    assert_eq!(
+        sources,
+        ["198.51.100.0/24", "192.0.2.7/32", "172.29.0.0/24"]
+    );
+    assert_eq!(
+        Config::from_yaml("waypoint:\n  advertise_address: auto\n")
+            .unwrap()
+            .waypoint
+            .unwrap()
+            .advertise,
+        Advertise::Auto
+    );
+    let e = errors("waypoint:\n  advertise_address: 'x y:1'\n");
+    assert!(e[0].contains("waypoint.advertise_address:"), "{e:?}");
+    let e = errors("waypoint:\n  advertise_address: 0.0.0.0\n");
+    assert!(e[0].contains("cannot be dialled"), "{e:?}");
+    let e = errors("waypoint:\n  application_sources: [nonsense]\n");
+    assert!(e[0].contains("waypoint.application_sources"), "{e:?}");
 }

@@ -264,12 +264,19 @@ fn load_tls(paths: &LeafPaths) -> Result<Arc<ServerConfig>, EndpointError> {
         path: path.clone(),
         reason,
     };
-    let certs = CertificateDer::pem_file_iter(&paths.cert)
+    let mut certs = CertificateDer::pem_file_iter(&paths.cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| identity(&paths.cert, e.to_string()))?;
     if certs.is_empty() {
         return Err(identity(&paths.cert, "no certificate in the file".into()));
     }
+    // The CA after the leaf: a runner-only host knows only the CA's fingerprint and finds the
+    // CA in the chain to verify the leaf against (crate::remote). Clients that already trust
+    // the CA ignore it. The pki step writes ca.pem before the leaf, so it is the leaf's CA.
+    let ca = CertificateDer::pem_file_iter(&paths.ca)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| identity(&paths.ca, e.to_string()))?;
+    certs.extend(ca);
     let key = PrivateKeyDer::from_pem_file(&paths.key)
         .map_err(|e| identity(&paths.key, e.to_string()))?;
     let mut cfg = ServerConfig::builder_with_provider(crate::tls::provider())

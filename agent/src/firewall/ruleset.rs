@@ -16,8 +16,12 @@
 //!   }
 //!   chain forward {  type filter hook forward priority filter; policy accept;
 //!     ct status dnat meta l4proto tcp ct original proto-dst 2375 drop   # a published 2375
-//!     # only with published_port_sources:
+//!     # with waypoint: or published_port_sources:
 //!     ct state established,related accept
+//!     # with waypoint: its gRPC port, from application sources, operators, container networks
+//!     ct status dnat meta l4proto tcp ct original proto-dst 9701 ip saddr { APP SOURCES } accept
+//!     ct status dnat meta l4proto tcp ct original proto-dst 9701 drop
+//!     # only with published_port_sources:
 //!     ct status dnat [meta l4proto tcp ct original proto-dst PORT] ip saddr { SOURCES } accept
 //!     ct status dnat [...] drop
 //!   }
@@ -70,6 +74,9 @@ pub struct FirewallSpec {
     /// The HTTPS endpoint's port and who may reach it besides loopback; `None` when the
     /// endpoint is off or `endpoint.sources` is empty (anyone may).
     pub endpoint: Option<(u16, Vec<IpNet>)>,
+    /// The Waypoint server's published gRPC port and who may reach it; `None` without a
+    /// Waypoint server on this host.
+    pub waypoint: Option<(u16, Vec<IpNet>)>,
 }
 
 impl FirewallSpec {
@@ -92,6 +99,7 @@ impl FirewallSpec {
                 .as_ref()
                 .filter(|e| !e.sources.is_empty())
                 .map(|e| (e.listen.port(), e.sources.clone())),
+            waypoint: config.waypoint_allowed_sources(),
         }
     }
 }
@@ -157,8 +165,7 @@ impl Ruleset {
             rule.push(drop());
             forward.push(rule);
         }
-        if !spec.published_sources.is_empty() {
-            let (pub4, pub6) = split_families(&spec.published_sources);
+        if !spec.published_sources.is_empty() || spec.waypoint.is_some() {
             forward.push(vec![
                 Statement::Match(Match {
                     left: ct("state", None),
@@ -167,6 +174,23 @@ impl Ruleset {
                 }),
                 accept(),
             ]);
+        }
+        if let Some((grpc_port, sources)) = &spec.waypoint {
+            let (w4, w6) = split_families(sources);
+            for (family, nets) in [("ip", w4), ("ip6", w6)] {
+                if !nets.is_empty() {
+                    let mut rule = dnat_to_tcp_port(*grpc_port);
+                    rule.push(eq(payload(family, "saddr"), prefix_set(&nets)));
+                    rule.push(accept());
+                    forward.push(rule);
+                }
+            }
+            let mut rule = dnat_to_tcp_port(*grpc_port);
+            rule.push(drop());
+            forward.push(rule);
+        }
+        if !spec.published_sources.is_empty() {
+            let (pub4, pub6) = split_families(&spec.published_sources);
             // One group of rules per restricted port, or one for every DNATed connection.
             let selectors: Vec<Vec<Statement<'static>>> = if spec.published_ports.is_empty() {
                 vec![vec![dnat()]]

@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::models::ContainerStateStatusEnum;
-use bollard::query_parameters::{CreateContainerOptionsBuilder, WaitContainerOptionsBuilder};
-use futures_util::StreamExt;
+use bollard::query_parameters::CreateContainerOptionsBuilder;
 
 use super::containers;
 use super::spec::ContainerSpec;
@@ -211,28 +210,15 @@ async fn start_or_clean_up(docker: &Docker) -> Result<(), WaypointError> {
 
 /// Waits until the bootstrap container is not running (at most [`BOOTSTRAP_LIMIT`]).
 async fn wait_exit(docker: &Docker) -> Result<(), WaypointError> {
-    let options = WaitContainerOptionsBuilder::default()
-        .condition("not-running")
-        .build();
-    let wait = async {
-        let mut stream = docker.wait_container(BOOTSTRAP_NAME, Some(options));
-        match stream.next().await {
-            // A non-zero exit is an error to bollard; to us it is an answer, read below.
-            None
-            | Some(Ok(_))
-            | Some(Err(bollard::errors::Error::DockerContainerWaitError { .. })) => Ok(()),
-            Some(Err(e)) => Err(WaypointError::docker(
-                format!("wait for {BOOTSTRAP_NAME}"),
-                e,
-            )),
-        }
-    };
-    tokio::time::timeout(BOOTSTRAP_LIMIT, wait)
+    containers::wait_exit(docker, BOOTSTRAP_NAME, BOOTSTRAP_LIMIT)
         .await
-        .map_err(|_| WaypointError::Timeout {
-            what: format!("{BOOTSTRAP_NAME} (waypoint server bootstrap)"),
-            limit: BOOTSTRAP_LIMIT,
-        })?
+        .map_err(|e| match e {
+            WaypointError::Timeout { limit, .. } => WaypointError::Timeout {
+                what: format!("{BOOTSTRAP_NAME} (waypoint server bootstrap)"),
+                limit,
+            },
+            other => other,
+        })
 }
 
 fn last_lines(text: &str, n: usize) -> String {

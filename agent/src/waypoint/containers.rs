@@ -8,8 +8,8 @@
 //! - starts it when it is stopped (`created`, `exited`), unpauses it when paused;
 //! - leaves it alone when it runs with the right hash.
 //!
-//! Also here: removing containers, listing the agent's by role, and running a command in a
-//! container ([`exec`]) with its output and exit code.
+//! Also here: removing containers, listing the agent's by role, running a command in a
+//! container ([`exec`]) with its output and exit code, and one-shot containers ([`run_once`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,6 +21,7 @@ use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    WaitContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 
@@ -351,6 +352,63 @@ pub async fn exec(
     tokio::time::timeout(limit, run)
         .await
         .map_err(|_| WaypointError::Timeout { what, limit })?
+}
+
+/// Waits until container `name` is not running (at most `limit`).
+pub async fn wait_exit(docker: &Docker, name: &str, limit: Duration) -> Result<(), WaypointError> {
+    let options = WaitContainerOptionsBuilder::default()
+        .condition("not-running")
+        .build();
+    let wait = async {
+        let mut stream = docker.wait_container(name, Some(options));
+        match stream.next().await {
+            // A non-zero exit is an error to bollard; to the callers it is an answer.
+            None
+            | Some(Ok(_))
+            | Some(Err(bollard::errors::Error::DockerContainerWaitError { .. })) => Ok(()),
+            Some(Err(e)) => Err(WaypointError::docker(format!("wait for {name}"), e)),
+        }
+    };
+    tokio::time::timeout(limit, wait)
+        .await
+        .map_err(|_| WaypointError::Timeout {
+            what: name.to_string(),
+            limit,
+        })?
+}
+
+/// Runs the one-shot container `spec` to its end (at most `limit`) and returns its output and
+/// exit code. The container is removed in every case, leftovers of a killed run first: its
+/// environment and log may hold secrets, and dockerd keeps both until it is gone.
+pub async fn run_once(
+    docker: &Docker,
+    spec: &ContainerSpec,
+    limit: Duration,
+) -> Result<ExecOutput, WaypointError> {
+    let name = spec.name.as_str();
+    remove(docker, name).await?;
+    let options = CreateContainerOptionsBuilder::default().name(name).build();
+    docker
+        .create_container(Some(options), spec.create_body())
+        .await
+        .map_err(|e| WaypointError::docker(format!("create container {name}"), e))?;
+    let result = async {
+        start(docker, name).await?;
+        wait_exit(docker, name, limit).await?;
+        let exit_code = inspect(docker, name)
+            .await?
+            .and_then(|c| c.state)
+            .and_then(|s| s.exit_code);
+        let (stdout, stderr) = logs(docker, name).await?;
+        Ok(ExecOutput {
+            exit_code,
+            stdout,
+            stderr,
+        })
+    }
+    .await;
+    remove(docker, name).await?;
+    result
 }
 
 /// The stdout and stderr a container has logged so far.

@@ -19,9 +19,11 @@
 //! conflicts (a run killed after its create) inspects and adopts or replaces what it finds
 //! ([`containers`]).
 
+pub mod advertise;
 pub mod bootstrap;
 pub mod containers;
 pub mod images;
+pub mod link;
 pub mod network;
 pub mod ready;
 pub mod runners;
@@ -40,6 +42,9 @@ use crate::fsutil::FsError;
 pub const SERVER_NAME: &str = "waypoint-server";
 /// The one-shot container that bootstraps the server (see [`bootstrap`]).
 pub const BOOTSTRAP_NAME: &str = "waypoint-bootstrap";
+/// The one-shot container that mints runner tokens on a runner-only host (there is no
+/// server container there to run `waypoint token new` in).
+pub const MINT_NAME: &str = "waypoint-mint";
 /// Runner containers are `waypoint-runner-1`, `-2`, ...
 pub const RUNNER_PREFIX: &str = "waypoint-runner-";
 
@@ -65,6 +70,7 @@ pub enum Role {
     Server,
     Bootstrap,
     Runner,
+    Mint,
 }
 
 impl Role {
@@ -72,6 +78,7 @@ impl Role {
         match self {
             Role::Server => "server",
             Role::Bootstrap => "bootstrap",
+            Role::Mint => "mint",
             Role::Runner => "runner",
         }
     }
@@ -204,6 +211,19 @@ pub struct WaypointPlan {
     pub runner_cert_dir: PathBuf,
     /// The host's Docker TLS port, which runners reach at the network's gateway.
     pub docker_tls_port: u16,
+    /// Where the runners' server is.
+    pub server: ServerRef,
+}
+
+/// Where the runners find the Waypoint server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerRef {
+    /// The `waypoint-server` container on this host, by name on the Pilot network.
+    Local,
+    /// The server of another Pilot VM (`role: runner`): its address and token are what the
+    /// `server-link` step fetched and stored ([`WaypointPlan::remote_address_path`],
+    /// [`WaypointPlan::remote_token_path`]).
+    Remote,
 }
 
 impl WaypointPlan {
@@ -218,7 +238,26 @@ impl WaypointPlan {
                 .leaf("runner")
                 .dir,
             docker_tls_port: config.docker.tls_listen.port(),
+            server: match config.role {
+                crate::config::Role::Server => ServerRef::Local,
+                crate::config::Role::Runner => ServerRef::Remote,
+            },
         })
+    }
+
+    /// The address this host's server advertises, as last set (see [`advertise`]).
+    pub fn advertise_marker_path(&self) -> PathBuf {
+        self.tokens_dir.join("advertise-address")
+    }
+
+    /// On a runner-only host: the server VM's Waypoint address (`HOST:PORT`).
+    pub fn remote_address_path(&self) -> PathBuf {
+        self.tokens_dir.join("server-address")
+    }
+
+    /// On a runner-only host: the server VM's Waypoint token (0600), to mint runner tokens.
+    pub fn remote_token_path(&self) -> PathBuf {
+        self.tokens_dir.join("server-token")
     }
 
     pub fn bootstrap_token_path(&self) -> PathBuf {
@@ -251,10 +290,14 @@ pub async fn converge_images(
     plan: &WaypointPlan,
 ) -> Result<Report, WaypointError> {
     let c = &plan.config;
-    let server = images::ensure(docker, &c.server_image, &c.images_dir).await?;
-    let mut found = vec![server.clone()];
-    if c.runner_image != c.server_image {
-        found.push(images::ensure(docker, &c.runner_image, &c.images_dir).await?);
+    // A runner-only host needs no server image.
+    let mut wanted = vec![&c.runner_image];
+    if plan.server == ServerRef::Local && c.server_image != c.runner_image {
+        wanted.insert(0, &c.server_image);
+    }
+    let mut found = Vec::new();
+    for image in wanted {
+        found.push(images::ensure(docker, image, &c.images_dir).await?);
     }
     Ok(Report {
         changed: found.iter().any(|i| i.source != images::Source::Present),
@@ -305,7 +348,9 @@ pub async fn converge_network(
             ));
         }
     }
-    if network::volume_exists(docker, &c.volume).await? {
+    if plan.server == ServerRef::Remote {
+        // No server here, so no data volume.
+    } else if network::volume_exists(docker, &c.volume).await? {
         parts.push(format!("volume {} in place", c.volume));
     } else {
         let discarded = discard_tokens(plan)?;
@@ -340,7 +385,10 @@ fn discard_tokens(plan: &WaypointPlan) -> Result<Vec<String>, WaypointError> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with("-token") && crate::fsutil::remove_if_exists(&entry.path())? {
+        // The advertise marker describes the old server too: the new one advertises nothing.
+        let of_old_server =
+            name.ends_with("-token") || entry.path() == plan.advertise_marker_path();
+        if of_old_server && crate::fsutil::remove_if_exists(&entry.path())? {
             tracing::warn!(
                 file = name,
                 "discarded a token of a server whose volume is gone"
@@ -376,6 +424,15 @@ pub async fn converge_bootstrap(
     })
 }
 
+/// Step `waypoint-advertise`: the server advertises `address` to deployed applications.
+pub async fn converge_advertise(
+    docker: &Docker,
+    plan: &WaypointPlan,
+    address: &str,
+) -> Result<Report, WaypointError> {
+    advertise::ensure(docker, plan, address).await
+}
+
 /// Step `waypoint-runners`: runners 1..=N, nothing beyond.
 pub async fn converge_runners(
     docker: &Docker,
@@ -387,6 +444,61 @@ pub async fn converge_runners(
         changed: r.changed(),
         detail: r.summary(),
     })
+}
+
+/// The environment of a Waypoint CLI command or runner against the server at `address`
+/// (`HOST:PORT`) with `token`. TLS without verification: Waypoint's server certificate is
+/// self-signed, made inside its container.
+pub(crate) fn cli_env(address: &str, token: &str) -> Vec<String> {
+    vec![
+        format!("WAYPOINT_SERVER_ADDR={address}"),
+        format!("WAYPOINT_SERVER_TOKEN={token}"),
+        "WAYPOINT_SERVER_TLS=true".into(),
+        "WAYPOINT_SERVER_TLS_SKIP_VERIFY=true".into(),
+    ]
+}
+
+/// Runs `waypoint ARGS` in the server container against its own loopback, authenticated with
+/// the bootstrap token.
+pub(crate) async fn server_cli(
+    docker: &Docker,
+    plan: &WaypointPlan,
+    args: &[&str],
+    limit: Duration,
+) -> Result<containers::ExecOutput, WaypointError> {
+    let bootstrap_path = plan.bootstrap_token_path();
+    let bootstrap = read_token(&bootstrap_path)?.ok_or_else(|| {
+        WaypointError::Conflict(format!(
+            "no Waypoint token in {} to run `waypoint {}` with (the waypoint-bootstrap step \
+             stores it)",
+            bootstrap_path.display(),
+            args.join(" ")
+        ))
+    })?;
+    let server = containers::inspect(docker, SERVER_NAME)
+        .await?
+        .ok_or_else(|| WaypointError::Conflict(format!("{SERVER_NAME} does not exist")))?;
+    let mut argv = containers::entrypoint(&server);
+    argv.extend(args.iter().map(|a| a.to_string()));
+    let env = cli_env(&format!("127.0.0.1:{GRPC_PORT}"), &bootstrap);
+    containers::exec(docker, SERVER_NAME, &argv, &env, limit).await
+}
+
+/// On a runner-only host: the server VM's Waypoint address and token, as the `server-link`
+/// step stored them.
+pub(crate) fn remote_server(plan: &WaypointPlan) -> Result<(String, String), WaypointError> {
+    let missing = |path: PathBuf| {
+        WaypointError::Conflict(format!(
+            "{} is missing: the server-link step stores it from the server VM's credentials \
+             endpoint",
+            path.display()
+        ))
+    };
+    let address = read_token(&plan.remote_address_path())?
+        .ok_or_else(|| missing(plan.remote_address_path()))?;
+    let token =
+        read_token(&plan.remote_token_path())?.ok_or_else(|| missing(plan.remote_token_path()))?;
+    Ok((address, token))
 }
 
 /// A token file's content: one line, no surrounding whitespace.

@@ -2,7 +2,8 @@
 //!
 //! Each runs `runner agent` with its own token (minted once with `waypoint token new` in the
 //! server container, stored 0600 in `STATE_DIR/waypoint/runner-N-token`, reused ever after),
-//! finds the server by name on the Pilot network, and builds through the host's Docker API
+//! finds the server by name on the Pilot network (on a runner-only host: at the server VM's
+//! address, with tokens minted there by a one-shot `waypoint-mint` container), and builds through the host's Docker API
 //! over mutual TLS: `DOCKER_HOST=tcp://GATEWAY:2376`, `DOCKER_TLS_VERIFY=1`, and the runner
 //! client certificate mounted read-only at `DOCKER_CERT_PATH=/certs`. No Docker socket is
 //! mounted and nothing is privileged: what a runner may do on the host is exactly what the
@@ -20,8 +21,8 @@ use bollard::Docker;
 use super::containers::{self, Action};
 use super::spec::ContainerSpec;
 use super::{
-    GRPC_PORT, RUNNER_CERT_PATH, RUNNER_PREFIX, Role, SERVER_NAME, WaypointError, WaypointPlan,
-    images, read_token, token_from_output, write_token,
+    GRPC_PORT, MINT_NAME, RUNNER_CERT_PATH, RUNNER_PREFIX, Role, SERVER_NAME, ServerRef,
+    WaypointError, WaypointPlan, images, read_token, token_from_output, write_token,
 };
 
 /// How long `waypoint token new` may take.
@@ -39,6 +40,7 @@ pub fn spec(
     image_id: &str,
     token: &str,
     runner_id: &str,
+    server_address: &str,
 ) -> ContainerSpec {
     let c = &plan.config;
     ContainerSpec {
@@ -47,16 +49,15 @@ pub fn spec(
         image: c.runner_image.clone(),
         image_id: image_id.to_string(),
         cmd: vec!["runner".into(), "agent".into(), format!("-id={runner_id}")],
-        env: vec![
-            format!("WAYPOINT_SERVER_ADDR={SERVER_NAME}:{GRPC_PORT}"),
-            format!("WAYPOINT_SERVER_TOKEN={token}"),
-            "WAYPOINT_SERVER_TLS=true".into(),
-            // Waypoint's server certificate is self-signed, made inside its container.
-            "WAYPOINT_SERVER_TLS_SKIP_VERIFY=true".into(),
-            format!("DOCKER_HOST={}", plan.runner_docker_host()),
-            "DOCKER_TLS_VERIFY=1".into(),
-            format!("DOCKER_CERT_PATH={RUNNER_CERT_PATH}"),
-        ],
+        env: {
+            let mut env = super::cli_env(server_address, token);
+            env.extend([
+                format!("DOCKER_HOST={}", plan.runner_docker_host()),
+                "DOCKER_TLS_VERIFY=1".into(),
+                format!("DOCKER_CERT_PATH={RUNNER_CERT_PATH}"),
+            ]);
+            env
+        },
         binds: vec![format!(
             "{}:{RUNNER_CERT_PATH}:ro",
             plan.runner_cert_dir.display()
@@ -135,6 +136,10 @@ pub async fn ensure(
                 c.runner_image
             ))
         })?;
+    let server_address = match plan.server {
+        ServerRef::Local => format!("{SERVER_NAME}:{GRPC_PORT}"),
+        ServerRef::Remote => super::remote_server(plan)?.0,
+    };
     for index in 1..=c.runners {
         let token_path = plan.runner_token_path(index);
         let token = match read_token(&token_path)? {
@@ -148,36 +153,53 @@ pub async fn ensure(
             }
         };
         let runner_id = format!("{runner_id_prefix}-runner-{index}");
-        let ensured =
-            containers::ensure(docker, &spec(plan, index, &image_id, &token, &runner_id)).await?;
+        let ensured = containers::ensure(
+            docker,
+            &spec(plan, index, &image_id, &token, &runner_id, &server_address),
+        )
+        .await?;
         report.runners.push((name(index), ensured.action));
     }
     Ok(report)
 }
 
-/// Mints a token with `waypoint token new` in the server container, authenticated with the
-/// bootstrap token (passed in the environment of that one command, never on its command line).
+/// Mints a token with `waypoint token new` against the runners' server: in the server
+/// container on this host, or in a one-shot container against the server VM (runner-only
+/// host). Authenticated with the server's token, passed in the environment of that one
+/// command, never on its command line.
 async fn mint(docker: &Docker, plan: &WaypointPlan) -> Result<String, WaypointError> {
-    let bootstrap_path = plan.bootstrap_token_path();
-    let bootstrap = read_token(&bootstrap_path)?.ok_or_else(|| {
-        WaypointError::Conflict(format!(
-            "no Waypoint token in {} to mint runner tokens with (the waypoint-bootstrap step \
-             stores it)",
-            bootstrap_path.display()
-        ))
-    })?;
-    let server = containers::inspect(docker, SERVER_NAME)
-        .await?
-        .ok_or_else(|| WaypointError::Conflict(format!("{SERVER_NAME} does not exist")))?;
-    let mut argv = containers::entrypoint(&server);
-    argv.extend(["token".to_string(), "new".to_string()]);
-    let env = vec![
-        format!("WAYPOINT_SERVER_ADDR=127.0.0.1:{GRPC_PORT}"),
-        format!("WAYPOINT_SERVER_TOKEN={bootstrap}"),
-        "WAYPOINT_SERVER_TLS=true".to_string(),
-        "WAYPOINT_SERVER_TLS_SKIP_VERIFY=true".to_string(),
-    ];
-    let out = containers::exec(docker, SERVER_NAME, &argv, &env, MINT_LIMIT).await?;
+    let (bootstrap_path, out, container) = match plan.server {
+        ServerRef::Local => {
+            let path = plan.bootstrap_token_path();
+            let out = super::server_cli(docker, plan, &["token", "new"], MINT_LIMIT).await?;
+            (path, out, SERVER_NAME.to_string())
+        }
+        ServerRef::Remote => {
+            let (address, token) = super::remote_server(plan)?;
+            let image_id = images::image_id(docker, &plan.config.runner_image)
+                .await?
+                .ok_or_else(|| {
+                    WaypointError::Conflict(format!(
+                        "image {} is not present",
+                        plan.config.runner_image
+                    ))
+                })?;
+            let spec = ContainerSpec {
+                name: MINT_NAME.into(),
+                role: Role::Mint,
+                image: plan.config.runner_image.clone(),
+                image_id,
+                cmd: vec!["token".into(), "new".into()],
+                env: super::cli_env(&address, &token),
+                binds: Vec::new(),
+                publish: Vec::new(),
+                network_mode: plan.config.network.name.clone(),
+                restart_unless_stopped: false,
+            };
+            let out = containers::run_once(docker, &spec, MINT_LIMIT).await?;
+            (plan.remote_token_path(), out, MINT_NAME.to_string())
+        }
+    };
     if out.exit_code == Some(0) {
         if let Some(token) = token_from_output(&out.stdout) {
             tracing::info!("minted a waypoint runner token");
@@ -185,7 +207,7 @@ async fn mint(docker: &Docker, plan: &WaypointPlan) -> Result<String, WaypointEr
         }
         // Its stdout may hold a token in a form not understood here: never shown.
         return Err(WaypointError::Command {
-            container: SERVER_NAME.into(),
+            container,
             command: "waypoint token new".into(),
             status: "exit 0".into(),
             output: "no token found in its output".into(),
@@ -198,12 +220,21 @@ async fn mint(docker: &Docker, plan: &WaypointPlan) -> Result<String, WaypointEr
         return Err(WaypointError::TokenRejected {
             token_file: bootstrap_path,
             detail: output.trim().to_string(),
-            hint: "write a valid Waypoint token there (mode 0600), or see the recovery steps \
-                   that `pilot-agent up` gives after removing it",
+            hint: match plan.server {
+                ServerRef::Local => {
+                    "write a valid Waypoint token there (mode 0600), or see the recovery steps \
+                     that `pilot-agent up` gives after removing it"
+                }
+                ServerRef::Remote => {
+                    "it came from the server VM's credentials; check that VM's \
+                     `pilot-agent credentials`, then remove the file so the next pass fetches it \
+                     again"
+                }
+            },
         });
     }
     Err(WaypointError::Command {
-        container: SERVER_NAME.into(),
+        container,
         command: "waypoint token new".into(),
         status: out
             .exit_code

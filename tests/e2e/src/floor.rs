@@ -5,8 +5,8 @@
 //!   with the openssl CLI): `dockerd-ctl restart` plus the wait until 2376 answers `/version`
 //!   over mutual TLS (polled every 5 ms from inside the VM). The VM is put back as it was.
 //! - [`container_floor`]: the Waypoint container work, done with the docker CLI: load the
-//!   baked image; network and volume; the server until it answers HTTPS; its bootstrap; a
-//!   runner token; one runner. Everything (the image too) is removed again afterwards. The
+//!   baked image; network and volume; the server until it answers HTTPS; its bootstrap; its
+//!   advertise address; a runner token; one runner. Everything (the image too) is removed again afterwards. The
 //!   CLI's own start-up per command makes this a slight over-estimate.
 
 use std::fs;
@@ -155,6 +155,23 @@ pub fn container_floor(vm: &Vm, tarball: &Path, image: &str) -> Result<(Duration
         "bootstrap",
         "-server-addr=127.0.0.1:9701",
         "-server-tls-skip-verify",
+    ])?;
+    // The advertise address the agent sets after the bootstrap.
+    vm.docker_ok([
+        "exec",
+        "-e",
+        "WAYPOINT_SERVER_ADDR=127.0.0.1:9701",
+        "-e",
+        &format!("WAYPOINT_SERVER_TOKEN={}", token.trim()),
+        "-e",
+        "WAYPOINT_SERVER_TLS=true",
+        "-e",
+        "WAYPOINT_SERVER_TLS_SKIP_VERIFY=true",
+        "floor-server",
+        "waypoint",
+        "server",
+        "config-set",
+        &format!("-advertise-addr={}:9701", vm.addr()),
     ])?;
     let runner_token = vm.docker_ok([
         "exec",

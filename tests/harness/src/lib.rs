@@ -4,6 +4,9 @@
 //!   its `daemon.json`, controlled by its `dockerd-ctl` script), and an "outside" namespace
 //!   (operator / attacker side) joined to it by a veth pair. The agent runs inside it with
 //!   [`Vm::cmd`], rewrites its `daemon.json` and restarts it with `dockerd-ctl restart`.
+//! - [`VmLink`]: two VMs joined directly ([`Vm::link`]), cut and restored at will;
+//!   [`Vm::outside_alias`] gives the outside namespace more source addresses, and
+//!   [`Vm::serve_metadata`] serves the cloud metadata server at 169.254.169.254 inside a VM.
 //! - [`Postgres`]: PostgreSQL 15 on its own database host namespace linked to a VM, with
 //!   [`Postgres::cut_link`] / [`Postgres::restore_link`] to simulate an outage.
 //! - [`Moto`]: the EC2 API (moto) on 127.0.0.1.
@@ -41,7 +44,7 @@ pub use leftovers::{all_leftovers, leftovers};
 pub use moto::Moto;
 pub use postgres::Postgres;
 pub use sshd::{Sshd, SshdOptions};
-pub use vm::{Vm, VmOptions};
+pub use vm::{METADATA_ADDR, Vm, VmLink, VmOptions};
 
 /// Programs the harness runs; all installed by `scripts/setup.sh`.
 const REQUIRED_PROGRAMS: &[&str] = &[

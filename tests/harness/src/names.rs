@@ -83,6 +83,13 @@ impl Plan {
     pub fn db_subnet(&self) -> String {
         format!("10.250.{}.0/24", self.octet(true))
     }
+    /// A secondary address of the outside namespace on the VM's /24 (`n` >= 1: .3, .4, ...),
+    /// so the VM answers it like the primary one; `None` when `n` is 0 or too large.
+    pub fn outside_alias(&self, n: u8) -> Option<Ipv4Addr> {
+        // .1 is the outside's primary, .2 the VM's, .255 the broadcast address.
+        let host = n.checked_add(2).filter(|h| *h >= 3 && *h <= 254)?;
+        Some(Ipv4Addr::new(10, 250, self.octet(false), host))
+    }
     /// dockerd's bridge address inside the VM (`bip`).
     pub fn bip(&self) -> String {
         format!("172.30.{}.1/24", self.slot)
@@ -92,6 +99,30 @@ impl Plan {
         format!("172.30.{}.0/24", self.slot)
     }
 }
+
+/// The point-to-point /30 joining the VMs of slots `a` and `b` directly ([`crate::Vm::link`]):
+/// the address of `a`'s end and of `b`'s end. Every unordered pair of slots has its own /30 in
+/// 10.251.0.0/16 (128 x 128 pairs x 4 addresses fill it exactly), clear of the slots' own
+/// 10.250.0.0/16 and the containers' 172.30.0.0/16. `None` for a slot with itself or out of range.
+pub(crate) fn link_addrs(a: u32, b: u32) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    if a == b || a >= SLOTS || b >= SLOTS {
+        return None;
+    }
+    let (lo, hi) = (a.min(b), a.max(b));
+    // Invariant: lo, hi < 128, so base <= (127 * 128 + 127) * 4 = 65532 fits the /16.
+    let base = (lo * SLOTS + hi) * 4;
+    let at = |host: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 251, 0, 0)) + base + host);
+    // The lower slot takes .1 of the /30, the higher .2.
+    let (lo_addr, hi_addr) = (at(1), at(2));
+    Some(if a == lo {
+        (lo_addr, hi_addr)
+    } else {
+        (hi_addr, lo_addr)
+    })
+}
+
+/// The prefix length of the links made by [`link_addrs`].
+pub(crate) const LINK_PREFIX: u8 = 30;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -139,6 +170,8 @@ pub(crate) fn claim_dir(name: &str) -> Result<PathBuf> {
 /// pid <pid> <marker>             kill only if /proc/<pid>/cmdline contains <marker>
 /// pidfile <path> <marker>        the same, PID read from a file the daemon rewrites
 /// cgroup <dir-name>              directories of this name anywhere under /sys/fs/cgroup
+/// link <netns> <ifname>          a veth end inside a harness namespace (from `Vm::link`): it
+///                                goes with its namespace, so clean-up needs no step of its own
 /// ```
 pub(crate) struct Record {
     path: PathBuf,
@@ -198,5 +231,32 @@ mod tests {
         assert_eq!(b.outside().to_string(), "10.250.254.1");
         assert_eq!(b.db_subnet(), "10.250.255.0/24");
         assert_eq!(b.bip(), "172.30.127.1/24");
+        assert_eq!(a.outside_alias(0), None);
+        assert_eq!(a.outside_alias(1), Some(Ipv4Addr::new(10, 250, 0, 3)));
+        assert_eq!(b.outside_alias(252), Some(Ipv4Addr::new(10, 250, 254, 254)));
+        assert_eq!(b.outside_alias(253), None);
+    }
+
+    #[test]
+    fn link_addresses_are_unique_per_pair_and_outside_the_other_plans() {
+        let mut seen = std::collections::HashSet::new();
+        for a in 0..SLOTS {
+            for b in (a + 1)..SLOTS {
+                let (x, y) = link_addrs(a, b).unwrap();
+                assert_eq!(link_addrs(b, a), Some((y, x)), "symmetric");
+                // Both ends in one /30, neither the network nor the broadcast address.
+                let (xn, yn) = (u32::from(x), u32::from(y));
+                assert_eq!(xn >> 2, yn >> 2, "{x} {y}");
+                assert!(xn & 3 != 0 && xn & 3 != 3 && yn & 3 != 0 && yn & 3 != 3);
+                assert_eq!(x.octets()[..2], [10, 251]);
+                assert!(seen.insert(xn >> 2), "{a}-{b} shares a /30");
+            }
+        }
+        assert_eq!(link_addrs(3, 3), None);
+        assert_eq!(link_addrs(0, SLOTS), None);
+        assert_eq!(
+            link_addrs(0, 1),
+            Some((Ipv4Addr::new(10, 251, 0, 5), Ipv4Addr::new(10, 251, 0, 6)))
+        );
     }
 }

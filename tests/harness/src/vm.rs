@@ -7,6 +7,10 @@
 //!                                      dockerd: bip 172.30.N.1/24, cgroup-parent pilot-harness-pvN
 //! ```
 //!
+//! Two VMs can be joined directly ([`Vm::link`], a [`VmLink`] on 10.251.0.0/16), the outside
+//! namespace can have more source addresses ([`Vm::outside_alias`]), and the cloud metadata
+//! server can answer at 169.254.169.254 inside the VM ([`Vm::serve_metadata`]).
+//!
 //! Everything of VM `pvN` lives in `/run/pilot-harness/pvN/`: `daemon.json` (the only dockerd
 //! configuration: data-root, exec-root, pidfile, hosts, bip, cgroup-parent), `docker.sock`,
 //! `dockerd.log`, `dockerd-ctl` (start|stop|restart|status, also called by the agent as its
@@ -32,8 +36,13 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Map, Value, json};
 
 use crate::leftovers;
+use crate::metadata::{MetadataOptions, MetadataServer};
 use crate::names::{self, CGROUP_PREFIX, OWNER_ENV, Plan, Record};
 use crate::sys;
+
+/// The cloud instance metadata address (AWS IMDS, GCE metadata server), which
+/// [`Vm::serve_metadata`] gives the VM's `lo`.
+pub const METADATA_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 
 /// How a [`Vm`] is made. `VmOptions::default()` gives a VM with a running dockerd.
 #[derive(Debug, Clone)]
@@ -570,6 +579,106 @@ impl Vm {
     }
 
     // -----------------------------------------------------------------------------------------
+    // More network: links between VMs, extra outside sources, a metadata server
+
+    /// Joins this VM and `other` directly with a veth pair (one end in each VM's namespace,
+    /// nothing in the host's), a point-to-point /30 from [`names::link_addrs`]: e.g. a runner
+    /// VM that reaches a server VM. Each end is named `pvA-lB` (in `pvA`, towards `pvB`). One
+    /// link per pair of VMs. See [`VmLink`] for cutting it and for its clean-up.
+    pub fn link(&self, other: &Vm) -> Result<VmLink> {
+        let (my_addr, other_addr) = names::link_addrs(self.plan.slot, other.plan.slot)
+            .with_context(|| format!("cannot link VM {} with itself", self.name))?;
+        let end = |vm: &Vm, peer: &Vm, addr: Ipv4Addr| LinkEnd {
+            netns: vm.name.clone(),
+            netns_inode: sys::netns_inode(&vm.name),
+            iface: format!("{}-l{}", vm.name, peer.plan.slot),
+            addr,
+        };
+        let mut link = VmLink {
+            ends: [end(self, other, my_addr), end(other, self, other_addr)],
+            // Nothing to remove until the pair exists: a failed `ip link add` (say, a second
+            // link between the same VMs) must not delete the interfaces of the first.
+            removed: true,
+        };
+        for (vm, e) in [(self, &link.ends[0]), (other, &link.ends[1])] {
+            vm.record.add(&format!("link {} {}", e.netns, e.iface))?;
+        }
+        let [a, b] = &link.ends;
+        sys::run_args(
+            "ip",
+            &[
+                "link", "add", &a.iface, "netns", &a.netns, "type", "veth", "peer", "name",
+                &b.iface, "netns", &b.netns,
+            ],
+        )
+        .with_context(|| format!("cannot link VM {} with VM {}", self.name, other.name))?;
+        // From here on an error drops `link`, which deletes the pair.
+        link.removed = false;
+        for e in &link.ends {
+            let cidr = format!("{}/{}", e.addr, names::LINK_PREFIX);
+            sys::run_args(
+                "ip",
+                &["-n", &e.netns, "addr", "add", &cidr, "dev", &e.iface],
+            )?;
+            sys::run_args("ip", &["-n", &e.netns, "link", "set", &e.iface, "up"])?;
+        }
+        Ok(link)
+    }
+
+    /// Adds a second (third, ...) address of the outside namespace on its link to the VM:
+    /// `10.250.2N.(2+n)` for `n` in 1..=252, in the same /24, so the VM answers it like the
+    /// outside's primary address. Bound as a client's source address (e.g. socat's
+    /// `TCP:VM:PORT,bind=ALIAS`), it gives a test two sources in the outside namespace, one on an
+    /// allow-list and one not. Idempotent.
+    pub fn outside_alias(&self, n: u8) -> Result<Ipv4Addr> {
+        let alias = self.plan.outside_alias(n).with_context(|| {
+            format!(
+                "outside alias number {n} is out of range (1..=252) on VM {}",
+                self.name
+            )
+        })?;
+        let (ns, iface) = (self.outside_ns(), format!("{}-vm", self.name));
+        // `replace` instead of `add`: asking twice for one alias is not an error.
+        sys::run_args(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "replace",
+                &format!("{alias}/24"),
+                "dev",
+                &iface,
+            ],
+        )?;
+        Ok(alias)
+    }
+
+    /// Serves the cloud metadata server at `http://169.254.169.254/` inside the VM (port 80 on
+    /// the address [`METADATA_ADDR`], which is added to the VM's `lo`; idempotent), so an agent
+    /// in the VM finds it at its default metadata URL. Stops when the returned server drops.
+    pub fn serve_metadata(&self, options: MetadataOptions) -> Result<MetadataServer> {
+        sys::run_args(
+            "ip",
+            &[
+                "-n",
+                &self.name,
+                "addr",
+                "replace",
+                &format!("{METADATA_ADDR}/32"),
+                "dev",
+                "lo",
+            ],
+        )?;
+        MetadataServer::start_in_netns(
+            &self.netns_path(),
+            SocketAddr::from((METADATA_ADDR, 80)),
+            options,
+        )
+        .with_context(|| format!("cannot serve the metadata server in VM {}", self.name))
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Clean-up
 
     /// Removes everything the VM made and reports what could not be removed (Drop does the same
@@ -691,5 +800,147 @@ impl std::fmt::Debug for Vm {
             .field("hostname", &self.hostname)
             .field("dir", &self.dir)
             .finish()
+    }
+}
+
+/// One end of a [`VmLink`].
+#[derive(Debug, Clone)]
+struct LinkEnd {
+    /// The VM's namespace (its harness name).
+    netns: String,
+    /// That namespace's inode when the link was made: a later VM with the same name (its slot
+    /// freed and claimed again) is not this one, and its links are left alone.
+    netns_inode: Option<u64>,
+    iface: String,
+    addr: Ipv4Addr,
+}
+
+/// A direct link between two VMs, made by [`Vm::link`]:
+///
+/// ```text
+///   pvA                                     pvB
+///   pvA-lB 10.251.x.y+1/30  <--veth-->  pvB-lA 10.251.x.y+2/30   (A the lower slot)
+/// ```
+///
+/// [`VmLink::cut`] takes both ends down: packets to the other VM then follow the default route
+/// into the outside namespace, which drops them, so a TCP connect waits for its timeout as
+/// during a real network outage. [`VmLink::restore`] brings them back with their addresses.
+/// Dropping the link deletes the pair if it is still there; deleting either VM's namespace
+/// (dropping either VM) deletes it too, the other VM's end included, but asynchronously: the
+/// kernel dismantles a deleted namespace in the background (measured: ~30 ms). So a crashed
+/// test leaves nothing that `scripts/harness-clean` would not remove with the namespaces (both
+/// VMs' records list the link).
+#[derive(Debug)]
+pub struct VmLink {
+    ends: [LinkEnd; 2],
+    removed: bool,
+}
+
+impl VmLink {
+    fn end(&self, vm: &Vm) -> &LinkEnd {
+        match self.ends.iter().find(|e| e.netns == vm.name) {
+            Some(e) => e,
+            // A test asking for a VM this link does not join is a bug in that test.
+            None => panic!(
+                "VM {} is not an end of the link {} <-> {}",
+                vm.name, self.ends[0].netns, self.ends[1].netns
+            ),
+        }
+    }
+
+    /// The address of `vm`'s end (what the other VM connects to). Panics if `vm` is not one of
+    /// the two VMs this link joins.
+    pub fn addr_of(&self, vm: &Vm) -> Ipv4Addr {
+        self.end(vm).addr
+    }
+
+    /// The name of `vm`'s end of the link inside `vm` (`pvA-lB`). Panics like
+    /// [`VmLink::addr_of`].
+    pub fn iface_of(&self, vm: &Vm) -> String {
+        self.end(vm).iface.clone()
+    }
+
+    /// Takes both ends down: traffic between the two VMs stops at once (connects time out).
+    pub fn cut(&self) -> Result<()> {
+        for e in &self.ends {
+            sys::run_args("ip", &["-n", &e.netns, "link", "set", &e.iface, "down"])?;
+        }
+        Ok(())
+    }
+
+    /// Brings both ends up again (their addresses were kept) and puts back the /30 route.
+    pub fn restore(&self) -> Result<()> {
+        for e in &self.ends {
+            sys::run_args("ip", &["-n", &e.netns, "link", "set", &e.iface, "up"])?;
+        }
+        for e in &self.ends {
+            // The kernel drops the connected route with the link and adds it back when the
+            // link comes up; `replace` makes sure of it without failing when it is already back
+            // (as `Postgres::restore_link` does for the database link).
+            let net = u32::from(e.addr) & !((1u32 << (32 - names::LINK_PREFIX)) - 1);
+            let subnet = format!("{}/{}", Ipv4Addr::from(net), names::LINK_PREFIX);
+            let src = e.addr.to_string();
+            sys::run_args(
+                "ip",
+                &[
+                    "-n", &e.netns, "route", "replace", &subnet, "dev", &e.iface, "proto",
+                    "kernel", "scope", "link", "src", &src,
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the veth pair now, reporting failures (Drop does the same but can only print).
+    /// Nothing to do when a VM's namespace already took it along.
+    pub fn cleanup(mut self) -> Result<()> {
+        self.remove()
+    }
+
+    fn remove(&mut self) -> Result<()> {
+        if self.removed {
+            return Ok(());
+        }
+        self.removed = true;
+        let mut errors = Vec::new();
+        for e in &self.ends {
+            // Only in the namespace the link was made in (see `LinkEnd::netns_inode`).
+            if e.netns_inode.is_none() || sys::netns_inode(&e.netns) != e.netns_inode {
+                continue;
+            }
+            let out = Command::new("ip")
+                .args(["-n", &e.netns, "link", "del", &e.iface])
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                // Deleting one end of a veth deletes the other: the second is "not found".
+                Ok(o) if String::from_utf8_lossy(&o.stderr).contains("Cannot find device") => {}
+                Ok(o) => errors.push(format!(
+                    "ip -n {} link del {}: {}",
+                    e.netns,
+                    e.iface,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )),
+                Err(err) => errors.push(format!("cannot run ip: {err}")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!(
+                "cannot delete the link {} <-> {}: {}",
+                self.ends[0].netns,
+                self.ends[1].netns,
+                errors.join("; ")
+            )
+        }
+    }
+}
+
+impl Drop for VmLink {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            eprintln!("pilot-harness: {e:#} (scripts/harness-clean removes leftovers)");
+        }
     }
 }

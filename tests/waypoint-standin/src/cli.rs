@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::conn::{self, CONNECTION_FLAGS, ServerConn};
+use crate::entrypoint;
 use crate::error::{Error, IoContext, Result};
 use crate::flags::{self, FlagError, Kind, Parsed, Spec};
 use crate::runner::{self, RunnerOptions};
@@ -29,6 +30,8 @@ Commands:
   server config-set   set the address the server advertises
   token new           create a new token (aliases: user token; runner token makes a runner token)
   runner agent        run a stand-in runner: register with the server, check the Docker API
+  entrypoint [--] CMD try the server for at most 5 s, print one JSON line, then exec CMD
+                      (also when run as waypoint-entrypoint)
   version             print the version
 ";
 
@@ -41,10 +44,26 @@ const VERBOSITY_FLAGS: [Spec; 3] = [
     Spec::boolean("vvv", "most verbose logs"),
 ];
 
+/// Runs the command line `args` as program `program` (argv\[0\]): as the entrypoint when its
+/// file name is `waypoint-entrypoint`, as Waypoint's CLI otherwise; returns the exit code.
+pub fn main_with_program(program: &str, args: Vec<String>) -> i32 {
+    let name = std::path::Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(program);
+    if name == entrypoint::PROGRAM_NAME {
+        entrypoint::main(args)
+    } else {
+        main_with_args(args)
+    }
+}
+
 /// Runs the command line `args` (without the program name); returns the exit code.
 pub fn main_with_args(args: Vec<String>) -> i32 {
     let words: Vec<&str> = args.iter().take(2).map(String::as_str).collect();
     match words.as_slice() {
+        // Before the flag-parsing commands: everything after `entrypoint` is the application's.
+        ["entrypoint", ..] => entrypoint::main(args[1..].to_vec()),
         [] => {
             eprint!("{USAGE}");
             1

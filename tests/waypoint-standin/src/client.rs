@@ -2,6 +2,7 @@
 //! request, a deadline on the whole exchange. Used by the CLI commands and the runner to reach
 //! the stand-in server, and by the runner to reach the Docker API.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{TcpSocket, TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 
 /// Answers larger than this are cut off: the stand-in only exchanges small JSON documents.
@@ -84,6 +85,8 @@ pub struct HttpClient {
     target: Target,
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     timeout: Duration,
+    /// Source address to bind TCP connections to (test hook; `None`: the kernel picks).
+    source: Option<IpAddr>,
 }
 
 impl HttpClient {
@@ -97,7 +100,15 @@ impl HttpClient {
             target,
             tls,
             timeout,
+            source: None,
         }
+    }
+
+    /// Binds TCP connections to the source address `ip`, so a peer sees that address (tests
+    /// use it to be one of several sources in a namespace). Unix sockets ignore it.
+    pub fn with_source_addr(mut self, ip: IpAddr) -> Self {
+        self.source = Some(ip);
+        self
     }
 
     /// Whether this client speaks TLS.
@@ -175,12 +186,12 @@ impl HttpClient {
             }
             Target::Tcp { host, port } => {
                 let bare = host.trim_start_matches('[').trim_end_matches(']');
-                let tcp = TcpStream::connect((bare, *port)).await.map_err(|source| {
-                    ClientError::Connect {
+                let tcp = connect_tcp(bare, *port, self.source)
+                    .await
+                    .map_err(|source| ClientError::Connect {
                         target: target.clone(),
                         source,
-                    }
-                })?;
+                    })?;
                 match &self.tls {
                     None => exchange(tcp, request, &target).await,
                     Some((config, name)) => {
@@ -197,6 +208,35 @@ impl HttpClient {
             }
         }
     }
+}
+
+/// Connects to `host:port`, from `source` when given (then only to addresses of its family).
+async fn connect_tcp(host: &str, port: u16, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect((host, port)).await;
+    };
+    let mut last = None;
+    for peer in tokio::net::lookup_host((host, port)).await? {
+        if peer.is_ipv4() != source.is_ipv4() {
+            continue;
+        }
+        let socket = if source.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        match socket.connect(peer).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{host} has no address of the source address {source}'s family"),
+        )
+    }))
 }
 
 async fn exchange<S>(

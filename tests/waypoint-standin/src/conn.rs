@@ -63,7 +63,9 @@ impl std::fmt::Debug for ServerConn {
     }
 }
 
-fn env_bool(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<bool>> {
+/// A boolean environment variable (`true`, `1`, `false`, ... as Go's `strconv.ParseBool`);
+/// unset or empty is `None`.
+pub fn env_bool(env: &dyn Fn(&str) -> Option<String>, name: &str) -> Result<Option<bool>> {
     match env(name).filter(|v| !v.is_empty()) {
         None => Ok(None),
         Some(v) => parse_bool(&v)

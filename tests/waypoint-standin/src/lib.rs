@@ -13,6 +13,10 @@
 //! - `waypoint runner agent` registers with the server and checks the Docker API at
 //!   `DOCKER_HOST` with the Docker client's TLS rules (`DOCKER_TLS_VERIFY`, `DOCKER_CERT_PATH`),
 //!   and reports what worked in a JSON status file that tests read;
+//! - `waypoint entrypoint [--] CMD...` (or the binary named `waypoint-entrypoint`) plays
+//!   Waypoint's entrypoint: it tries the server at `WAYPOINT_SERVER_ADDR` for at most 5 s, prints
+//!   one JSON line saying whether it connected and what address the server advertises, then
+//!   executes CMD either way (fail open); `WAYPOINT_CEB_DISABLE` skips the connection;
 //! - `waypoint version` prints `Waypoint v0.11.4 (stand-in)`.
 //!
 //! It is NOT Waypoint: nothing here speaks gRPC, builds or deploys. Every log line starts with
@@ -23,6 +27,7 @@ pub mod cli;
 pub mod client;
 pub mod conn;
 pub mod docker;
+pub mod entrypoint;
 pub mod error;
 pub mod flags;
 pub mod fsutil;

@@ -2,6 +2,9 @@
 //! the library so the tests can use it.
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    std::process::exit(waypoint_standin::cli::main_with_args(args));
+    let mut argv = std::env::args();
+    // argv[0] picks the personality: `waypoint-entrypoint` is the entrypoint.
+    let program = argv.next().unwrap_or_default();
+    let args: Vec<String> = argv.collect();
+    std::process::exit(waypoint_standin::cli::main_with_program(&program, args));
 }

@@ -1,0 +1,153 @@
+//! `role:` and `server:` — whether this host runs the Waypoint server (the default) or only
+//! runners against the server of another Pilot VM, and how a runner-only host reaches that VM.
+//!
+//! ```yaml
+//! role: runner
+//! server:
+//!   endpoint: 10.0.1.5:8443            # the server VM's pilot-agent endpoint (HOST[:PORT])
+//!   token_file: /etc/pilot/server-token  # its bearer token, one line, mode 0600
+//!   ca_sha256: "3F:9A:…"               # SHA-256 of the server VM's agent CA certificate
+//! ```
+//!
+//! The fingerprint is what makes the first contact safe: the runner host trusts exactly the CA
+//! it names (`pilot-agent credentials` on the server VM prints it), so a man in the middle
+//! cannot hand out a Waypoint token of its own. The configuration carries the token's path,
+//! never the token.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use super::schema::{self, Node, Walker};
+use crate::remote::{Fingerprint, ServerEndpoint};
+
+/// Where user-data puts the server VM's endpoint token on a runner-only host.
+pub const DEFAULT_TOKEN_FILE: &str = "/etc/pilot/server-token";
+
+const KEYS: &[&str] = &[
+    "endpoint",
+    "token_file",
+    "ca_sha256",
+    "waypoint_address",
+    "timeout_secs",
+];
+
+/// What this host is in a Pilot deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// The Waypoint server, its runners and the database user (one VM per account).
+    #[default]
+    Server,
+    /// Runners only, registered with the server of another Pilot VM (`server:`).
+    Runner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Server => "server",
+            Role::Runner => "runner",
+        }
+    }
+}
+
+/// How a runner-only host reaches the server VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLink {
+    /// The server VM's HTTPS endpoint (`pilot-agent run`'s `endpoint:`).
+    pub endpoint: ServerEndpoint,
+    /// File holding the bearer token of that endpoint (one line; 0600).
+    pub token_file: PathBuf,
+    /// SHA-256 of the server VM's agent CA certificate (DER).
+    pub ca_sha256: Fingerprint,
+    /// `HOST:PORT` the runners dial for Waypoint; default: the address the server VM's
+    /// credentials name (its advertise address).
+    pub waypoint_address: Option<String>,
+    /// Bound on one request to the server VM.
+    pub timeout_secs: u64,
+}
+
+pub fn read_role(w: &mut Walker, node: &Node<'_>) -> Role {
+    match schema::string(w, node, "role").as_deref() {
+        None => Role::Server,
+        Some("server") => Role::Server,
+        Some("runner") => Role::Runner,
+        Some(other) => {
+            w.error(
+                node,
+                format!("role: expected `server` or `runner`, got \"{other}\""),
+            );
+            Role::Server
+        }
+    }
+}
+
+/// Reads `server:`; `None` when a required key is missing or wrong (each one reported).
+pub fn read(w: &mut Walker, node: &Node<'_>) -> Option<ServerLink> {
+    let f = w.mapping(node, "server", KEYS)?;
+    let endpoint = match f.get("endpoint") {
+        None => {
+            w.error(
+                node,
+                "server.endpoint is required: the server VM's pilot-agent endpoint, HOST[:PORT]",
+            );
+            None
+        }
+        Some(n) => schema::non_empty_string(w, n, "server.endpoint").and_then(|s| {
+            match ServerEndpoint::from_str(&s) {
+                Ok(e) => Some(e),
+                Err(why) => {
+                    w.error(n, format!("server.endpoint: {why}, got \"{s}\""));
+                    None
+                }
+            }
+        }),
+    };
+    let ca_sha256 = match f.get("ca_sha256") {
+        None => {
+            w.error(
+                node,
+                "server.ca_sha256 is required: the SHA-256 fingerprint of the server VM's CA \
+                 (`pilot-agent credentials` on the server VM prints it)",
+            );
+            None
+        }
+        Some(n) => schema::non_empty_string(w, n, "server.ca_sha256").and_then(|s| {
+            match Fingerprint::from_str(&s) {
+                Ok(fp) => Some(fp),
+                Err(_) => {
+                    w.error(
+                        n,
+                        format!(
+                            "server.ca_sha256: expected 64 hex digits (colons allowed), got \"{s}\""
+                        ),
+                    );
+                    None
+                }
+            }
+        }),
+    };
+    let token_file = f
+        .path(w, "token_file")
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_FILE));
+    let waypoint_address = f.get("waypoint_address").and_then(|n| {
+        let s = schema::non_empty_string(w, n, "server.waypoint_address")?;
+        match super::waypoint::parse_host_port(&s, None) {
+            Ok(_) => Some(s),
+            Err(why) => {
+                w.error(n, format!("server.waypoint_address: {why}, got \"{s}\""));
+                None
+            }
+        }
+    });
+    let timeout_secs = f
+        .integer(w, "timeout_secs", 1, 300)
+        // Range-checked above.
+        .map_or(10, |s| s as u64);
+    Some(ServerLink {
+        endpoint: endpoint?,
+        token_file,
+        ca_sha256: ca_sha256?,
+        waypoint_address,
+        timeout_secs,
+    })
+}

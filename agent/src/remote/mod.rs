@@ -1,0 +1,507 @@
+//! The runner host's client of the server VM's endpoint: `GET /v1/credentials` over HTTPS with
+//! the bearer token, the server authenticated by the pinned fingerprint of its agent CA.
+//!
+//! ```text
+//! remote/mod.rs    ServerEndpoint (HOST[:PORT]), fetch_credentials, RemoteError
+//! remote/pin.rs    Fingerprint, the verifier that trusts exactly the pinned CA
+//! ```
+//!
+//! Verification, in order: the server must present the pinned CA in its certificate chain
+//! (see [`pin`]); its leaf must verify against that CA alone (webpki: signature, validity,
+//! serverAuth, the dialled host among the SANs: an IP address or a DNS name); and the `ca_pem`
+//! of the answer must be the same CA. The token is sent only after all of the TLS part passed.
+//!
+//! Errors are shaped for the runner host's status: [`RemoteError::is_transient`] says "the
+//! server VM is away or busy, retry" (degraded); the rest need a person (a wrong pin, token or
+//! server). No error, log line or `Debug` output carries the token.
+
+pub mod pin;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+
+use crate::database::Secret;
+
+pub use pin::{ChainFailure, Fingerprint, FingerprintError, PinnedCaVerifier};
+
+/// The endpoint's port when the address names none (the server's default `endpoint.listen`).
+pub const DEFAULT_PORT: u16 = 8443;
+/// The path fetched.
+pub const CREDENTIALS_PATH: &str = "/v1/credentials";
+/// The largest answer read: the credentials are a few KiB at most.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// Where the server VM's endpoint is: the host dialled (and checked against the certificate's
+/// SANs) and the port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerEndpoint {
+    /// An IP address (IPv6 without brackets) or a DNS name.
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "expected HOST, HOST:PORT, [IPV6] or [IPV6]:PORT for the server endpoint (HOST an IP \
+     address or a DNS name; the port defaults to {DEFAULT_PORT}): {0}"
+)]
+pub struct EndpointParseError(String);
+
+impl FromStr for ServerEndpoint {
+    type Err = EndpointParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let bad = |why: &str| EndpointParseError(why.to_string());
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (host, after) = rest.split_once(']').ok_or_else(|| bad("no closing ']'"))?;
+            if host.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(bad("only an IPv6 address goes between '[' and ']'"));
+            }
+            match after {
+                "" => (host, None),
+                _ => (
+                    host,
+                    Some(
+                        after
+                            .strip_prefix(':')
+                            .ok_or_else(|| bad("expected ':PORT' after ']'"))?,
+                    ),
+                ),
+            }
+        } else if s.parse::<std::net::Ipv6Addr>().is_ok() {
+            // A bare IPv6 address: its colons are not a port separator.
+            (s, None)
+        } else {
+            match s.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (s, None),
+            }
+        };
+        let port = match port {
+            None => DEFAULT_PORT,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p != 0 => p,
+                _ => return Err(bad("the port must be a number from 1 to 65535")),
+            },
+        };
+        if host.is_empty() {
+            return Err(bad("the host is empty"));
+        }
+        // The host is also the name the certificate is checked against: it must be one.
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if ServerName::try_from(host.as_str()).is_err() {
+            return Err(bad(
+                "the host is neither an IP address nor a valid DNS name",
+            ));
+        }
+        Ok(ServerEndpoint { host, port })
+    }
+}
+
+impl fmt::Display for ServerEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// What the runner host takes from the server VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteCredentials {
+    /// `host:port` of the Waypoint server's gRPC API, as the server VM advertises it.
+    pub waypoint_address: String,
+    pub waypoint_token: Secret,
+    /// Whether Waypoint's certificate cannot be verified (it is self-signed in its container).
+    pub waypoint_tls_skip_verify: bool,
+    /// The server VM's agent CA; its fingerprint is the pin.
+    pub ca_pem: String,
+    /// The whole answer without its secrets (`waypoint.token`, `database.password`).
+    pub raw: Value,
+}
+
+/// What [`fetch_credentials`] found wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("cannot reach the server endpoint {endpoint}: {reason}")]
+    Unreachable { endpoint: String, reason: String },
+    #[error("the server endpoint {endpoint} did not answer within {timeout:?} ({stage})")]
+    Timeout {
+        endpoint: String,
+        timeout: Duration,
+        /// What was under way: connecting, the TLS handshake, the request, the answer.
+        stage: &'static str,
+    },
+    #[error(
+        "the server endpoint {endpoint} did not present the pinned CA: expected CA fingerprint \
+         {expected}, presented {}; check the pinned fingerprint against the server VM's \
+         `openssl x509 -noout -fingerprint -sha256 -in STATE_DIR/pki/ca/ca.pem`",
+        list(presented)
+    )]
+    PinMismatch {
+        endpoint: String,
+        expected: Fingerprint,
+        /// Every certificate the server sent, leaf first.
+        presented: Vec<Fingerprint>,
+    },
+    #[error(
+        "the server endpoint {endpoint}'s certificate does not verify against the pinned CA \
+         {pin}: {reason}"
+    )]
+    Certificate {
+        endpoint: String,
+        pin: Fingerprint,
+        reason: String,
+    },
+    #[error("TLS with the server endpoint {endpoint} failed: {reason}")]
+    Tls { endpoint: String, reason: String },
+    #[error(
+        "the server endpoint {endpoint}'s answer names CA {served}, not the pinned CA \
+         {expected}; its TLS chain and its credentials disagree"
+    )]
+    ServedCaMismatch {
+        endpoint: String,
+        expected: Fingerprint,
+        served: Fingerprint,
+    },
+    #[error(
+        "the server endpoint {endpoint} rejected the token (401): check this host's endpoint \
+         token against the server VM's token hash"
+    )]
+    Unauthorized { endpoint: String },
+    #[error("the server endpoint {endpoint} refuses this host for now: too many failed authentications (429){}",
+        retry_after.map(|d| format!(", retry after {}s", d.as_secs())).unwrap_or_default())]
+    RateLimited {
+        endpoint: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("the server endpoint {endpoint} answered {status} for {CREDENTIALS_PATH}")]
+    Status { endpoint: String, status: u16 },
+    #[error("bad answer from the server endpoint {endpoint}: {reason}")]
+    BadResponse { endpoint: String, reason: String },
+    #[error(
+        "the server VM is not ready yet: its credentials lack {} (it has not finished \
+         converging)",
+        missing.join(", ")
+    )]
+    NotReady { missing: Vec<String> },
+    #[error("the endpoint token cannot be sent: it holds characters not allowed in an HTTP header")]
+    InvalidToken,
+    #[error(transparent)]
+    Endpoint(#[from] EndpointParseError),
+}
+
+fn list(fps: &[Fingerprint]) -> String {
+    match fps {
+        [] => "no certificate".into(),
+        [leaf] => format!("only a leaf certificate {leaf} (the server must send its CA too)"),
+        [leaf, rest @ ..] => format!(
+            "leaf {leaf} with {}",
+            rest.iter()
+                .map(Fingerprint::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+impl RemoteError {
+    /// Whether trying again later may succeed without anyone changing anything: the server
+    /// unreachable or slow, rate limiting, failing (5xx), or not converged yet.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RemoteError::Unreachable { .. }
+            | RemoteError::Timeout { .. }
+            | RemoteError::RateLimited { .. }
+            | RemoteError::NotReady { .. } => true,
+            RemoteError::Status { status, .. } => (500..600).contains(status),
+            _ => false,
+        }
+    }
+}
+
+/// Fetches the server VM's credentials (see the module documentation). `timeout` bounds the
+/// whole exchange, connect to last byte.
+pub async fn fetch_credentials(
+    endpoint: &ServerEndpoint,
+    token: &Secret,
+    pin: &Fingerprint,
+    timeout: Duration,
+) -> Result<RemoteCredentials, RemoteError> {
+    let name = endpoint.to_string();
+    let deadline = Instant::now() + timeout;
+    let timed_out = |stage| RemoteError::Timeout {
+        endpoint: name.clone(),
+        timeout,
+        stage,
+    };
+    let mut auth = HeaderValue::try_from(format!("Bearer {}", token.expose()))
+        .map_err(|_| RemoteError::InvalidToken)?;
+    auth.set_sensitive(true);
+    let server_name = ServerName::try_from(endpoint.host.clone())
+        .map_err(|_| EndpointParseError(format!("invalid host {:?}", endpoint.host)))?;
+
+    let tcp = tokio::time::timeout_at(
+        deadline,
+        TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
+    )
+    .await
+    .map_err(|_| timed_out("connecting"))?
+    .map_err(|e| RemoteError::Unreachable {
+        endpoint: name.clone(),
+        reason: e.to_string(),
+    })?;
+    let _ = tcp.set_nodelay(true);
+
+    let provider = crate::tls::provider();
+    let verifier = Arc::new(PinnedCaVerifier::new(*pin, provider.clone()));
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| RemoteError::Tls {
+            endpoint: name.clone(),
+            reason: e.to_string(),
+        })?
+        .dangerous()
+        // Not dangerous: the verifier runs full webpki verification against the pinned CA.
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = tokio::time::timeout_at(
+        deadline,
+        TlsConnector::from(Arc::new(cfg)).connect(server_name, tcp),
+    )
+    .await
+    .map_err(|_| timed_out("TLS handshake"))?
+    .map_err(|e| handshake_error(&name, pin, &verifier, e))?;
+
+    let http_err = |e: &dyn fmt::Display| RemoteError::Unreachable {
+        endpoint: name.clone(),
+        reason: format!("HTTP exchange failed: {e}"),
+    };
+    let (mut sender, conn) = tokio::time::timeout_at(
+        deadline,
+        hyper::client::conn::http1::handshake(TokioIo::new(tls)),
+    )
+    .await
+    .map_err(|_| timed_out("sending the request"))?
+    .map_err(|e| http_err(&e))?;
+    // The connection task ends with the exchange: aborted on every return path.
+    let driver = AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "remote: connection to the server endpoint ended");
+        }
+    }));
+    let req = Request::get(CREDENTIALS_PATH)
+        .header(header::HOST, name.as_str())
+        .header(header::ACCEPT, "application/json")
+        .header(
+            header::USER_AGENT,
+            concat!("pilot-agent/", env!("CARGO_PKG_VERSION")),
+        )
+        .header(header::AUTHORIZATION, auth)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| RemoteError::BadResponse {
+            endpoint: name.clone(),
+            reason: format!("cannot build the request: {e}"),
+        })?;
+    let resp = tokio::time::timeout_at(deadline, sender.send_request(req))
+        .await
+        .map_err(|_| timed_out("waiting for the answer"))?
+        .map_err(|e| http_err(&e))?;
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body =
+        tokio::time::timeout_at(deadline, Limited::new(resp.into_body(), MAX_BODY).collect())
+            .await
+            .map_err(|_| timed_out("reading the answer"))?
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    RemoteError::BadResponse {
+                        endpoint: name.clone(),
+                        reason: format!("the answer is larger than {MAX_BODY} bytes"),
+                    }
+                } else {
+                    http_err(&e)
+                }
+            })?
+            .to_bytes();
+    drop(driver);
+
+    match status {
+        StatusCode::OK => {}
+        StatusCode::UNAUTHORIZED => return Err(RemoteError::Unauthorized { endpoint: name }),
+        StatusCode::TOO_MANY_REQUESTS => {
+            return Err(RemoteError::RateLimited {
+                endpoint: name,
+                retry_after,
+            });
+        }
+        s => {
+            return Err(RemoteError::Status {
+                endpoint: name,
+                status: s.as_u16(),
+            });
+        }
+    }
+    let value: Value = serde_json::from_slice(&body).map_err(|e| RemoteError::BadResponse {
+        endpoint: name.clone(),
+        reason: format!("not JSON: {e}"),
+    })?;
+    parse_credentials(&name, pin, value)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The error of a failed handshake: the verifier's record when it refused the chain.
+fn handshake_error(
+    endpoint: &str,
+    pin: &Fingerprint,
+    verifier: &PinnedCaVerifier,
+    e: std::io::Error,
+) -> RemoteError {
+    match verifier.failure() {
+        Some(ChainFailure::CaNotPresented { presented }) => {
+            return RemoteError::PinMismatch {
+                endpoint: endpoint.into(),
+                expected: *pin,
+                presented,
+            };
+        }
+        Some(ChainFailure::Invalid { reason }) => {
+            return RemoteError::Certificate {
+                endpoint: endpoint.into(),
+                pin: *pin,
+                reason,
+            };
+        }
+        None => {}
+    }
+    // tokio-rustls wraps TLS errors in io::Error; anything else is the transport failing
+    // (reset, closed mid-handshake: a server restarting or at its connection limit).
+    let tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(t) => RemoteError::Tls {
+            endpoint: endpoint.into(),
+            reason: t.to_string(),
+        },
+        None => RemoteError::Unreachable {
+            endpoint: endpoint.into(),
+            reason: format!("connection lost during the TLS handshake: {e}"),
+        },
+    }
+}
+
+/// Takes what the runner host needs from the answer (the documented JSON of `pilot-agent
+/// credentials --json`) and checks its CA against the pin.
+fn parse_credentials(
+    endpoint: &str,
+    pin: &Fingerprint,
+    mut value: Value,
+) -> Result<RemoteCredentials, RemoteError> {
+    let bad = |reason: String| RemoteError::BadResponse {
+        endpoint: endpoint.into(),
+        reason,
+    };
+    if !value.is_object() {
+        return Err(bad("expected a JSON object".into()));
+    }
+    let text = |v: &Value, field: &str| -> Result<Option<String>, RemoteError> {
+        match v {
+            Value::Null => Ok(None),
+            Value::String(s) if s.is_empty() => Ok(None),
+            Value::String(s) => Ok(Some(s.clone())),
+            _ => Err(bad(format!("{field}: expected a string"))),
+        }
+    };
+    let waypoint = &value["waypoint"];
+    if !waypoint.is_null() && !waypoint.is_object() {
+        return Err(bad("waypoint: expected an object".into()));
+    }
+    let address = text(&waypoint["address"], "waypoint.address")?;
+    let token = text(&waypoint["token"], "waypoint.token")?.map(Secret::new);
+    let skip_verify = match &waypoint["tls_skip_verify"] {
+        Value::Bool(b) => *b,
+        // Waypoint's certificate is self-signed unless the server says otherwise.
+        Value::Null => true,
+        _ => {
+            return Err(bad(
+                "waypoint.tls_skip_verify: expected true or false".into()
+            ));
+        }
+    };
+    let ca_pem = text(&value["ca_pem"], "ca_pem")?;
+
+    let mut missing = Vec::new();
+    if waypoint.is_null() {
+        missing.push("waypoint".to_string());
+    } else {
+        if address.is_none() {
+            missing.push("waypoint.address".into());
+        }
+        if token.is_none() {
+            missing.push("waypoint.token".into());
+        }
+    }
+    if ca_pem.is_none() {
+        missing.push("ca_pem".into());
+    }
+    let (Some(waypoint_address), Some(waypoint_token), Some(ca_pem)) = (address, token, ca_pem)
+    else {
+        return Err(RemoteError::NotReady { missing });
+    };
+
+    let served = Fingerprint::of_pem(&ca_pem).map_err(|e| bad(format!("ca_pem: {e}")))?;
+    if served != *pin {
+        return Err(RemoteError::ServedCaMismatch {
+            endpoint: endpoint.into(),
+            expected: *pin,
+            served,
+        });
+    }
+
+    for (section, field) in [("waypoint", "token"), ("database", "password")] {
+        if let Some(obj) = value.get_mut(section).and_then(Value::as_object_mut) {
+            obj.remove(field);
+        }
+    }
+    Ok(RemoteCredentials {
+        waypoint_address,
+        waypoint_token,
+        waypoint_tls_skip_verify: skip_verify,
+        ca_pem,
+        raw: value,
+    })
+}
+
+#[cfg(test)]
+mod tests;

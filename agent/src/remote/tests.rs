@@ -1,0 +1,500 @@
+//! The client against the real endpoint on loopback (a state directory with the pki module's
+//! CA and server certificate), a leaf-only TLS server, and plain TCP listeners that refuse or
+//! stall.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+
+use super::*;
+use crate::config::endpoint::{RateLimit, TokenHash, TokenSource};
+use crate::config::{Config, EndpointConfig, PkiConfig, WaypointConfig};
+use crate::endpoint::{Endpoint, Telemetry};
+use crate::host::San;
+use crate::pki::{self, LeafSpec, PkiLayout, Policy};
+use crate::waypoint::WaypointPlan;
+
+const TOKEN: &str = "tok-remote-0123456789-very-secret";
+const WAYPOINT_TOKEN: &str = "wp-bootstrap-9876543210-very-secret";
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server VM's state directory: CA, server certificate for `sans`, the endpoint's token
+/// hash, and (when `bootstrapped`) the Waypoint bootstrap token.
+struct ServerVm {
+    _dir: tempfile::TempDir,
+    config: Arc<Config>,
+}
+
+impl ServerVm {
+    fn new(sans: &[&str], bootstrapped: bool, rate_limit: RateLimit) -> ServerVm {
+        let dir = tempfile::tempdir().unwrap();
+        let hash: String = Sha256::digest(TOKEN.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut config = Config {
+            state_dir: dir.path().join("state"),
+            waypoint: Some(WaypointConfig::default()),
+            endpoint: Some(EndpointConfig {
+                listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+                token: TokenSource::Inline(TokenHash::from_hex(&hash).unwrap()),
+                sources: Vec::new(),
+                rate_limit,
+            }),
+            ..Config::default()
+        };
+        config.host.extra_names = vec!["pilot.example.com".into()];
+        let layout = PkiLayout::new(config.pki_dir());
+        let sans: BTreeSet<San> = sans.iter().map(|s| San::parse(s)).collect();
+        pki::ensure(
+            &layout,
+            &Policy::from(&PkiConfig::default()),
+            &[LeafSpec::server(sans)],
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+        if bootstrapped {
+            let plan = WaypointPlan::from_config(&config).unwrap();
+            std::fs::create_dir_all(&plan.tokens_dir).unwrap();
+            std::fs::write(plan.bootstrap_token_path(), format!("{WAYPOINT_TOKEN}\n")).unwrap();
+        }
+        ServerVm {
+            _dir: dir,
+            config: Arc::new(config),
+        }
+    }
+
+    fn ca_pem(&self) -> String {
+        std::fs::read_to_string(PkiLayout::new(self.config.pki_dir()).ca_cert()).unwrap()
+    }
+
+    fn pin(&self) -> Fingerprint {
+        Fingerprint::of_pem(&self.ca_pem()).unwrap()
+    }
+
+    async fn start(&self) -> Endpoint {
+        Endpoint::start(self.config.clone(), Arc::new(Telemetry::default()))
+            .await
+            .unwrap()
+    }
+}
+
+fn at(host: &str, addr: SocketAddr) -> ServerEndpoint {
+    ServerEndpoint {
+        host: host.into(),
+        port: addr.port(),
+    }
+}
+
+fn token() -> Secret {
+    Secret::new(TOKEN)
+}
+
+/// No error text may carry either token.
+fn assert_no_token(e: &RemoteError) {
+    for text in [e.to_string(), format!("{e:?}")] {
+        assert!(
+            !text.contains(TOKEN) && !text.contains(WAYPOINT_TOKEN),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn right_pin_fetches_the_credentials() {
+    let vm = ServerVm::new(&["127.0.0.1", "localhost"], true, RateLimit::default());
+    let ep = vm.start().await;
+    for host in ["127.0.0.1", "localhost"] {
+        let c = fetch_credentials(&at(host, ep.local_addr()), &token(), &vm.pin(), TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(
+            c.waypoint_address,
+            format!("pilot.example.com:{}", WaypointConfig::default().grpc_port)
+        );
+        assert_eq!(c.waypoint_token.expose(), WAYPOINT_TOKEN);
+        assert!(c.waypoint_tls_skip_verify);
+        assert_eq!(c.ca_pem, vm.ca_pem());
+        assert_eq!(c.raw["waypoint"]["address"], json!(c.waypoint_address));
+        for text in [c.raw.to_string(), format!("{c:?}")] {
+            assert!(!text.contains(WAYPOINT_TOKEN), "{text}");
+        }
+    }
+    ep.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_pin_names_both_fingerprints() {
+    let vm = ServerVm::new(&["127.0.0.1"], true, RateLimit::default());
+    let other = ServerVm::new(&["127.0.0.1"], true, RateLimit::default());
+    let ep = vm.start().await;
+    let e = fetch_credentials(
+        &at("127.0.0.1", ep.local_addr()),
+        &token(),
+        &other.pin(),
+        TIMEOUT,
+    )
+    .await
+    .unwrap_err();
+    let RemoteError::PinMismatch {
+        expected,
+        presented,
+        ..
+    } = &e
+    else {
+        panic!("{e:?}");
+    };
+    assert_eq!(*expected, other.pin());
+    // Leaf first, then the CA (once the endpoint sends it as well, twice here).
+    assert!(presented.len() >= 2, "leaf and CA: {presented:?}");
+    assert_eq!(presented[1], vm.pin());
+    let text = e.to_string();
+    assert!(text.contains(&other.pin().to_string()), "{text}");
+    assert!(text.contains(&vm.pin().to_string()), "{text}");
+    assert!(!e.is_transient());
+    assert_no_token(&e);
+    ep.shutdown().await;
+}
+
+#[tokio::test]
+async fn name_not_in_the_certificate_is_a_certificate_error() {
+    let vm = ServerVm::new(&["192.0.2.1", "pilot.invalid"], true, RateLimit::default());
+    let ep = vm.start().await;
+    let e = fetch_credentials(
+        &at("127.0.0.1", ep.local_addr()),
+        &token(),
+        &vm.pin(),
+        TIMEOUT,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, RemoteError::Certificate { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("127.0.0.1"), "{text}");
+    assert!(!e.is_transient());
+    ep.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_token_is_unauthorized_then_rate_limited() {
+    let vm = ServerVm::new(
+        &["127.0.0.1"],
+        true,
+        RateLimit {
+            failures: 2,
+            window_secs: 60,
+        },
+    );
+    let ep = vm.start().await;
+    let server = at("127.0.0.1", ep.local_addr());
+    let wrong = Secret::new("tok-wrong-0000");
+    for _ in 0..2 {
+        let e = fetch_credentials(&server, &wrong, &vm.pin(), TIMEOUT)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RemoteError::Unauthorized { .. }), "{e:?}");
+        assert!(!e.is_transient());
+        assert!(!e.to_string().contains("tok-wrong"), "{e}");
+    }
+    let e = fetch_credentials(&server, &token(), &vm.pin(), TIMEOUT)
+        .await
+        .unwrap_err();
+    let RemoteError::RateLimited { retry_after, .. } = &e else {
+        panic!("{e:?}");
+    };
+    assert!(retry_after.is_some_and(|d| d > Duration::ZERO && d <= Duration::from_secs(60)));
+    assert!(e.is_transient());
+    assert_no_token(&e);
+    ep.shutdown().await;
+}
+
+#[tokio::test]
+async fn not_bootstrapped_is_not_ready() {
+    let vm = ServerVm::new(&["127.0.0.1"], false, RateLimit::default());
+    let ep = vm.start().await;
+    let e = fetch_credentials(
+        &at("127.0.0.1", ep.local_addr()),
+        &token(),
+        &vm.pin(),
+        TIMEOUT,
+    )
+    .await
+    .unwrap_err();
+    let RemoteError::NotReady { missing } = &e else {
+        panic!("{e:?}");
+    };
+    assert_eq!(missing, &["waypoint.token"]);
+    assert!(e.is_transient());
+    ep.shutdown().await;
+}
+
+#[tokio::test]
+async fn served_ca_other_than_the_pin_is_refused() {
+    let vm = ServerVm::new(&["127.0.0.1"], true, RateLimit::default());
+    let other = ServerVm::new(&["127.0.0.1"], true, RateLimit::default());
+    let pin = vm.pin();
+    let ep = vm.start().await;
+    // The TLS chain still carries the pinned CA (loaded at start); the answer is read per
+    // request, so it now names another CA.
+    std::fs::write(
+        PkiLayout::new(vm.config.pki_dir()).ca_cert(),
+        other.ca_pem(),
+    )
+    .unwrap();
+    let e = fetch_credentials(&at("127.0.0.1", ep.local_addr()), &token(), &pin, TIMEOUT)
+        .await
+        .unwrap_err();
+    let RemoteError::ServedCaMismatch {
+        expected, served, ..
+    } = &e
+    else {
+        panic!("{e:?}");
+    };
+    assert_eq!((*expected, *served), (pin, other.pin()));
+    assert!(!e.is_transient());
+    assert_no_token(&e);
+    ep.shutdown().await;
+}
+
+/// A TLS server presenting only its leaf (the endpoint as it is without the CA in its chain):
+/// the pinned CA cannot be found, and the token is never sent.
+#[tokio::test]
+async fn leaf_only_chain_is_a_pin_error() {
+    let vm = ServerVm::new(&["127.0.0.1"], true, RateLimit::default());
+    let paths = PkiLayout::new(vm.config.pki_dir()).server();
+    let leaf = CertificateDer::pem_file_iter(&paths.cert)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&paths.key).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        // The handshake fails on the client's alert: nothing to read afterwards.
+        acceptor.accept(tcp).await.is_ok()
+    });
+    let e = fetch_credentials(&at("127.0.0.1", addr), &token(), &vm.pin(), TIMEOUT)
+        .await
+        .unwrap_err();
+    let RemoteError::PinMismatch { presented, .. } = &e else {
+        panic!("{e:?}");
+    };
+    assert_eq!(presented, &[Fingerprint::of_der(&leaf)]);
+    assert!(e.to_string().contains("only a leaf certificate"), "{e}");
+    assert!(!server.await.unwrap(), "the server's handshake should fail");
+}
+
+#[tokio::test]
+async fn nothing_listening_is_transient() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let pin = Fingerprint::of_der(b"any");
+    let e = fetch_credentials(&at("127.0.0.1", addr), &token(), &pin, TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RemoteError::Unreachable { .. }), "{e:?}");
+    assert!(e.is_transient());
+    assert!(e.to_string().contains(&addr.to_string()), "{e}");
+}
+
+#[tokio::test]
+async fn silent_listener_times_out_within_the_bound() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Accepts and holds the connection without a byte of TLS.
+    let holder = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(tcp);
+    });
+    let pin = Fingerprint::of_der(b"any");
+    let limit = Duration::from_millis(300);
+    let started = Instant::now();
+    let e = fetch_credentials(&at("127.0.0.1", addr), &token(), &pin, limit)
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    let RemoteError::Timeout { stage, .. } = &e else {
+        panic!("{e:?}");
+    };
+    assert_eq!(*stage, "TLS handshake");
+    assert!(e.is_transient());
+    assert!(
+        took >= limit && took < limit + Duration::from_secs(1),
+        "{took:?}"
+    );
+    holder.abort();
+}
+
+#[test]
+fn fingerprint_parses_and_round_trips() {
+    let fp = Fingerprint::of_der(b"certificate");
+    let shown = fp.to_string();
+    assert_eq!(shown.len(), 32 * 3 - 1);
+    assert_eq!(shown, shown.to_uppercase());
+    let plain: String = shown.split(':').collect();
+    for text in [
+        shown.clone(),
+        shown.to_lowercase(),
+        plain.clone(),
+        plain.to_lowercase(),
+        format!("  {shown}\n"),
+        format!("sha256 Fingerprint={shown}"),
+        format!("SHA256 FINGERPRINT={plain}"),
+    ] {
+        assert_eq!(text.parse::<Fingerprint>(), Ok(fp), "{text:?}");
+    }
+    assert_eq!(format!("{fp:?}"), format!("Fingerprint({shown})"));
+}
+
+#[test]
+fn fingerprint_rejects_bad_input() {
+    let shown = Fingerprint::of_der(b"certificate").to_string();
+    let plain: String = shown.split(':').collect();
+    for bad in [
+        String::new(),
+        plain[..62].to_string(),
+        format!("{plain}00"),
+        format!("{}g", &plain[..63]),
+        shown[..shown.len() - 3].to_string(),
+        format!("{shown}:00"),
+        // Separators in the wrong places, though 64 digits.
+        format!("{}:{}", &plain[..3], &plain[3..]),
+        shown.replace(':', "-"),
+        shown.replace(':', " "),
+        format!("sha1 Fingerprint={shown}"),
+        "é".repeat(32),
+    ] {
+        assert_eq!(
+            bad.parse::<Fingerprint>(),
+            Err(FingerprintError::Format),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        Fingerprint::of_pem("not a certificate"),
+        Err(FingerprintError::Pem(_))
+    ));
+}
+
+#[test]
+fn fingerprint_of_pem_is_that_of_its_der() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["ca.invalid".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    assert_eq!(
+        Fingerprint::of_pem(&cert.pem()).unwrap(),
+        Fingerprint::of_der(cert.der())
+    );
+    // As `openssl x509 -fingerprint -sha256` computes it: SHA-256 over the DER.
+    let digest: [u8; 32] = Sha256::digest(cert.der()).into();
+    assert_eq!(Fingerprint::of_der(cert.der()).as_bytes(), &digest);
+}
+
+#[test]
+fn server_endpoint_parses() {
+    let ok = |s: &str, host: &str, port: u16| {
+        let e: ServerEndpoint = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert_eq!((e.host.as_str(), e.port), (host, port), "{s}");
+    };
+    ok("10.0.0.5:9443", "10.0.0.5", 9443);
+    ok("10.0.0.5", "10.0.0.5", DEFAULT_PORT);
+    ok("Pilot.Example.com.", "pilot.example.com", DEFAULT_PORT);
+    ok("pilot.example.com:8443", "pilot.example.com", 8443);
+    ok("[2001:db8::1]:9443", "2001:db8::1", 9443);
+    ok("[2001:db8::1]", "2001:db8::1", DEFAULT_PORT);
+    ok("2001:db8::1", "2001:db8::1", DEFAULT_PORT);
+    ok(" localhost:1 ", "localhost", 1);
+    for bad in [
+        "",
+        ":8443",
+        "host:",
+        "host:0",
+        "host:65536",
+        "host:port",
+        "[2001:db8::1",
+        "[2001:db8::1]9443",
+        "[pilot.example.com]:1",
+        "bad_name!:8443",
+        "a b:1",
+    ] {
+        assert!(bad.parse::<ServerEndpoint>().is_err(), "{bad:?}");
+    }
+    let v6: ServerEndpoint = "[2001:db8::1]:9443".parse().unwrap();
+    assert_eq!(v6.to_string(), "[2001:db8::1]:9443");
+    let v4: ServerEndpoint = "10.0.0.5".parse().unwrap();
+    assert_eq!(v4.to_string(), "10.0.0.5:8443");
+}
+
+#[test]
+fn answers_are_checked() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let pin = Fingerprint::of_der(ca.der());
+    let parse = |v: serde_json::Value| parse_credentials("h:1", &pin, v);
+    let full = json!({
+        "waypoint": {"address": "w:9701", "token": WAYPOINT_TOKEN, "tls_skip_verify": false},
+        "database": {"host": "db", "port": 5432, "name": "pilot", "user": "u", "password": "pw"},
+        "ca_pem": ca.pem(), "missing": [],
+    });
+    let c = parse(full.clone()).unwrap();
+    assert!(!c.waypoint_tls_skip_verify);
+    assert!(c.raw["waypoint"].get("token").is_none());
+    assert!(c.raw["database"].get("password").is_none());
+    assert_eq!(c.raw["database"]["user"], json!("u"));
+
+    let e = parse(json!({"waypoint": null, "ca_pem": null})).unwrap_err();
+    assert!(
+        matches!(&e, RemoteError::NotReady { missing } if missing == &["waypoint", "ca_pem"]),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("lack waypoint, ca_pem"), "{e}");
+    let mut v = full.clone();
+    v["waypoint"]["token"] = json!(42);
+    assert!(matches!(parse(v), Err(RemoteError::BadResponse { .. })));
+    let mut v = full.clone();
+    v["ca_pem"] = json!("garbage");
+    assert!(matches!(parse(v), Err(RemoteError::BadResponse { .. })));
+    assert!(matches!(
+        parse(json!([1, 2])),
+        Err(RemoteError::BadResponse { .. })
+    ));
+}
+
+#[tokio::test]
+async fn token_with_a_newline_is_refused_before_connecting() {
+    let pin = Fingerprint::of_der(b"any");
+    // Port 1 on loopback: nothing is contacted, the token is refused first.
+    let e = fetch_credentials(
+        &"127.0.0.1:1".parse().unwrap(),
+        &Secret::new("tok\r\nX-Injected: 1"),
+        &pin,
+        TIMEOUT,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, RemoteError::InvalidToken), "{e:?}");
+    assert!(!e.to_string().contains("Injected"), "{e}");
+}

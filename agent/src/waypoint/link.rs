@@ -1,0 +1,117 @@
+//! Step `server-link` of a runner-only host: the server VM's Waypoint address and token,
+//! fetched from that VM's HTTPS endpoint (`GET /v1/credentials`, its CA pinned by
+//! `server.ca_sha256`), stored 0600 in `STATE_DIR/waypoint/server-address` and
+//! `server-token` for the runners step.
+//!
+//! - Unreachable, timed out, rate limited, not bootstrapped yet: `degraded`. The runners keep
+//!   running on what was fetched before (nothing here stops them), and the service retries
+//!   with backoff; the host is `healthy` again on the first pass that reaches the server VM.
+//! - A CA that does not match the pin, a token the server VM rejects: an error. Retrying does
+//!   not fix either; a person must look, and nothing fetched is trusted.
+//! - A different Waypoint token than the stored one (the server VM's Waypoint was re-created):
+//!   the runner tokens minted with the old one are discarded, so the runners step mints new
+//!   ones and re-creates the runners.
+
+use std::time::Duration;
+
+use super::{WaypointPlan, read_token, write_token};
+use crate::config::ServerLink;
+use crate::database::Secret;
+use crate::engine::{Outcome, StepError, StepResult};
+use crate::remote::{self, RemoteError};
+
+/// Fetches and stores the server VM's Waypoint credentials (see the module docs).
+pub async fn converge(plan: &WaypointPlan, link: &ServerLink) -> StepResult {
+    let token = match read_token(&link.token_file)? {
+        Some(t) => Secret::new(t),
+        None => {
+            return Err(StepError::msg(format!(
+                "{} is missing or empty: it must hold the server VM's endpoint token (one \
+                 line, mode 0600)",
+                link.token_file.display()
+            )));
+        }
+    };
+    let fetched = remote::fetch_credentials(
+        &link.endpoint,
+        &token,
+        &link.ca_sha256,
+        Duration::from_secs(link.timeout_secs),
+    )
+    .await;
+    let creds = match fetched {
+        Ok(c) => c,
+        Err(e) if e.is_transient() => return Ok(Outcome::Degraded(degraded_detail(plan, &e))),
+        Err(e) => return Err(StepError::msg(e.to_string())),
+    };
+    let address = link
+        .waypoint_address
+        .clone()
+        .unwrap_or_else(|| creds.waypoint_address.clone());
+
+    let mut changed = Vec::new();
+    let token_path = plan.remote_token_path();
+    if read_token(&token_path)?.as_deref() != Some(creds.waypoint_token.expose()) {
+        let discarded = discard_runner_tokens(plan)?;
+        write_token(&token_path, creds.waypoint_token.expose())?;
+        changed.push(if discarded == 0 {
+            "stored the server's Waypoint token".to_string()
+        } else {
+            format!(
+                "stored the server's new Waypoint token (discarded {discarded} runner token(s) \
+                 minted with the old one)"
+            )
+        });
+    }
+    let address_path = plan.remote_address_path();
+    if read_token(&address_path)?.as_deref() != Some(address.as_str()) {
+        write_token(&address_path, &address)?;
+        changed.push(format!("runners dial Waypoint at {address}"));
+    }
+    Ok(if changed.is_empty() {
+        Outcome::Ok(format!(
+            "server VM {} reached; runners dial Waypoint at {address}",
+            link.endpoint
+        ))
+    } else {
+        Outcome::Changed(format!(
+            "server VM {} reached; {}",
+            link.endpoint,
+            changed.join("; ")
+        ))
+    })
+}
+
+fn degraded_detail(plan: &WaypointPlan, e: &RemoteError) -> String {
+    let have = plan.remote_token_path().exists() && plan.remote_address_path().exists();
+    if have {
+        format!("{e}; the runners keep the credentials fetched before; retrying")
+    } else {
+        format!("{e}; no credentials fetched yet, so no runners; retrying")
+    }
+}
+
+/// Removes `runner-N-token` files; returns how many.
+fn discard_runner_tokens(plan: &WaypointPlan) -> Result<usize, StepError> {
+    let mut n = 0;
+    let entries = match std::fs::read_dir(&plan.tokens_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => {
+            return Err(StepError::msg(format!(
+                "cannot list {}: {e}",
+                plan.tokens_dir.display()
+            )));
+        }
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("runner-")
+            && name.ends_with("-token")
+            && crate::fsutil::remove_if_exists(&entry.path())?
+        {
+            n += 1;
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,464 @@
+//! A Pilot VM on a cloud (issue 8, "Done when"), end to end in simulated VMs.
+//!
+//! - `advertise_address_from_imds_reaches_applications_on_the_list_only`: an EC2 metadata
+//!   service (IMDSv2, token required) at 169.254.169.254 inside the VM's namespace names the
+//!   VM's address as the instance's public IPv4. `pilot-agent up` with `cloud.provider: aws`:
+//!   1. status (JSON and table) says provider `aws`, the instance id and both addresses, and
+//!      the metadata server saw the token flow (a PUT, then GETs carrying the token);
+//!   2. the Waypoint STAND-IN server reports the advertise address the agent set
+//!      (`PUBLIC_IPV4:9701`), and `credentials` names the same address;
+//!   3. an "application" in the outside namespace runs the (stand-in) Waypoint entrypoint with
+//!      the entrypoint's environment (`WAYPOINT_SERVER_ADDR` = the advertised address, TLS
+//!      skip-verify, an invite token) from an address on `waypoint.application_sources`: it
+//!      connects and learns the advertised address; from an address not on the list it
+//!      cannot (the firewall drops it), and, as Waypoint's entrypoint does, it starts the
+//!      application anyway after ~5 s; a second `up` changes nothing.
+//! - `runner_only_host_works_against_the_server_vm_and_survives_a_cut_link`: two VMs joined by
+//!   a direct link. The server VM runs `pilot-agent run` with its endpoint; the runner-only VM
+//!   (`role: runner`, the server VM's endpoint, token and CA fingerprint) runs `pilot-agent
+//!   run` too:
+//!   1. its `server-link` step fetched the credentials over HTTPS pinned to that CA; its
+//!      runners registered with the server VM's Waypoint (the server lists them) and reach the
+//!      runner VM's own Docker over verified mutual TLS; the runner VM has no server container;
+//!   2. a wrong CA fingerprint is an error that names both fingerprints, never a trust;
+//!   3. the link cut: both agents keep running, the runner VM becomes `degraded`
+//!      (`server-link` degraded), its runners keep running, the server VM stays `healthy`;
+//!   4. the link restored: the runner VM is `healthy` again without a restart.
+//!
+//! Needs root and a machine prepared by scripts/setup.sh; without them every test FAILS.
+//! Run: `cargo build --release --workspace && cargo nextest run --release -p pilot-e2e --test
+//! cloud` (`--no-capture` shows the figures).
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use pilot_e2e::agent::{Agent, ENDPOINT_PORT, EndpointToken, RunningAgent};
+use pilot_e2e::{bake_standin, poll};
+use pilot_harness::metadata::{Instance, MetadataOptions};
+use pilot_harness::standin::standin_binary;
+use pilot_harness::{Vm, VmOptions, require_root};
+use serde_json::Value;
+
+/// The image reference the agent's configuration names (the content is the Waypoint stand-in).
+const IMAGE: &str = "pilot/waypoint:0.11.4";
+/// Waypoint's gRPC port, published on the host.
+const GRPC: u16 = 9701;
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `waypoint:` for the stand-in baked in `images`, with `extra` lines appended to it.
+fn waypoint_section(images: &Path, runners: u32, extra: &str) -> String {
+    format!(
+        "waypoint:\n\
+         \x20 server_image: {IMAGE}\n\
+         \x20 runner_image: {IMAGE}\n\
+         \x20 images_dir: {images}\n\
+         \x20 runners: {runners}\n\
+         \x20 ready_timeout_secs: 30\n{extra}",
+        images = Value::String(images.display().to_string()),
+    )
+}
+
+/// What the stand-in entrypoint printed (its one JSON line) and the whole output.
+struct Entrypoint {
+    report: Value,
+    output: String,
+    took: Duration,
+}
+
+/// Runs the stand-in Waypoint entrypoint in the outside namespace of `vm` with the
+/// environment Waypoint gives deployed applications, from `source`, wrapping an application
+/// that prints `app started`.
+fn entrypoint_from_outside(vm: &Vm, server_addr: &str, source: Ipv4Addr) -> Result<Entrypoint> {
+    let bin = standin_binary()?;
+    let t0 = Instant::now();
+    let out = vm
+        .outside_cmd(&bin)
+        .args(["entrypoint", "--", "echo", "app started"])
+        .env("WAYPOINT_SERVER_ADDR", server_addr)
+        .env("WAYPOINT_SERVER_TLS", "1")
+        .env("WAYPOINT_SERVER_TLS_SKIP_VERIFY", "1")
+        .env("WAYPOINT_CEB_INVITE_TOKEN", "invite-from-the-deployment")
+        .env("WAYPOINT_STANDIN_SOURCE_ADDR", source.to_string())
+        .output()
+        .context("cannot run the stand-in entrypoint")?;
+    let took = t0.elapsed();
+    let output = text(&out);
+    ensure!(
+        out.status.success(),
+        "entrypoint exited {}: {output}",
+        out.status
+    );
+    let report = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .with_context(|| format!("no JSON line from the entrypoint: {output}"))?;
+    Ok(Entrypoint {
+        report,
+        output,
+        took,
+    })
+}
+
+#[test]
+fn advertise_address_from_imds_reaches_applications_on_the_list_only() -> Result<()> {
+    require_root()?;
+    let vm = Vm::start(VmOptions::default())?;
+    let images = bake_standin(&vm, IMAGE)?;
+    let public = vm.addr();
+    let instance_id = "i-0c10d5a7e1f2a3b4c";
+    let mut options = MetadataOptions::aws(instance_id);
+    options.instance = Instance {
+        public_ipv4: Some(public),
+        ..Instance::aws(instance_id)
+    };
+    let imds = vm.serve_metadata(options)?;
+    let app_source = vm.outside_alias(1)?;
+    let stranger = vm.outside_alias(2)?;
+
+    let agent = Agent::with_sections(
+        &vm,
+        &waypoint_section(
+            &images,
+            1,
+            &format!("\x20 application_sources: [{app_source}/32]\n"),
+        ),
+    )?;
+    agent.edit_config(|t| {
+        t.replace(
+            "cloud:\n  provider: none\n",
+            "cloud:\n  provider: aws\n  timeout_ms: 500\n",
+        )
+    })?;
+    let took = agent.up_ok(&vm)?;
+    eprintln!("cloud: up with IMDSv2 identity took {took:.2?}");
+
+    // 1. Status names the provider and the addresses; the token flow was used.
+    let status = agent.status_json()?;
+    let id = &status["identity"];
+    ensure!(
+        id["provider"] == "aws"
+            && id["instance_id"] == instance_id
+            && id["public_ipv4"] == public.to_string().as_str()
+            && id["private_ipv4"] == "10.0.1.23",
+        "identity in status: {id}"
+    );
+    let (out, _) = agent.run(&vm, ["status", "--long"])?;
+    let table = text(&out);
+    ensure!(
+        table.contains("aws") && table.contains(&public.to_string()),
+        "status table lacks the provider or the public address:\n{table}"
+    );
+    let requests = imds.requests();
+    ensure!(
+        requests.iter().any(|r| r.method == "PUT")
+            && requests
+                .iter()
+                .filter(|r| r.method == "GET")
+                .all(|r| r.valid_token),
+        "IMDSv2 token flow not followed: {requests:?}"
+    );
+
+    // 2. The advertised address: set by the agent, reported by the stand-in, in credentials.
+    let advertised = format!("{public}:{GRPC}");
+    let step = status["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "waypoint-advertise"))
+        .cloned()
+        .context("no waypoint-advertise step")?;
+    ensure!(
+        step["state"] == "changed"
+            && step["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(&advertised)),
+        "waypoint-advertise: {step}"
+    );
+    let server_status = vm.docker_ok(["exec", "waypoint-server", "cat", "/data/data.db"])?;
+    let server_state: Value = serde_json::from_str(&server_status)?;
+    ensure!(
+        server_state["advertise"]["addr"] == advertised.as_str(),
+        "the stand-in server advertises {} (wanted {advertised})",
+        server_state["advertise"]
+    );
+    let (out, _) = agent.run(&vm, ["credentials", "--json"])?;
+    let creds: Value = serde_json::from_slice(&out.stdout).context("credentials --json")?;
+    ensure!(
+        creds["waypoint"]["address"] == advertised.as_str(),
+        "credentials name {} (wanted {advertised})",
+        creds["waypoint"]["address"]
+    );
+
+    // 3. An application on the list connects; one off the list cannot and starts anyway.
+    let on_list = entrypoint_from_outside(&vm, &advertised, app_source)?;
+    ensure!(
+        on_list.report["entrypoint"] == "connected"
+            && on_list.report["advertise_addr"] == advertised.as_str()
+            && on_list.output.contains("app started"),
+        "application from {app_source} (on the list): {}",
+        on_list.output
+    );
+    let off_list = entrypoint_from_outside(&vm, &advertised, stranger)?;
+    ensure!(
+        off_list.report["entrypoint"] == "disconnected" && off_list.output.contains("app started"),
+        "application from {stranger} (not on the list) reached Waypoint or did not start: {}",
+        off_list.output
+    );
+    eprintln!(
+        "cloud: entrypoint on the list connected in {:.2?}; off the list gave up after {:.2?} \
+         and started the application",
+        on_list.took, off_list.took
+    );
+
+    // A second pass: nothing to set again.
+    agent.up_ok(&vm)?;
+    let again = agent.status_json()?;
+    let step = again["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "waypoint-advertise"))
+        .cloned()
+        .context("no waypoint-advertise step")?;
+    ensure!(step["state"] == "ok", "second pass: {step}");
+    Ok(())
+}
+
+/// The Waypoint runner status file the stand-in runner `name` keeps.
+fn runner_status(vm: &Vm, name: &str) -> Result<Value> {
+    let text = vm.docker_ok(["exec", name, "cat", "/tmp/waypoint-runner-status.json"])?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn step<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+/// Polls `agent`'s status until `want` holds, failing early when `run` exits.
+fn wait_status(
+    agent: &Agent,
+    run: &mut RunningAgent,
+    timeout: Duration,
+    what: &str,
+    want: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    poll(timeout, what, || {
+        if let Ok(Some(st)) = run.try_exit() {
+            return Err(format!("run exited ({st}): {}", run.log_tail(30)));
+        }
+        let v = agent.status_json().map_err(|e| format!("{e:#}"))?;
+        if want(&v) {
+            Ok(Some(v))
+        } else {
+            Err(v.to_string())
+        }
+    })
+}
+
+fn healthy(v: &Value) -> bool {
+    v["status"] == "done" && v["condition"] == "healthy"
+}
+
+#[test]
+fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Result<()> {
+    require_root()?;
+    let server_vm = Vm::start(VmOptions::default())?;
+    let runner_vm = Vm::start(VmOptions::default())?;
+    let link = server_vm.link(&runner_vm)?;
+    let server_addr = link.addr_of(&server_vm);
+    let runner_addr = link.addr_of(&runner_vm);
+
+    // The server VM: Waypoint advertised on the link, 9701 open to the runner VM only (and
+    // the operator), the endpoint served.
+    let server_images = bake_standin(&server_vm, IMAGE)?;
+    let token = EndpointToken::generate(&server_vm)?;
+    let server = Agent::with_sections(
+        &server_vm,
+        &(waypoint_section(
+            &server_images,
+            0,
+            &format!(
+                "\x20 advertise_address: {server_addr}\n\
+                 \x20 application_sources: [{runner_addr}/32]\n"
+            ),
+        ) + &format!(
+            "endpoint:\n\
+             \x20 listen: 0.0.0.0:{ENDPOINT_PORT}\n\
+             \x20 token_sha256_file: {hash}\n\
+             service:\n\
+             \x20 interval_secs: 300\n",
+            hash = Value::String(token.sha256_file.display().to_string()),
+        )),
+    )?;
+    let mut server_run = server.spawn_run(&server_vm, &server_vm.dir().join("agent-run.log"))?;
+    wait_status(
+        &server,
+        &mut server_run,
+        Duration::from_secs(150),
+        "the server VM's first pass",
+        healthy,
+    )?;
+    let (out, _) = server.run(&server_vm, ["credentials", "--json"])?;
+    let creds: Value = serde_json::from_slice(&out.stdout).context("credentials --json")?;
+    let pin = creds["ca_sha256"]
+        .as_str()
+        .context("credentials have no ca_sha256")?
+        .to_string();
+    ensure!(
+        creds["waypoint"]["address"] == format!("{server_addr}:{GRPC}").as_str(),
+        "server VM credentials: {}",
+        creds["waypoint"]["address"]
+    );
+
+    // The runner-only VM.
+    let runner_images = bake_standin(&runner_vm, IMAGE)?;
+    let token_file = runner_vm.dir().join("server-token");
+    fs::write(&token_file, format!("{}\n", token.token))?;
+    fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600))?;
+    let runner_sections = |pin: &str| {
+        format!(
+            "role: runner\n\
+             server:\n\
+             \x20 endpoint: {server_addr}:{ENDPOINT_PORT}\n\
+             \x20 token_file: {tf}\n\
+             \x20 ca_sha256: \"{pin}\"\n\
+             \x20 timeout_secs: 3\n\
+             service:\n\
+             \x20 interval_secs: 10\n\
+             \x20 database_retry_max_secs: 5\n",
+            tf = Value::String(token_file.display().to_string()),
+        ) + &waypoint_section(&runner_images, 2, "")
+    };
+
+    // 2. A wrong pin first: an error naming both fingerprints, and nothing fetched.
+    let wrong_pin = "00:".repeat(31) + "00";
+    let wrong = Agent::with_sections(&runner_vm, &runner_sections(&wrong_pin))?;
+    let (out, _) = wrong.run(&runner_vm, ["up"])?;
+    let status = wrong.status_json()?;
+    let link_step = step(&status, "server-link");
+    ensure!(
+        !out.status.success()
+            && link_step["state"] == "error"
+            && link_step["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(&wrong_pin) && d.contains(&pin)),
+        "wrong pin: exit {}, server-link {link_step}",
+        out.status
+    );
+    ensure!(
+        !wrong.state_dir().join("waypoint/server-token").exists(),
+        "credentials stored despite a wrong pin"
+    );
+
+    // 1. The right pin: runners registered with the server VM, Docker over TLS at home.
+    let runner = Agent::with_sections(&runner_vm, &runner_sections(&pin))?;
+    let mut runner_run = runner.spawn_run(&runner_vm, &runner_vm.dir().join("agent-run.log"))?;
+    let t0 = Instant::now();
+    let first = wait_status(
+        &runner,
+        &mut runner_run,
+        Duration::from_secs(150),
+        "the runner VM's first pass",
+        healthy,
+    )?;
+    eprintln!("cloud: runner-only host converged in {:.2?}", t0.elapsed());
+    ensure!(
+        step(&first, "server-link")["state"] == "changed"
+            && step(&first, "waypoint-server").is_null()
+            && step(&first, "database").is_null(),
+        "runner VM steps: {first}"
+    );
+    let hostname = runner_vm.hostname().to_string();
+    for i in 1..=2 {
+        let name = format!("waypoint-runner-{i}");
+        let s = poll(Duration::from_secs(30), &format!("{name} ready"), || {
+            let s = runner_status(&runner_vm, &name).map_err(|e| format!("{e:#}"))?;
+            let ok = s["server_ok"] == true
+                && s["docker_ok"] == true
+                && s["docker_tls_verified"] == true
+                && s["registered_as"] == format!("{hostname}-runner-{i}").as_str();
+            if ok { Ok(Some(s)) } else { Err(s.to_string()) }
+        })?;
+        ensure!(
+            s["server_addr"]
+                .as_str()
+                .is_some_and(|a| a.contains(&server_addr.to_string())),
+            "{name} dials {} instead of the server VM",
+            s["server_addr"]
+        );
+    }
+    let on_server = server_vm.docker_ok(["exec", "waypoint-server", "cat", "/data/data.db"])?;
+    ensure!(
+        on_server.contains(&format!("{hostname}-runner-1"))
+            && on_server.contains(&format!("{hostname}-runner-2")),
+        "the server VM's Waypoint does not know the runner VM's runners: {on_server}"
+    );
+    let local_servers = runner_vm.docker_ok(["ps", "-aq", "--filter", "name=waypoint-server"])?;
+    ensure!(
+        local_servers.trim().is_empty(),
+        "a runner-only host runs a server"
+    );
+
+    // 3. Cut the link: both keep running; the runner VM is degraded, the server VM healthy.
+    link.cut()?;
+    let t_cut = Instant::now();
+    let degraded = wait_status(
+        &runner,
+        &mut runner_run,
+        Duration::from_secs(60),
+        "the runner VM degraded after the cut",
+        |v| v["condition"] == "degraded" && step(v, "server-link")["state"] == "degraded",
+    )?;
+    eprintln!(
+        "cloud: runner VM degraded {:.2?} after the cut: {}",
+        t_cut.elapsed(),
+        step(&degraded, "server-link")["detail"]
+    );
+    let running = runner_vm.docker_ok([
+        "ps",
+        "-q",
+        "--filter",
+        "label=io.pilot.role=runner",
+        "--filter",
+        "status=running",
+    ])?;
+    ensure!(
+        running.lines().count() == 2,
+        "runners stopped while the link was cut: {running:?}"
+    );
+    server_run.ensure_running()?;
+    runner_run.ensure_running()?;
+    ensure!(
+        healthy(&server.status_json()?),
+        "the server VM is not healthy while cut off from the runner VM"
+    );
+
+    // 4. Restore it: healthy again, same processes.
+    link.restore()?;
+    let t_restore = Instant::now();
+    wait_status(
+        &runner,
+        &mut runner_run,
+        Duration::from_secs(60),
+        "the runner VM healthy after the link returned",
+        |v| healthy(v) && step(v, "server-link")["state"] == "ok",
+    )?;
+    eprintln!(
+        "cloud: runner VM healthy {:.2?} after the link returned",
+        t_restore.elapsed()
+    );
+    server_run.ensure_running()?;
+    runner_run.ensure_running()?;
+    Ok(())
+}
