@@ -18,9 +18,12 @@
 //! firewall/           the agent's own nftables table (ruleset, idempotence check, nft runner)
 //! docker/             daemon.json merge, systemd drop-in, restart backend, TLS readiness probe
 //! waypoint/           the Waypoint server and runner containers (bollard): images, network,
-//!                     bootstrap-once, runner tokens, drift by spec hash
+//!                     bootstrap-once, advertise address, runner tokens, drift by spec hash;
+//!                     on a runner-only host the link to the server VM
 //! tls.rs              rustls provider and the verifier for uncheckable peer certificates
 //! database/           the application role and database on the Pilot PostgreSQL
+//! remote/             a runner-only host's client of the server VM's endpoint (CA pinned by
+//!                     its SHA-256 fingerprint)
 //! ```
 //!
 //! Errors are typed per module (thiserror); a converge step turns any of them into the one

@@ -239,19 +239,8 @@ fn report(r: waypoint::Report) -> Outcome {
 /// `docker-tls` (dockerd restarted with its final configuration and answering); the runners
 /// also need the PKI (their client certificate), which `docker-tls` already depends on.
 fn waypoint_steps() -> Vec<Step<Ctx>> {
-    vec![
-        Step::new(IMAGES, |ctx: Arc<Ctx>| async move {
-            Ok(report(
-                waypoint::converge_images(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
-            ))
-        })
-        .after(&[DOCKER_TLS]),
-        Step::new(NETWORK, |ctx: Arc<Ctx>| async move {
-            Ok(report(
-                waypoint::converge_network(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
-            ))
-        })
-        .after(&[DOCKER_TLS]),
+    let mut steps = images_and_network_steps();
+    steps.extend([
         Step::new(WAYPOINT_SERVER, |ctx: Arc<Ctx>| async move {
             Ok(report(
                 waypoint::converge_server(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
@@ -276,11 +265,13 @@ fn waypoint_steps() -> Vec<Step<Ctx>> {
         })
         .after(&[WAYPOINT_BOOTSTRAP]),
         runners_step(&[WAYPOINT_BOOTSTRAP, PKI]),
-    ]
+    ]);
+    steps
 }
 
-/// The steps of a runner-only host after `docker-tls`.
-fn runner_host_steps() -> Vec<Step<Ctx>> {
+/// The images and the network (and, with a server, its volume): what both roles need once
+/// dockerd serves its final configuration.
+fn images_and_network_steps() -> Vec<Step<Ctx>> {
     vec![
         Step::new(IMAGES, |ctx: Arc<Ctx>| async move {
             Ok(report(
@@ -294,6 +285,13 @@ fn runner_host_steps() -> Vec<Step<Ctx>> {
             ))
         })
         .after(&[DOCKER_TLS]),
+    ]
+}
+
+/// The steps of a runner-only host after `docker-tls`.
+fn runner_host_steps() -> Vec<Step<Ctx>> {
+    let mut steps = images_and_network_steps();
+    steps.extend([
         Step::new(SERVER_LINK, |ctx: Arc<Ctx>| async move {
             let Some(link) = &ctx.config.server else {
                 return Err(StepError::msg("role: runner without a server section"));
@@ -301,7 +299,8 @@ fn runner_host_steps() -> Vec<Step<Ctx>> {
             waypoint::link::converge(&waypoint_plan(&ctx)?, link).await
         }),
         runners_step(&[SERVER_LINK, IMAGES, NETWORK, PKI]),
-    ]
+    ]);
+    steps
 }
 
 /// The runners step, after `deps`.

@@ -16,6 +16,10 @@
 //! `endpoint.token_sha256_file` names (the section turns the agent's HTTPS endpoint on), and
 //! the database admin password to `/etc/pilot/db-admin-password`, which
 //! `database.admin_password_file` names.
+//!
+//! A runner-only host (`--role runner`) gets `role: runner` and a `server:` section instead of
+//! `database:`: the server VM's endpoint, the SHA-256 pin of its CA, and the path of that
+//! endpoint's bearer token, which is written to `/etc/pilot/server-token` (0600).
 
 use std::fmt::{self, Write as _};
 use std::io::{self, Write as _};
@@ -34,6 +38,9 @@ pub const AGENT_CONFIG_PATH: &str = "/etc/pilot/agent.yaml";
 pub const DB_ADMIN_PASSWORD_PATH: &str = "/etc/pilot/db-admin-password";
 /// The SHA-256 (hex) of the endpoint's bearer token, named by `endpoint.token_sha256_file`.
 pub const ENDPOINT_TOKEN_SHA256_PATH: &str = "/etc/pilot/endpoint-token.sha256";
+/// The server VM's endpoint token on a runner-only host, named by `server.token_file`
+/// (the agent's default, agent/src/config/server.rs DEFAULT_TOKEN_FILE).
+pub const SERVER_TOKEN_PATH: &str = "/etc/pilot/server-token";
 /// The agent's own bound on `waypoint.runners` (agent/src/config/waypoint.rs, MAX_RUNNERS).
 pub const MAX_RUNNERS: u32 = 32;
 /// PostgreSQL truncates longer names (NAMEDATALEN 64), which would log in as someone else.
@@ -108,6 +115,17 @@ impl DbTls {
     }
 }
 
+/// `role:` of the agent's configuration: the Waypoint server VM, or a runner-only host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The Waypoint server, its runners and the database (one VM per account).
+    #[default]
+    Server,
+    /// Runners only, registered with the server VM named by --server-endpoint.
+    Runner,
+}
+
 /// What the deployment provides, as given: flags, or keys of the `--from` JSON file (the flag
 /// names with `_` for `-`). Nothing is checked until [`UserDataInput::validate`].
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
@@ -146,11 +164,37 @@ pub struct UserDataInput {
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]
     pub extra_names: Vec<String>,
+    /// server (default): the Waypoint server VM; runner: runners only, registered with the
+    /// server VM (--server-endpoint, --server-ca-sha256, --server-token-file).
+    #[arg(long, value_enum)]
+    pub role: Option<Role>,
+    /// With --role runner: the server VM's pilot-agent endpoint, HOST[:PORT] (port default
+    /// 8443; IPv6 as [ADDR]:PORT).
+    #[arg(long)]
+    pub server_endpoint: Option<String>,
+    /// With --role runner: SHA-256 fingerprint of the server VM's agent CA, 64 hex digits
+    /// (colons allowed; `pilot-agent credentials` on the server VM prints it).
+    #[arg(long)]
+    pub server_ca_sha256: Option<String>,
+    /// With --role runner: local file whose one line is the server VM's endpoint token; the
+    /// VM gets it as /etc/pilot/server-token (0600).
+    #[arg(long)]
+    pub server_token_file: Option<PathBuf>,
+    /// Server only: the address Waypoint advertises to applications, HOST[:PORT] or auto
+    /// (the agent's default).
+    #[arg(long)]
+    pub advertise_address: Option<String>,
+    /// Server only: networks (CIDR) that may reach Waypoint's gRPC port, where applications
+    /// and runner-only hosts connect from (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub application_sources: Vec<String>,
 }
 
 impl UserDataInput {
     /// Reads a `--from` file: a JSON object with the same keys as the flags (`db_host`, ...).
-    /// A relative `db_admin_password_file` in it is relative to the current directory.
+    /// A relative `db_admin_password_file` or `server_token_file` in it is relative to the
+    /// current directory.
     pub fn from_file(path: &Path) -> Result<UserDataInput, UserDataError> {
         let text = std::fs::read_to_string(path).map_err(|source| UserDataError::ReadFrom {
             path: path.to_owned(),
@@ -179,13 +223,47 @@ impl UserDataInput {
             } else {
                 self.extra_names
             },
+            role: self.role.or(base.role),
+            server_endpoint: self.server_endpoint.or(base.server_endpoint),
+            server_ca_sha256: self.server_ca_sha256.or(base.server_ca_sha256),
+            server_token_file: self.server_token_file.or(base.server_token_file),
+            advertise_address: self.advertise_address.or(base.advertise_address),
+            application_sources: if self.application_sources.is_empty() {
+                base.application_sources
+            } else {
+                self.application_sources
+            },
         }
     }
 
-    /// Checks every value (naming the flag of the first bad one) and reads the password file.
+    /// Checks every value (naming the flag of the first bad one) and reads the password and
+    /// token files.
     pub fn validate(self) -> Result<UserDataSpec, UserDataError> {
         let flavour = self.flavour.unwrap_or(Flavour::Aws);
+        let role = self.role.unwrap_or_default();
+        self.refuse_other_roles_flags(role)?;
         let database = self.database()?;
+        let server = match role {
+            Role::Server => None,
+            Role::Runner => Some(self.server_link()?),
+        };
+        let advertise_address = self
+            .advertise_address
+            .as_deref()
+            .map(|a| {
+                if a == "auto" {
+                    return Ok(a.to_owned());
+                }
+                check_host_port(a)
+                    .map(|()| a.to_owned())
+                    .or_else(|why| invalid("--advertise-address", format!("{why}, got {a:?}")))
+            })
+            .transpose()?;
+        let application_sources = self
+            .application_sources
+            .iter()
+            .map(|s| parse_cidr(s).or_else(|why| invalid("--application-sources", why)))
+            .collect::<Result<Vec<_>, _>>()?;
         let endpoint_token_sha256 = self
             .endpoint_token_sha256
             .as_deref()
@@ -225,6 +303,12 @@ impl UserDataInput {
                 format!("must be 0 to {MAX_RUNNERS}, got {runners}"),
             );
         }
+        if runners == 0 && role == Role::Runner {
+            return invalid(
+                "--runners",
+                "must be 1 or more with --role runner (a runner-only host without runners does nothing)",
+            );
+        }
         for name in &self.extra_names {
             if name.parse::<IpAddr>().is_err() && !is_dns_name(name) {
                 return invalid(
@@ -240,6 +324,102 @@ impl UserDataInput {
             agent_deb_url,
             runners,
             extra_names: self.extra_names,
+            server,
+            advertise_address,
+            application_sources,
+        })
+    }
+
+    /// A runner-only host has no database (the server VM provisions it) and no Waypoint server
+    /// (nothing to advertise or admit); a server VM has no server VM to reach.
+    fn refuse_other_roles_flags(&self, role: Role) -> Result<(), UserDataError> {
+        let given: &[(&'static str, bool)] = match role {
+            Role::Runner => &[
+                ("--db-host", self.db_host.is_some()),
+                ("--db-port", self.db_port.is_some()),
+                ("--db-admin-user", self.db_admin_user.is_some()),
+                (
+                    "--db-admin-password-file",
+                    self.db_admin_password_file.is_some(),
+                ),
+                ("--db-tls", self.db_tls.is_some()),
+                ("--advertise-address", self.advertise_address.is_some()),
+                (
+                    "--application-sources",
+                    !self.application_sources.is_empty(),
+                ),
+            ],
+            Role::Server => &[
+                ("--server-endpoint", self.server_endpoint.is_some()),
+                ("--server-ca-sha256", self.server_ca_sha256.is_some()),
+                ("--server-token-file", self.server_token_file.is_some()),
+            ],
+        };
+        match (role, given.iter().find(|(_, g)| *g)) {
+            (_, None) => Ok(()),
+            (Role::Runner, Some((flag, _))) if flag.starts_with("--db-") => invalid(
+                flag,
+                "not used with --role runner: the server VM provisions the database",
+            ),
+            (Role::Runner, Some((flag, _))) => invalid(
+                flag,
+                "not used with --role runner: a runner-only host runs no Waypoint server \
+                 (set it on the server VM)",
+            ),
+            (Role::Server, Some((flag, _))) => invalid(
+                flag,
+                "used only with --role runner (the server VM a runner-only host registers with)",
+            ),
+        }
+    }
+
+    /// `server:` of a runner-only host; every part is required.
+    fn server_link(&self) -> Result<ServerLinkSpec, UserDataError> {
+        let Some(endpoint) = &self.server_endpoint else {
+            return invalid(
+                "--server-endpoint",
+                "required with --role runner: the server VM's pilot-agent endpoint, HOST[:PORT]",
+            );
+        };
+        if let Err(why) = check_host_port(endpoint) {
+            return invalid("--server-endpoint", format!("{why}, got {endpoint:?}"));
+        }
+        let Some(pin) = &self.server_ca_sha256 else {
+            return invalid(
+                "--server-ca-sha256",
+                "required with --role runner: the SHA-256 fingerprint of the server VM's CA \
+                 (`pilot-agent credentials` on the server VM prints it)",
+            );
+        };
+        let ca_sha256 = normalize_fingerprint(pin).ok_or_else(|| UserDataError::Invalid {
+            flag: "--server-ca-sha256",
+            reason: format!(
+                "expected a SHA-256 fingerprint: 64 hex digits, together or in 32 pairs \
+                 separated by ':', got {pin:?}"
+            ),
+        })?;
+        let Some(token_file) = &self.server_token_file else {
+            return invalid(
+                "--server-token-file",
+                "required with --role runner: a file holding the server VM's endpoint token",
+            );
+        };
+        let token = read_one_line_file("--server-token-file", token_file)?;
+        // It travels in an HTTP Authorization header and the agent trims what it reads, so
+        // only visible ASCII survives both unchanged.
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return invalid(
+                "--server-token-file",
+                format!(
+                    "{} must hold a token of visible ASCII characters without spaces",
+                    token_file.display()
+                ),
+            );
+        }
+        Ok(ServerLinkSpec {
+            endpoint: endpoint.clone(),
+            ca_sha256,
+            token,
         })
     }
 
@@ -305,6 +485,34 @@ pub struct UserDataSpec {
     pub agent_deb_url: Option<String>,
     pub runners: u32,
     pub extra_names: Vec<String>,
+    /// `Some` exactly for a runner-only host (`role: runner`).
+    pub server: Option<ServerLinkSpec>,
+    /// `waypoint.advertise_address` (server only): `auto` or `HOST[:PORT]` as given.
+    pub advertise_address: Option<String>,
+    /// `waypoint.application_sources` (server only), in canonical `ADDR/LEN` form.
+    pub application_sources: Vec<String>,
+}
+
+/// The `server:` section of a runner-only host and the server VM's endpoint token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerLinkSpec {
+    /// `HOST[:PORT]` as given.
+    pub endpoint: String,
+    /// Uppercase hex pairs separated by `:`, as `openssl x509 -fingerprint -sha256` prints.
+    pub ca_sha256: String,
+    /// One line of visible ASCII.
+    pub token: String,
+}
+
+// By hand so that a `{:?}` never shows the token.
+impl fmt::Debug for ServerLinkSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerLinkSpec")
+            .field("endpoint", &self.endpoint)
+            .field("ca_sha256", &self.ca_sha256)
+            .field("token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// The `database:` section and the admin password.
@@ -384,28 +592,31 @@ fn invalid<T>(flag: &'static str, reason: impl Into<String>) -> Result<T, UserDa
     })
 }
 
+fn read_password_file(path: &Path) -> Result<String, UserDataError> {
+    read_one_line_file("--db-admin-password-file", path)
+}
+
 /// The same rules as the agent's password file reader (agent/src/database/secret.rs): UTF-8,
 /// one trailing newline (or CRLF) dropped, not empty, no NUL or newline inside.
-fn read_password_file(path: &Path) -> Result<String, UserDataError> {
-    const FLAG: &str = "--db-admin-password-file";
+fn read_one_line_file(flag: &'static str, path: &Path) -> Result<String, UserDataError> {
     let bytes = std::fs::read(path).map_err(|source| UserDataError::ReadFlagFile {
-        flag: FLAG,
+        flag,
         path: path.to_owned(),
         source,
     })?;
     let Ok(text) = String::from_utf8(bytes) else {
-        return invalid(FLAG, format!("{} is not UTF-8", path.display()));
+        return invalid(flag, format!("{} is not UTF-8", path.display()));
     };
     let line = text
         .strip_suffix('\n')
         .map(|t| t.strip_suffix('\r').unwrap_or(t))
         .unwrap_or(&text);
     if line.is_empty() {
-        return invalid(FLAG, format!("{} is empty", path.display()));
+        return invalid(flag, format!("{} is empty", path.display()));
     }
     if line.contains(['\0', '\n']) {
         return invalid(
-            FLAG,
+            flag,
             format!("{} must hold one line without NUL", path.display()),
         );
     }
@@ -446,6 +657,122 @@ fn is_dns_name(s: &str) -> bool {
         })
 }
 
+/// `HOST`, `HOST:PORT`, `IPV6` or `[IPV6]:PORT`, HOST an IP address or a DNS name: what the
+/// agent accepts for `server.endpoint` and `waypoint.advertise_address` (both have a default
+/// port). An unspecified address (0.0.0.0, ::) is refused: nobody can dial it.
+fn check_host_port(s: &str) -> Result<(), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((host, tail)) = rest.split_once(']') else {
+            return Err("an IPv6 address in brackets needs the closing `]`".into());
+        };
+        let port = match tail.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if tail.is_empty() => None,
+            None => return Err("expected `:PORT` after `]`".into()),
+        };
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!(
+                "{host:?} between `[` and `]` is not an IPv6 address"
+            ));
+        }
+        (host, port)
+    } else if s.parse::<std::net::Ipv6Addr>().is_ok() {
+        // A bare IPv6 address: its colons are not a port separator.
+        (s, None)
+    } else {
+        match s.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (s, None),
+        }
+    };
+    if let Some(p) = port {
+        if !matches!(p.parse::<u16>(), Ok(n) if n > 0) {
+            return Err(format!("{p:?} is not a port (1-65535)"));
+        }
+    }
+    match host.parse::<IpAddr>() {
+        Ok(ip) if ip.is_unspecified() => {
+            Err("an unspecified address (0.0.0.0, ::) cannot be dialled".into())
+        }
+        Ok(_) => Ok(()),
+        Err(_) if is_dns_name(host) => Ok(()),
+        Err(_) => Err(format!(
+            "expected HOST[:PORT] with HOST an IP address or a DNS name ({host:?} is neither)"
+        )),
+    }
+}
+
+/// A SHA-256 fingerprint as the agent reads `server.ca_sha256` (agent/src/remote/pin.rs): 64
+/// hex digits together or in 32 colon-separated pairs, optionally after openssl's
+/// `sha256 Fingerprint=`. Returns the uppercase colon form `openssl x509 -fingerprint` prints.
+fn normalize_fingerprint(s: &str) -> Option<String> {
+    const OPENSSL_PREFIX: &str = "sha256 fingerprint=";
+    let s = match s.get(..OPENSSL_PREFIX.len()) {
+        Some(p) if p.eq_ignore_ascii_case(OPENSSL_PREFIX) => &s[OPENSSL_PREFIX.len()..],
+        _ => s,
+    };
+    let digits = if s.contains(':') {
+        // Pairs: exactly 32 of 2 digits, so a digit lost in copying is caught, not shifted.
+        let pairs: Vec<&str> = s.split(':').collect();
+        if pairs.len() != 32 || pairs.iter().any(|p| p.len() != 2) {
+            return None;
+        }
+        pairs.concat()
+    } else {
+        s.to_owned()
+    };
+    if digits.len() != 64 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let upper = digits.to_ascii_uppercase();
+    let pairs: Vec<&str> = (0..32).map(|i| &upper[2 * i..2 * i + 2]).collect();
+    Some(pairs.join(":"))
+}
+
+/// A network as the agent reads `waypoint.application_sources`: `ADDR/LEN` with no bits set
+/// after the prefix, or a bare address (one host). Returns the canonical `ADDR/LEN`, so the
+/// agent's parser never sees a spelling it might read differently.
+fn parse_cidr(s: &str) -> Result<String, String> {
+    let expected = || {
+        format!(
+            "expected a network in CIDR notation (e.g. 198.51.100.0/24) or an IP address, got {s:?}"
+        )
+    };
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let ip: IpAddr = addr.parse().map_err(|_| expected())?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        // Digits only: u8's parser would take a leading `+`.
+        Some(l) if !l.is_empty() && l.len() <= 3 && l.bytes().all(|b| b.is_ascii_digit()) => {
+            match l.parse::<u32>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("prefix length of {s:?} must be 0 to {max}")),
+            }
+        }
+        Some(_) => return Err(expected()),
+    };
+    let network = match ip {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+    };
+    if network != ip {
+        return Err(format!(
+            "{s:?} has bits set after the prefix length; did you mean \"{network}/{len}\"?"
+        ));
+    }
+    Ok(format!("{ip}/{len}"))
+}
+
 /// A YAML double-quoted scalar holding exactly `s`, in printable ASCII only: everything else
 /// is escaped (`\n`, `\xXX`, `\uXXXX`, `\UXXXXXXXX`), so no input can end the scalar, start
 /// a new key, or carry a character that cloud-init's YAML 1.1 reader rejects.
@@ -477,6 +804,9 @@ pub fn agent_config(spec: &UserDataSpec) -> String {
          # Keys not set here keep the agent's defaults; check with `pilot-agent config validate`.\n",
         spec.flavour
     );
+    if spec.server.is_some() {
+        s.push_str("role: runner\n");
+    }
     if !spec.extra_names.is_empty() {
         s.push_str("host:\n  extra_names:\n");
         for name in &spec.extra_names {
@@ -484,6 +814,15 @@ pub fn agent_config(spec: &UserDataSpec) -> String {
         }
     }
     s.push_str(&format!("waypoint:\n  runners: {}\n", spec.runners));
+    if let Some(address) = &spec.advertise_address {
+        s.push_str(&format!("  advertise_address: {}\n", yaml_quote(address)));
+    }
+    if !spec.application_sources.is_empty() {
+        s.push_str("  application_sources:\n");
+        for net in &spec.application_sources {
+            s.push_str(&format!("    - {}\n", yaml_quote(net)));
+        }
+    }
     if let Some(db) = &spec.database {
         s.push_str(&format!(
             "database:\n  host: {}\n  port: {}\n  admin_user: {}\n",
@@ -497,6 +836,14 @@ pub fn agent_config(spec: &UserDataSpec) -> String {
             ));
         }
         s.push_str(&format!("  tls: {}\n", db.tls.name()));
+    }
+    if let Some(server) = &spec.server {
+        // The token in its own 0600 file (see `secret_files`), like the database password.
+        s.push_str(&format!(
+            "server:\n  endpoint: {}\n  token_file: {SERVER_TOKEN_PATH}\n  ca_sha256: {}\n",
+            yaml_quote(&server.endpoint),
+            yaml_quote(&server.ca_sha256)
+        ));
     }
     if spec.endpoint_token_sha256.is_some() {
         // The hash in its own 0600 file (see `secret_files`), not inline: agent.yaml stays
@@ -523,6 +870,9 @@ fn secret_files(spec: &UserDataSpec) -> String {
         .and_then(|d| d.admin_password.as_deref())
     {
         s.push_str(&entry(DB_ADMIN_PASSWORD_PATH, password));
+    }
+    if let Some(server) = &spec.server {
+        s.push_str(&entry(SERVER_TOKEN_PATH, &server.token));
     }
     if let Some(hash) = &spec.endpoint_token_sha256 {
         s.push_str(&entry(ENDPOINT_TOKEN_SHA256_PATH, hash));
@@ -649,6 +999,23 @@ mod tests {
                 .then(|| "https://example.com/pilot-agent.deb".into()),
             runners: 2,
             extra_names: vec!["pilot.example.com".into()],
+            server: None,
+            advertise_address: Some("pilot.example.com:19701".into()),
+            application_sources: vec!["198.51.100.0/24".into(), "2001:db8::/32".into()],
+        }
+    }
+
+    fn runner_spec(flavour: Flavour) -> UserDataSpec {
+        UserDataSpec {
+            database: None,
+            server: Some(ServerLinkSpec {
+                endpoint: "10.0.1.5:8443".into(),
+                ca_sha256: normalize_fingerprint(&"3f".repeat(32)).unwrap(),
+                token: "srv-t0ken".into(),
+            }),
+            advertise_address: None,
+            application_sources: Vec::new(),
+            ..spec(flavour)
         }
     }
 
@@ -899,6 +1266,333 @@ mod tests {
             let shown = format!("{i:?}");
             assert_eq!(flag_of(i.validate()), want, "{shown}");
         }
+    }
+
+    #[test]
+    fn runner_renders_role_server_and_token_file_without_database() {
+        for f in Flavour::ALL {
+            let s = runner_spec(f);
+            let text = render(&s).unwrap();
+            let y = parse(&text);
+            let files = y["write_files"].as_vec().unwrap();
+            let paths: Vec<_> = files.iter().map(|e| e["path"].as_str().unwrap()).collect();
+            assert_eq!(
+                paths,
+                [
+                    AGENT_CONFIG_PATH,
+                    SERVER_TOKEN_PATH,
+                    ENDPOINT_TOKEN_SHA256_PATH
+                ]
+            );
+            assert_eq!(files[1]["permissions"].as_str(), Some("0600"));
+            assert_eq!(files[1]["content"].as_str(), Some("srv-t0ken\n"));
+            let config = agent_config(&s);
+            assert!(!config.contains("srv-t0ken"), "{config}");
+            let c = parse(&config);
+            assert_eq!(c["role"].as_str(), Some("runner"));
+            assert_eq!(c["server"]["endpoint"].as_str(), Some("10.0.1.5:8443"));
+            assert_eq!(c["server"]["token_file"].as_str(), Some(SERVER_TOKEN_PATH));
+            let pin = ["3F"; 32].join(":");
+            assert_eq!(c["server"]["ca_sha256"].as_str(), Some(pin.as_str()));
+            assert!(c.as_mapping_get("database").is_none(), "{config}");
+            assert_eq!(c["waypoint"]["runners"].as_integer(), Some(2));
+            assert!(
+                !config.contains("advertise_address") && !config.contains("application_sources")
+            );
+        }
+    }
+
+    #[test]
+    fn server_renders_advertise_address_and_sources() {
+        let config = agent_config(&spec(Flavour::Aws));
+        let c = parse(&config);
+        assert!(
+            c.as_mapping_get("role").is_none() && c.as_mapping_get("server").is_none(),
+            "{config}"
+        );
+        assert_eq!(
+            c["waypoint"]["advertise_address"].as_str(),
+            Some("pilot.example.com:19701")
+        );
+        let sources: Vec<_> = c["waypoint"]["application_sources"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        assert_eq!(sources, ["198.51.100.0/24", "2001:db8::/32"]);
+    }
+
+    #[test]
+    fn host_port_forms() {
+        for ok in [
+            "10.0.1.5",
+            "10.0.1.5:8443",
+            "pilot.example.com:1",
+            "pilot.example.com.",
+            "2001:db8::1",
+            "[2001:db8::1]",
+            "[2001:db8::1]:8443",
+        ] {
+            assert_eq!(check_host_port(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":8443",
+            "host:0",
+            "host:65536",
+            "host:",
+            "host:x",
+            "bad host",
+            "0.0.0.0",
+            "[::]:1",
+            "[::1",
+            "[::1]x",
+            "[nothost]:1",
+            "a:b:c",
+        ] {
+            assert!(check_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn fingerprint_forms() {
+        let upper = ["AB"; 32].join(":");
+        for ok in [
+            "ab".repeat(32),
+            "AB".repeat(32),
+            ["ab"; 32].join(":"),
+            format!("SHA256 Fingerprint={}", ["Ab"; 32].join(":")),
+        ] {
+            assert_eq!(
+                normalize_fingerprint(&ok).as_deref(),
+                Some(upper.as_str()),
+                "{ok}"
+            );
+        }
+        for bad in [
+            String::new(),
+            "ab".repeat(31),
+            "ab".repeat(33),
+            "gg".repeat(32),
+            ["ab"; 31].join(":"),
+            format!("{}:a:b", ["ab"; 31].join(":")),
+            format!("{}:", "ab".repeat(32)),
+            " ".to_owned() + &"ab".repeat(32),
+        ] {
+            assert_eq!(normalize_fingerprint(&bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidr_forms() {
+        for (input, want) in [
+            ("198.51.100.0/24", "198.51.100.0/24"),
+            ("203.0.113.7", "203.0.113.7/32"),
+            ("0.0.0.0/0", "0.0.0.0/0"),
+            ("2001:db8::/32", "2001:db8::/32"),
+            ("2001:0db8:0::/48", "2001:db8::/48"),
+            ("::1", "::1/128"),
+        ] {
+            assert_eq!(parse_cidr(input).as_deref(), Ok(want), "{input}");
+        }
+        for bad in [
+            "",
+            "/24",
+            "198.51.100.0/",
+            "198.51.100.0/33",
+            "198.51.100.1/24",
+            "198.51.100.0/+24",
+            "198.51.100.0/ 24",
+            "198.51.100.0/24/1",
+            "2001:db8::/129",
+            "2001:db8::1/64",
+            "300.1.1.0/24",
+            "example.com/24",
+        ] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+        assert!(
+            parse_cidr("198.51.100.1/24")
+                .unwrap_err()
+                .contains("198.51.100.0/24")
+        );
+    }
+
+    fn runner_input(dir: &Path) -> UserDataInput {
+        let token = dir.join("token");
+        std::fs::write(&token, "srv-t0ken\n").unwrap();
+        UserDataInput {
+            role: Some(Role::Runner),
+            server_endpoint: Some("10.0.1.5".into()),
+            server_ca_sha256: Some("3f".repeat(32)),
+            server_token_file: Some(token),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn runner_input_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = runner_input(dir.path()).validate().unwrap();
+        let server = s.server.as_ref().unwrap();
+        assert_eq!(server.token, "srv-t0ken");
+        assert_eq!(server.ca_sha256, ["3F"; 32].join(":"));
+        assert!(s.database.is_none());
+        assert!(!format!("{s:?}").contains("srv-t0ken"));
+    }
+
+    #[test]
+    fn role_flags_name_their_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = || runner_input(dir.path());
+        let bad_token = dir.path().join("bad-token");
+        std::fs::write(&bad_token, "two words\n").unwrap();
+        let cases: Vec<(UserDataInput, &str)> = vec![
+            (
+                UserDataInput {
+                    server_endpoint: None,
+                    ..r()
+                },
+                "--server-endpoint",
+            ),
+            (
+                UserDataInput {
+                    server_endpoint: Some("0.0.0.0:8443".into()),
+                    ..r()
+                },
+                "--server-endpoint",
+            ),
+            (
+                UserDataInput {
+                    server_ca_sha256: None,
+                    ..r()
+                },
+                "--server-ca-sha256",
+            ),
+            (
+                UserDataInput {
+                    server_ca_sha256: Some("3f".repeat(31)),
+                    ..r()
+                },
+                "--server-ca-sha256",
+            ),
+            (
+                UserDataInput {
+                    server_token_file: None,
+                    ..r()
+                },
+                "--server-token-file",
+            ),
+            (
+                UserDataInput {
+                    server_token_file: Some("/nonexistent/t".into()),
+                    ..r()
+                },
+                "--server-token-file",
+            ),
+            (
+                UserDataInput {
+                    server_token_file: Some(bad_token.clone()),
+                    ..r()
+                },
+                "--server-token-file",
+            ),
+            (
+                UserDataInput {
+                    db_host: Some("db".into()),
+                    ..r()
+                },
+                "--db-host",
+            ),
+            (
+                UserDataInput {
+                    db_tls: Some(DbTls::Disable),
+                    ..r()
+                },
+                "--db-tls",
+            ),
+            (
+                UserDataInput {
+                    db_admin_password_file: Some("/x".into()),
+                    ..r()
+                },
+                "--db-admin-password-file",
+            ),
+            (
+                UserDataInput {
+                    advertise_address: Some("auto".into()),
+                    ..r()
+                },
+                "--advertise-address",
+            ),
+            (
+                UserDataInput {
+                    application_sources: vec!["10.0.0.0/8".into()],
+                    ..r()
+                },
+                "--application-sources",
+            ),
+            (
+                UserDataInput {
+                    runners: Some(0),
+                    ..r()
+                },
+                "--runners",
+            ),
+            (
+                UserDataInput {
+                    server_endpoint: Some("10.0.1.5".into()),
+                    ..input()
+                },
+                "--server-endpoint",
+            ),
+            (
+                UserDataInput {
+                    server_ca_sha256: Some("3f".repeat(32)),
+                    ..input()
+                },
+                "--server-ca-sha256",
+            ),
+            (
+                UserDataInput {
+                    server_token_file: Some(bad_token),
+                    ..input()
+                },
+                "--server-token-file",
+            ),
+            (
+                UserDataInput {
+                    advertise_address: Some("0.0.0.0".into()),
+                    ..input()
+                },
+                "--advertise-address",
+            ),
+            (
+                UserDataInput {
+                    application_sources: vec!["10.0.0.0/8".into(), "10.0.0.1/8".into()],
+                    ..input()
+                },
+                "--application-sources",
+            ),
+        ];
+        for (i, want) in cases {
+            let shown = format!("{i:?}");
+            assert_eq!(flag_of(i.validate()), want, "{shown}");
+        }
+        // Allowed: a runner host's own endpoint; a server's advertise `auto`.
+        let ok = UserDataInput {
+            endpoint_token_sha256: Some("ab".repeat(32)),
+            ..r()
+        };
+        assert!(ok.validate().is_ok());
+        let ok = UserDataInput {
+            advertise_address: Some("auto".into()),
+            application_sources: vec!["203.0.113.7".into()],
+            ..input()
+        };
+        let s = ok.validate().unwrap();
+        assert_eq!(s.application_sources, ["203.0.113.7/32"]);
     }
 
     #[test]

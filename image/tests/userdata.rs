@@ -11,6 +11,10 @@ use saphyr::{LoadableYamlNode, Yaml};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pilot-image");
 const TOKEN_SHA256: &str = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881";
+/// The server VM's CA pin as `openssl x509 -fingerprint -sha256` prints it, lowercased.
+const CA_PIN: &str = "3f:9a:00:11:22:33:44:55:66:77:88:99:aa:bb:cc:dd:\
+                      ee:ff:01:23:45:67:89:ab:cd:ef:10:32:54:76:98:ba";
+const SERVER_TOKEN: &str = "pilot-server-token-Zm9vYmFy";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -86,6 +90,12 @@ fn full_args(dir: &Path, flavour: &str) -> Vec<String> {
         "pilot.example.com,203.0.113.10",
         "--extra-names",
         "2001:db8::1",
+        "--advertise-address",
+        "pilot.example.com:19701",
+        "--application-sources",
+        "198.51.100.0/24,203.0.113.7",
+        "--application-sources",
+        "2001:db8::/32",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -106,6 +116,52 @@ fn render_to_file(dir: &Path, flavour: &str) -> PathBuf {
     let o = run(&args);
     assert!(o.status.success(), "{flavour}: {}", stderr(&o));
     out
+}
+
+/// Flags of a runner-only host for `flavour`, with the server VM's token in `dir/server-token`.
+fn runner_args(dir: &Path, flavour: &str) -> Vec<String> {
+    let token = dir.join("server-token");
+    std::fs::write(&token, format!("{SERVER_TOKEN}\n")).unwrap();
+    let mut args: Vec<String> = [
+        "--flavour",
+        flavour,
+        "--role",
+        "runner",
+        "--server-endpoint",
+        "[2001:db8::5]:8443",
+        "--server-ca-sha256",
+        CA_PIN,
+        "--server-token-file",
+        token.to_str().unwrap(),
+        "--endpoint-token-sha256",
+        TOKEN_SHA256,
+        "--runners",
+        "4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if flavour == "stock" {
+        args.push("--agent-deb-url".into());
+        args.push("https://downloads.example.com/pilot-agent_0.1.0_amd64.deb".into());
+    }
+    args
+}
+
+/// `pilot-agent config validate FILE`, panicking with the agent's output if it refuses.
+fn agent_validate(agent: &Path, file: &Path, what: &str) {
+    let o = Command::new(agent)
+        .args(["config", "validate"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{what}: pilot-agent config validate rejected\n{}\n{}{}",
+        std::fs::read_to_string(file).unwrap_or_default(),
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
 }
 
 /// The `content` of the write_files entry for `path`.
@@ -242,6 +298,120 @@ fn embedded_agent_config_passes_the_real_agent_validate() {
 }
 
 #[test]
+fn runner_rendering_passes_cloud_init_and_the_real_agent() {
+    let agent = agent_bin();
+    let dir = tempfile::tempdir().unwrap();
+    for flavour in ["aws", "gcp", "stock"] {
+        let out = dir.path().join(format!("{flavour}-runner.user-data"));
+        let mut args = runner_args(dir.path(), flavour);
+        args.extend(["-o".into(), out.to_str().unwrap().into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = run(&args);
+        assert!(o.status.success(), "{flavour}: {}", stderr(&o));
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{flavour}");
+        cloud_init_schema(&out).unwrap_or_else(|e| panic!("{flavour}: {e}"));
+        let text = std::fs::read_to_string(&out).unwrap();
+
+        // The token: its own 0600 entry (embedded_file checks the mode), never in agent.yaml.
+        assert_eq!(
+            embedded_file(&text, "/etc/pilot/server-token"),
+            format!("{SERVER_TOKEN}\n")
+        );
+        let config = embedded_file(&text, "/etc/pilot/agent.yaml");
+        assert!(!config.contains(SERVER_TOKEN), "{config}");
+        assert!(!config.contains(TOKEN_SHA256), "{config}");
+
+        let y = &Yaml::load_from_str(&config).unwrap()[0];
+        assert_eq!(y["role"].as_str(), Some("runner"), "{config}");
+        assert_eq!(y["server"]["endpoint"].as_str(), Some("[2001:db8::5]:8443"));
+        assert_eq!(
+            y["server"]["token_file"].as_str(),
+            Some("/etc/pilot/server-token")
+        );
+        // Normalised to the uppercase colon form.
+        assert_eq!(
+            y["server"]["ca_sha256"].as_str(),
+            Some(CA_PIN.to_uppercase().as_str())
+        );
+        assert!(y.as_mapping_get("database").is_none(), "{config}");
+        assert_eq!(y["waypoint"]["runners"].as_integer(), Some(4));
+        // The runner host's own endpoint stays available (status).
+        assert_eq!(
+            y["endpoint"]["token_sha256_file"].as_str(),
+            Some("/etc/pilot/endpoint-token.sha256")
+        );
+        let docs = Yaml::load_from_str(&text).unwrap();
+        let paths: Vec<_> = docs[0]["write_files"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .map(|e| e["path"].as_str().unwrap())
+            .collect();
+        assert!(
+            !paths.contains(&"/etc/pilot/db-admin-password"),
+            "{paths:?}"
+        );
+
+        let file = dir.path().join(format!("{flavour}-runner-agent.yaml"));
+        std::fs::write(&file, &config).unwrap();
+        agent_validate(&agent, &file, flavour);
+        // The agent would refuse this rendering with a database: what --role runner refuses.
+        let bad = dir.path().join(format!("{flavour}-runner-db.yaml"));
+        std::fs::write(
+            &bad,
+            format!("{config}database:\n  host: db\n  admin_user: a\n"),
+        )
+        .unwrap();
+        let o = Command::new(&agent)
+            .args(["config", "validate"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success(),
+            "{flavour}: runner + database must fail"
+        );
+    }
+}
+
+#[test]
+fn server_waypoint_flags_reach_agent_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(render_to_file(dir.path(), "aws")).unwrap();
+    let config = embedded_file(&text, "/etc/pilot/agent.yaml");
+    let y = &Yaml::load_from_str(&config).unwrap()[0];
+    assert!(y.as_mapping_get("role").is_none(), "{config}");
+    assert!(y.as_mapping_get("server").is_none(), "{config}");
+    assert_eq!(
+        y["waypoint"]["advertise_address"].as_str(),
+        Some("pilot.example.com:19701")
+    );
+    let sources: Vec<_> = y["waypoint"]["application_sources"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    // Comma-separated and repeated; a bare address becomes its /32.
+    assert_eq!(
+        sources,
+        ["198.51.100.0/24", "203.0.113.7/32", "2001:db8::/32"]
+    );
+    // `auto` passes through as the agent's keyword.
+    let o = run(&["--advertise-address", "auto"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config = embedded_file(
+        &String::from_utf8(o.stdout).unwrap(),
+        "/etc/pilot/agent.yaml",
+    );
+    assert!(
+        config.contains("  advertise_address: \"auto\"\n"),
+        "{config}"
+    );
+}
+
+#[test]
 fn oversized_render_is_refused_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("user-data");
@@ -333,6 +503,30 @@ fn bad_flags_are_named_and_write_nothing() {
         ),
         (&["--flavour", "azure"], "--flavour"),
         (&["--db-port", "abc"], "--db-port"),
+        (&["--role", "worker"], "--role"),
+        (
+            &["--application-sources", "10.0.0.1/8"],
+            "--application-sources",
+        ),
+        (
+            &["--application-sources", "10.0.0.0/33"],
+            "--application-sources",
+        ),
+        (
+            &["--application-sources", "example.com"],
+            "--application-sources",
+        ),
+        (&["--advertise-address", "host:0"], "--advertise-address"),
+        // Runner-only flags with the (default) server role.
+        (&["--server-endpoint", "10.0.1.5"], "--server-endpoint"),
+        (
+            &["--role", "server", "--server-ca-sha256", CA_PIN],
+            "--server-ca-sha256",
+        ),
+        (
+            &["--server-token-file", "/etc/hostname"],
+            "--server-token-file",
+        ),
     ];
     for (args, flag) in cases {
         let mut all = args.to_vec();
@@ -345,6 +539,107 @@ fn bad_flags_are_named_and_write_nothing() {
             "{args:?}: error does not name {flag}: {err}"
         );
         assert!(!out.exists(), "{args:?} wrote output");
+    }
+}
+
+#[test]
+fn bad_runner_flags_are_named_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("user-data");
+    let o_arg = out.to_str().unwrap().to_owned();
+    let base = runner_args(dir.path(), "aws");
+    let empty = dir.path().join("empty-token");
+    std::fs::write(&empty, "\n").unwrap();
+    let spaced = dir.path().join("spaced-token");
+    std::fs::write(&spaced, "two words\n").unwrap();
+    // Each case: drop the flag named first (with its value) if given, then add the rest.
+    let cases: &[(Option<&str>, &[&str], &str)] = &[
+        (Some("--server-endpoint"), &[], "--server-endpoint"),
+        (Some("--server-ca-sha256"), &[], "--server-ca-sha256"),
+        (Some("--server-token-file"), &[], "--server-token-file"),
+        (
+            Some("--server-endpoint"),
+            &["--server-endpoint", "bad host:8443"],
+            "--server-endpoint",
+        ),
+        (
+            Some("--server-endpoint"),
+            &["--server-endpoint", "10.0.1.5:0"],
+            "--server-endpoint",
+        ),
+        (
+            Some("--server-ca-sha256"),
+            &["--server-ca-sha256", "3F:9A:00"],
+            "--server-ca-sha256",
+        ),
+        (
+            Some("--server-ca-sha256"),
+            &[
+                "--server-ca-sha256",
+                "zz9a00112233445566778899aabbccddeeff0123456789abcdef1032547698ba",
+            ],
+            "--server-ca-sha256",
+        ),
+        (
+            Some("--server-token-file"),
+            &["--server-token-file", "/nonexistent/token"],
+            "--server-token-file",
+        ),
+        (
+            Some("--server-token-file"),
+            &["--server-token-file", empty.to_str().unwrap()],
+            "--server-token-file",
+        ),
+        (
+            Some("--server-token-file"),
+            &["--server-token-file", spaced.to_str().unwrap()],
+            "--server-token-file",
+        ),
+        (None, &["--db-host", "db"], "--db-host"),
+        (None, &["--db-admin-user", "pilot_admin"], "--db-admin-user"),
+        (None, &["--db-port", "5432"], "--db-port"),
+        (None, &["--db-tls", "disable"], "--db-tls"),
+        (
+            None,
+            &["--db-admin-password-file", "/etc/hostname"],
+            "--db-admin-password-file",
+        ),
+        (
+            None,
+            &["--application-sources", "10.0.0.0/8"],
+            "--application-sources",
+        ),
+        (
+            None,
+            &["--advertise-address", "auto"],
+            "--advertise-address",
+        ),
+        (Some("--runners"), &["--runners", "0"], "--runners"),
+    ];
+    for (drop, extra, flag) in cases {
+        let mut all: Vec<&str> = Vec::new();
+        let mut it = base.iter().map(String::as_str);
+        while let Some(a) = it.next() {
+            if Some(a) == *drop {
+                it.next();
+            } else {
+                all.push(a);
+            }
+        }
+        all.extend_from_slice(extra);
+        all.extend(["-o", &o_arg]);
+        let o = run(&all);
+        assert!(!o.status.success(), "{all:?} must fail");
+        let err = stderr(&o);
+        assert!(
+            err.contains(flag),
+            "{all:?}: error does not name {flag}: {err}"
+        );
+        assert!(
+            !err.contains(SERVER_TOKEN),
+            "{all:?}: the error shows the token"
+        );
+        assert!(!out.exists(), "{all:?} wrote output");
     }
 }
 
@@ -393,4 +688,55 @@ fn from_file_with_flag_override() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--from"), "{}", stderr(&o));
     assert!(stderr(&o).contains("db_hots"), "{}", stderr(&o));
+
+    // The runner keys, with a flag overriding the endpoint.
+    let token = dir.path().join("server-token");
+    std::fs::write(&token, SERVER_TOKEN).unwrap();
+    let json = serde_json::json!({
+        "role": "runner",
+        "server_endpoint": "file-server.example.internal",
+        "server_ca_sha256": CA_PIN.replace(':', ""),
+        "server_token_file": token,
+        "runners": 2,
+    });
+    std::fs::write(&from, json.to_string()).unwrap();
+    let o = run(&[
+        "--from",
+        from.to_str().unwrap(),
+        "--server-endpoint",
+        "10.0.1.5:9443",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let config = embedded_file(&text, "/etc/pilot/agent.yaml");
+    assert!(config.contains("role: runner\n"), "{config}");
+    assert!(
+        config.contains("  endpoint: \"10.0.1.5:9443\"\n"),
+        "{config}"
+    );
+    assert!(
+        config.contains(&format!("  ca_sha256: \"{}\"\n", CA_PIN.to_uppercase())),
+        "{config}"
+    );
+    assert_eq!(
+        embedded_file(&text, "/etc/pilot/server-token"),
+        format!("{SERVER_TOKEN}\n")
+    );
+    // The server keys in a file.
+    let json = serde_json::json!({
+        "advertise_address": "[2001:db8::7]:9701",
+        "application_sources": ["198.51.100.0/24"],
+    });
+    std::fs::write(&from, json.to_string()).unwrap();
+    let o = run(&["--from", from.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config = embedded_file(
+        &String::from_utf8(o.stdout).unwrap(),
+        "/etc/pilot/agent.yaml",
+    );
+    assert!(
+        config.contains("  advertise_address: \"[2001:db8::7]:9701\"\n"),
+        "{config}"
+    );
+    assert!(config.contains("    - \"198.51.100.0/24\"\n"), "{config}");
 }

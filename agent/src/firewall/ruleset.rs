@@ -603,6 +603,62 @@ mod tests {
     }
 
     #[test]
+    fn waypoint_grpc_port_admits_applications_operators_and_containers_only() {
+        use crate::config::{ServerLink, WaypointConfig};
+        let mut c = Config {
+            waypoint: Some(WaypointConfig {
+                grpc_port: 19701,
+                application_sources: vec!["198.51.100.0/24".parse().unwrap()],
+                ..WaypointConfig::default()
+            }),
+            ..Config::default()
+        };
+        c.firewall.docker_api_sources = vec!["192.0.2.7/32".parse().unwrap()];
+        let r = Ruleset::new(&FirewallSpec::from_config(&c));
+        let forward = &r.chains[1].rules;
+        // 2375 DNAT drop, established, 19701 from v4 sources, 19701 drop.
+        assert_eq!(forward.len(), 4, "{forward:?}");
+        let established = serde_json::to_value(&forward[1]).unwrap();
+        assert_eq!(established[0]["match"]["left"]["ct"]["key"], "state");
+        let allow = serde_json::to_value(&forward[2]).unwrap();
+        assert_eq!(allow[2]["match"]["right"], 19701);
+        let set: Vec<String> = allow[3]["match"]["right"]["set"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| format!("{}/{}", p["prefix"]["addr"], p["prefix"]["len"]))
+            .collect();
+        // Applications, the operator, the Pilot network (merged and sorted by the builder).
+        for want in [
+            "\"198.51.100.0\"/24",
+            "\"192.0.2.7\"/32",
+            "\"172.29.0.0\"/24",
+        ] {
+            assert!(set.contains(&want.to_string()), "{want} not in {set:?}");
+        }
+        assert!(allow[4].get("accept").is_some());
+        let last = serde_json::to_value(&forward[3]).unwrap();
+        assert_eq!(last[2]["match"]["right"], 19701);
+        assert!(last[3].get("drop").is_some());
+
+        // A runner-only host publishes no Waypoint server: no such rules.
+        c.role = crate::config::Role::Runner;
+        c.server = Some(ServerLink {
+            endpoint: "10.0.0.5".parse().unwrap(),
+            token_file: "/t".into(),
+            ca_sha256: crate::remote::Fingerprint::of_der(b"ca"),
+            waypoint_address: None,
+            timeout_secs: 10,
+        });
+        assert_eq!(
+            Ruleset::new(&FirewallSpec::from_config(&c)).chains[1]
+                .rules
+                .len(),
+            1
+        );
+    }
+
+    #[test]
     fn hash_follows_content() {
         let a = Ruleset::new(&spec());
         assert_eq!(a, Ruleset::new(&spec()), "deterministic");

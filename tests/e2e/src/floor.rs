@@ -156,38 +156,33 @@ pub fn container_floor(vm: &Vm, tarball: &Path, image: &str) -> Result<(Duration
         "-server-addr=127.0.0.1:9701",
         "-server-tls-skip-verify",
     ])?;
+    // `waypoint ARGS` in the server against its loopback with the bootstrap token, as the
+    // agent runs it.
+    let server_cli = |args: &[&str]| {
+        let token_env = format!("WAYPOINT_SERVER_TOKEN={}", token.trim());
+        let mut argv = vec![
+            "exec",
+            "-e",
+            "WAYPOINT_SERVER_ADDR=127.0.0.1:9701",
+            "-e",
+            token_env.as_str(),
+            "-e",
+            "WAYPOINT_SERVER_TLS=true",
+            "-e",
+            "WAYPOINT_SERVER_TLS_SKIP_VERIFY=true",
+            "floor-server",
+            "waypoint",
+        ];
+        argv.extend_from_slice(args);
+        vm.docker_ok(argv)
+    };
     // The advertise address the agent sets after the bootstrap.
-    vm.docker_ok([
-        "exec",
-        "-e",
-        "WAYPOINT_SERVER_ADDR=127.0.0.1:9701",
-        "-e",
-        &format!("WAYPOINT_SERVER_TOKEN={}", token.trim()),
-        "-e",
-        "WAYPOINT_SERVER_TLS=true",
-        "-e",
-        "WAYPOINT_SERVER_TLS_SKIP_VERIFY=true",
-        "floor-server",
-        "waypoint",
+    server_cli(&[
         "server",
         "config-set",
         &format!("-advertise-addr={}:9701", vm.addr()),
     ])?;
-    let runner_token = vm.docker_ok([
-        "exec",
-        "-e",
-        "WAYPOINT_SERVER_ADDR=127.0.0.1:9701",
-        "-e",
-        &format!("WAYPOINT_SERVER_TOKEN={}", token.trim()),
-        "-e",
-        "WAYPOINT_SERVER_TLS=true",
-        "-e",
-        "WAYPOINT_SERVER_TLS_SKIP_VERIFY=true",
-        "floor-server",
-        "waypoint",
-        "token",
-        "new",
-    ])?;
+    let runner_token = server_cli(&["token", "new"])?;
     vm.docker_ok([
         "run",
         "-d",
