@@ -35,9 +35,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::config::waypoint::join_host_port;
 use crate::config::{Config, ConfigError};
 use crate::database::{self, Secret};
+use crate::host::join_host_port;
 use crate::host::{self, InterfaceAddr};
 use crate::pki::PkiLayout;
 use crate::plan;

@@ -131,7 +131,7 @@ pub fn read(w: &mut Walker, node: &Node<'_>) -> Option<ServerLink> {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_FILE));
     let waypoint_address = f.get("waypoint_address").and_then(|n| {
         let s = schema::non_empty_string(w, n, "server.waypoint_address")?;
-        match super::waypoint::parse_host_port(&s, None) {
+        match crate::host::parse_host_port(&s, None) {
             Ok(_) => Some(s),
             Err(why) => {
                 w.error(n, format!("server.waypoint_address: {why}, got \"{s}\""));

@@ -64,48 +64,13 @@ impl FromStr for ServerEndpoint {
     type Err = EndpointParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let bad = |why: &str| EndpointParseError(why.to_string());
-        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (host, after) = rest.split_once(']').ok_or_else(|| bad("no closing ']'"))?;
-            if host.parse::<std::net::Ipv6Addr>().is_err() {
-                return Err(bad("only an IPv6 address goes between '[' and ']'"));
-            }
-            match after {
-                "" => (host, None),
-                _ => (
-                    host,
-                    Some(
-                        after
-                            .strip_prefix(':')
-                            .ok_or_else(|| bad("expected ':PORT' after ']'"))?,
-                    ),
-                ),
-            }
-        } else if s.parse::<std::net::Ipv6Addr>().is_ok() {
-            // A bare IPv6 address: its colons are not a port separator.
-            (s, None)
-        } else {
-            match s.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (s, None),
-            }
-        };
-        let port = match port {
-            None => DEFAULT_PORT,
-            Some(p) => match p.parse::<u16>() {
-                Ok(p) if p != 0 => p,
-                _ => return Err(bad("the port must be a number from 1 to 65535")),
-            },
-        };
-        if host.is_empty() {
-            return Err(bad("the host is empty"));
-        }
+        let (host, port) = crate::host::parse_host_port(s.trim(), Some(DEFAULT_PORT))
+            .map_err(EndpointParseError)?;
         // The host is also the name the certificate is checked against: it must be one.
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         if ServerName::try_from(host.as_str()).is_err() {
-            return Err(bad(
-                "the host is neither an IP address nor a valid DNS name",
+            return Err(EndpointParseError(
+                "the host is neither an IP address nor a valid DNS name".into(),
             ));
         }
         Ok(ServerEndpoint { host, port })

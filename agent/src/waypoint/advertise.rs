@@ -22,8 +22,8 @@ use bollard::Docker;
 
 use super::{Report, WaypointError, WaypointPlan, read_token, write_token};
 use crate::config::Config;
-use crate::config::waypoint::join_host_port;
 use crate::host::InterfaceAddr;
+use crate::host::join_host_port;
 use crate::identity::{Identity, Provider};
 
 /// How long `waypoint server config-set` may take.
