@@ -52,7 +52,11 @@ pub async fn converge(plan: &WaypointPlan, link: &ServerLink) -> StepResult {
     let mut changed = Vec::new();
     let token_path = plan.remote_token_path();
     if read_token(&token_path)?.as_deref() != Some(creds.waypoint_token.expose()) {
-        let discarded = discard_runner_tokens(plan)?;
+        // Minted with the old token, by a server that may no longer know them.
+        let discarded = super::discard_files(plan, |name, _| {
+            name.starts_with("runner-") && name.ends_with("-token")
+        })?
+        .len();
         write_token(&token_path, creds.waypoint_token.expose())?;
         changed.push(if discarded == 0 {
             "stored the server's Waypoint token".to_string()
@@ -89,29 +93,4 @@ fn degraded_detail(plan: &WaypointPlan, e: &RemoteError) -> String {
     } else {
         format!("{e}; no credentials fetched yet, so no runners; retrying")
     }
-}
-
-/// Removes `runner-N-token` files; returns how many.
-fn discard_runner_tokens(plan: &WaypointPlan) -> Result<usize, StepError> {
-    let mut n = 0;
-    let entries = match std::fs::read_dir(&plan.tokens_dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => {
-            return Err(StepError::msg(format!(
-                "cannot list {}: {e}",
-                plan.tokens_dir.display()
-            )));
-        }
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("runner-")
-            && name.ends_with("-token")
-            && crate::fsutil::remove_if_exists(&entry.path())?
-        {
-            n += 1;
-        }
-    }
-    Ok(n)
 }

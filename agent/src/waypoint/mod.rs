@@ -375,6 +375,26 @@ pub async fn converge_network(
 
 /// Removes every stored Waypoint token; returns the names of the files removed.
 fn discard_tokens(plan: &WaypointPlan) -> Result<Vec<String>, WaypointError> {
+    let marker = plan.advertise_marker_path();
+    // The advertise marker describes the old server too: the new one advertises nothing.
+    let removed = discard_files(plan, |name, path| {
+        name.ends_with("-token") || path == marker.as_path()
+    })?;
+    for name in &removed {
+        tracing::warn!(
+            file = name,
+            "discarded a token of a server whose volume is gone"
+        );
+    }
+    Ok(removed)
+}
+
+/// Removes the files of `STATE_DIR/waypoint` that `which(name, path)` picks; returns their
+/// names, sorted. A missing directory holds nothing to remove.
+pub(crate) fn discard_files(
+    plan: &WaypointPlan,
+    which: impl Fn(&str, &Path) -> bool,
+) -> Result<Vec<String>, WaypointError> {
     let mut removed = Vec::new();
     let entries = match std::fs::read_dir(&plan.tokens_dir) {
         Ok(e) => e,
@@ -385,14 +405,7 @@ fn discard_tokens(plan: &WaypointPlan) -> Result<Vec<String>, WaypointError> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        // The advertise marker describes the old server too: the new one advertises nothing.
-        let of_old_server =
-            name.ends_with("-token") || entry.path() == plan.advertise_marker_path();
-        if of_old_server && crate::fsutil::remove_if_exists(&entry.path())? {
-            tracing::warn!(
-                file = name,
-                "discarded a token of a server whose volume is gone"
-            );
+        if which(&name, &entry.path()) && crate::fsutil::remove_if_exists(&entry.path())? {
             removed.push(name);
         }
     }
@@ -563,5 +576,37 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&p), 0o600);
         assert_eq!(mode(p.parent().unwrap()), 0o700);
+    }
+
+    #[test]
+    fn discarding_a_servers_tokens_keeps_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            state_dir: dir.path().to_path_buf(),
+            waypoint: Some(WaypointConfig::default()),
+            ..Config::default()
+        };
+        let plan = WaypointPlan::from_config(&config).unwrap();
+        // Nothing stored yet: nothing to discard, no error.
+        assert!(discard_tokens(&plan).unwrap().is_empty());
+        for name in [
+            "bootstrap-token",
+            "runner-1-token",
+            "runner-2-token",
+            "notes",
+        ] {
+            write_token(&plan.tokens_dir.join(name), "x").unwrap();
+        }
+        write_token(&plan.advertise_marker_path(), "203.0.113.7:9701").unwrap();
+        let runners = discard_files(&plan, |n, _| {
+            n.starts_with("runner-") && n.ends_with("-token")
+        })
+        .unwrap();
+        assert_eq!(runners, ["runner-1-token", "runner-2-token"]);
+        assert_eq!(
+            discard_tokens(&plan).unwrap(),
+            ["advertise-address", "bootstrap-token"]
+        );
+        assert!(plan.tokens_dir.join("notes").exists());
     }
 }

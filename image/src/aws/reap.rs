@@ -382,44 +382,44 @@ async fn wait_terminated(ec2: &Ec2, id: &str, deadline: Deadline) -> Result<()> 
 /// Deletes a security group, retrying while EC2 still sees it in use: a terminated
 /// instance's network interface lingers for a while (DependencyViolation).
 pub async fn delete_security_group(ec2: &Ec2, sg: &str, deadline: Deadline) -> Result<()> {
-    loop {
-        match ec2
-            .client
-            .delete_security_group()
-            .group_id(sg)
-            .send()
-            .await
-            .map_err(api("DeleteSecurityGroup"))
-        {
-            Ok(_) => {
-                eprintln!("pilot-image: cleanup: deleted security group {sg}");
-                return Ok(());
-            }
-            Err(e) if e.is_not_found() => return Ok(()),
-            Err(e) if e.code() == Some("DependencyViolation") && !deadline.expired() => {
-                tokio::time::sleep(ec2.poll).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    let what = format!("security group {sg}");
+    delete_retrying(ec2, &what, "DependencyViolation", deadline, || async {
+        let sent = ec2.client.delete_security_group().group_id(sg).send().await;
+        sent.map(drop).map_err(api("DeleteSecurityGroup"))
+    })
+    .await
 }
 
+/// Deletes a volume, retrying while it is still being detached (VolumeInUse).
 async fn delete_volume(ec2: &Ec2, vol: &str, deadline: Deadline) -> Result<()> {
+    delete_retrying(ec2, vol, "VolumeInUse", deadline, || async {
+        let sent = ec2.client.delete_volume().volume_id(vol).send().await;
+        sent.map(drop).map_err(api("DeleteVolume"))
+    })
+    .await
+}
+
+/// Runs `delete` until it succeeds or EC2 no longer knows the resource, retrying while EC2
+/// answers `busy` (something it depends on is still going away) and the deadline allows.
+async fn delete_retrying<F, Fut>(
+    ec2: &Ec2,
+    what: &str,
+    busy: &str,
+    deadline: Deadline,
+    delete: F,
+) -> Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     loop {
-        match ec2
-            .client
-            .delete_volume()
-            .volume_id(vol)
-            .send()
-            .await
-            .map_err(api("DeleteVolume"))
-        {
-            Ok(_) => {
-                eprintln!("pilot-image: cleanup: deleted {vol}");
+        match delete().await {
+            Ok(()) => {
+                eprintln!("pilot-image: cleanup: deleted {what}");
                 return Ok(());
             }
             Err(e) if e.is_not_found() => return Ok(()),
-            Err(e) if e.code() == Some("VolumeInUse") && !deadline.expired() => {
+            Err(e) if e.code() == Some(busy) && !deadline.expired() => {
                 tokio::time::sleep(ec2.poll).await;
             }
             Err(e) => return Err(e),

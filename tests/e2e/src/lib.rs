@@ -10,7 +10,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use pilot_harness::{Postgres, Vm};
+use serde_json::Value;
 
 /// Polls `check` every 100 ms until it yields `Some`, or fails after `timeout` naming `what`
 /// and the last error `check` reported (an `Err` means "not yet, and this is why").
@@ -53,4 +55,30 @@ pub fn write_admin_password(vm: &Vm, pg: &Postgres) -> anyhow::Result<PathBuf> {
     fs::write(&path, format!("{}\n", pg.password()))?;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
     Ok(path)
+}
+
+/// The Waypoint stand-in server's persisted state (its `-db` file in the volume of the
+/// `waypoint-server` container of `vm`): tokens, advertise address, registered runners.
+pub fn standin_server_state(vm: &Vm) -> anyhow::Result<Value> {
+    let text = vm.docker_ok(["exec", "waypoint-server", "cat", "/data/data.db"])?;
+    serde_json::from_str(&text).context("the stand-in server's state")
+}
+
+/// The bootstrap tokens a stand-in server's state says it ever issued.
+pub fn bootstrap_tokens(state: &Value) -> Vec<String> {
+    state["tokens"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|t| t["kind"] == "bootstrap")
+                .filter_map(|t| t["secret"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The status file the stand-in runner container `name` of `vm` keeps.
+pub fn standin_runner_status(vm: &Vm, name: &str) -> anyhow::Result<Value> {
+    let text = vm.docker_ok(["exec", name, "cat", "/tmp/waypoint-runner-status.json"])?;
+    serde_json::from_str(&text).with_context(|| format!("the status of {name}"))
 }

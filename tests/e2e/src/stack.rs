@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use pilot_harness::{Postgres, Vm, VmOptions, require_root};
-use serde_json::Value;
 
 use crate::agent::Agent;
 use crate::{bake_standin, write_admin_password};
@@ -121,19 +120,9 @@ impl Stack {
 
     /// The bootstrap tokens the stand-in server ever issued (its state in the volume).
     pub fn bootstrap_tokens(&self) -> Result<Vec<String>> {
-        let text = self
-            .vm
-            .docker_ok(["exec", "waypoint-server", "cat", "/data/data.db"])?;
-        let state: Value = serde_json::from_str(&text).context("the server's state")?;
-        Ok(state["tokens"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|t| t["kind"] == "bootstrap")
-                    .filter_map(|t| t["secret"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default())
+        Ok(crate::bootstrap_tokens(&crate::standin_server_state(
+            &self.vm,
+        )?))
     }
 
     /// A secret file of the state dir (must be 0600), trimmed.

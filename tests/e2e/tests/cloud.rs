@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use pilot_e2e::agent::{Agent, ENDPOINT_PORT, EndpointToken, RunningAgent};
-use pilot_e2e::{bake_standin, poll};
+use pilot_e2e::{bake_standin, poll, standin_runner_status, standin_server_state};
 use pilot_harness::metadata::{Instance, MetadataOptions};
 use pilot_harness::standin::standin_binary;
 use pilot_harness::{Vm, VmOptions, require_root};
@@ -184,8 +184,7 @@ fn advertise_address_from_imds_reaches_applications_on_the_list_only() -> Result
                 .is_some_and(|d| d.contains(&advertised)),
         "waypoint-advertise: {step}"
     );
-    let server_status = vm.docker_ok(["exec", "waypoint-server", "cat", "/data/data.db"])?;
-    let server_state: Value = serde_json::from_str(&server_status)?;
+    let server_state = standin_server_state(&vm)?;
     ensure!(
         server_state["advertise"]["addr"] == advertised.as_str(),
         "the stand-in server advertises {} (wanted {advertised})",
@@ -230,12 +229,6 @@ fn advertise_address_from_imds_reaches_applications_on_the_list_only() -> Result
         .context("no waypoint-advertise step")?;
     ensure!(step["state"] == "ok", "second pass: {step}");
     Ok(())
-}
-
-/// The Waypoint runner status file the stand-in runner `name` keeps.
-fn runner_status(vm: &Vm, name: &str) -> Result<Value> {
-    let text = vm.docker_ok(["exec", name, "cat", "/tmp/waypoint-runner-status.json"])?;
-    Ok(serde_json::from_str(&text)?)
 }
 
 fn step<'a>(status: &'a Value, name: &str) -> &'a Value {
@@ -383,7 +376,7 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
     for i in 1..=2 {
         let name = format!("waypoint-runner-{i}");
         let s = poll(Duration::from_secs(30), &format!("{name} ready"), || {
-            let s = runner_status(&runner_vm, &name).map_err(|e| format!("{e:#}"))?;
+            let s = standin_runner_status(&runner_vm, &name).map_err(|e| format!("{e:#}"))?;
             let ok = s["server_ok"] == true
                 && s["docker_ok"] == true
                 && s["docker_tls_verified"] == true
@@ -398,11 +391,11 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
             s["server_addr"]
         );
     }
-    let on_server = server_vm.docker_ok(["exec", "waypoint-server", "cat", "/data/data.db"])?;
+    let on_server = standin_server_state(&server_vm)?;
     ensure!(
-        on_server.contains(&format!("{hostname}-runner-1"))
-            && on_server.contains(&format!("{hostname}-runner-2")),
-        "the server VM's Waypoint does not know the runner VM's runners: {on_server}"
+        (1..=2).all(|i| !on_server["runners"][format!("{hostname}-runner-{i}")].is_null()),
+        "the server VM's Waypoint does not know the runner VM's runners: {}",
+        on_server["runners"]
     );
     let local_servers = runner_vm.docker_ok(["ps", "-aq", "--filter", "name=waypoint-server"])?;
     ensure!(

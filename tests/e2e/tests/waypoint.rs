@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use pilot_e2e::floor::container_floor;
-use pilot_e2e::{bake_standin, poll, write_admin_password};
+use pilot_e2e::{
+    bake_standin, bootstrap_tokens, poll, standin_runner_status, standin_server_state,
+    write_admin_password,
+};
 use pilot_harness::{Postgres, Vm, VmOptions, require_root, target_bin};
 use serde_json::Value;
 
@@ -199,26 +202,9 @@ impl Setup {
         Ok(fs::read_to_string(&p)?.trim().to_string())
     }
 
-    /// The stand-in server's persisted state (its `-db` file in the volume).
-    fn server_state(&self) -> Result<Value> {
-        let text = self
-            .vm
-            .docker_ok(["exec", "waypoint-server", "cat", "/data/data.db"])?;
-        Ok(serde_json::from_str(&text)?)
-    }
-
     /// The bootstrap tokens the server ever issued.
     fn bootstrap_tokens(&self) -> Result<Vec<String>> {
-        let state = self.server_state()?;
-        Ok(state["tokens"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|t| t["kind"] == "bootstrap")
-                    .filter_map(|t| t["secret"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default())
+        Ok(bootstrap_tokens(&standin_server_state(&self.vm)?))
     }
 
     /// Logs in as the application role with the stored password and creates a table.
@@ -245,10 +231,7 @@ impl Setup {
     }
 
     fn runner_status(&self, name: &str) -> Result<Value> {
-        let text = self
-            .vm
-            .docker_ok(["exec", name, "cat", "/tmp/waypoint-runner-status.json"])?;
-        Ok(serde_json::from_str(&text)?)
+        standin_runner_status(&self.vm, name)
     }
 
     /// Polls until runner `name` has registered with the server and called the Docker API
