@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use crate::status::{self, Condition, RunStatus, Status, StatusError, StepState};
+use crate::status_file::{self, Condition, RunStatus, Status, StatusError, StepState};
 
 /// What a step found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,7 +163,7 @@ pub struct Engine<C> {
     command: String,
     status_path: Option<PathBuf>,
     /// Carried into every status this engine writes (`pilot-agent run`).
-    run: Option<status::RunInfo>,
+    run: Option<status_file::RunInfo>,
     /// Copies facts of the context into the status before each write (the host's identity).
     annotate: Option<Annotate<C>>,
 }
@@ -227,8 +227,8 @@ impl<C: Send + Sync + 'static> Engine<C> {
         self
     }
 
-    /// Adds `run`'s counters to every status written (see [`status::RunInfo`]).
-    pub fn with_run(mut self, run: status::RunInfo) -> Self {
+    /// Adds `run`'s counters to every status written (see [`status_file::RunInfo`]).
+    pub fn with_run(mut self, run: status_file::RunInfo) -> Self {
         self.run = Some(run);
         self
     }
@@ -289,7 +289,7 @@ impl<C: Send + Sync + 'static> Engine<C> {
                         let s = &mut status.steps[i];
                         s.state = StepState::Skipped;
                         s.detail = detail;
-                        s.finished_at = Some(status::now());
+                        s.finished_at = Some(status_file::now());
                         progress = true;
                     }
                 }
@@ -311,7 +311,7 @@ impl<C: Send + Sync + 'static> Engine<C> {
                 tracing::info!(step = step.name, "step started");
                 let s = &mut status.steps[i];
                 s.state = StepState::Running;
-                s.started_at = Some(status::now());
+                s.started_at = Some(status_file::now());
                 let fut = (step.run)(ctx.clone());
                 let timeout = step.timeout;
                 let handle = tasks.spawn(async move {
@@ -365,7 +365,7 @@ impl<C: Send + Sync + 'static> Engine<C> {
             let s = &mut status.steps[i];
             s.state = state;
             s.detail = detail;
-            s.finished_at = Some(status::now());
+            s.finished_at = Some(status_file::now());
             status.condition = status.compute_condition();
             if let Some(annotate) = &self.annotate {
                 annotate(&ctx, &mut status);
@@ -375,7 +375,7 @@ impl<C: Send + Sync + 'static> Engine<C> {
 
         status.status = RunStatus::Done;
         status.condition = status.compute_condition();
-        status.finished_at = Some(status::now());
+        status.finished_at = Some(status_file::now());
         self.save(&status)?;
         if let Some(e) = write_failure {
             // The final write worked, so the file is right; still say that it lagged.

@@ -30,20 +30,23 @@
 //! line its status shows ([`engine::StepError`]). `anyhow` appears only in `main.rs`.
 
 pub mod cli;
+pub mod addresses;
 pub mod commands;
 pub mod config;
+pub mod converge;
 pub mod database;
 pub mod docker;
 pub mod endpoint;
 pub mod engine;
 pub mod firewall;
 pub mod fsutil;
-pub mod host;
+pub mod layout;
 pub mod identity;
 pub mod pki;
 pub mod plan;
 pub mod remote;
 pub mod service;
-pub mod status;
+pub mod status_file;
 pub mod tls;
+pub mod views;
 pub mod waypoint;

@@ -90,17 +90,9 @@ fn run(cli: Cli, config_explicit: bool) -> anyhow::Result<u8> {
             }
             Ok(report.exit_code)
         }
-        Command::Credentials(args) => match commands::credentials::credentials(&cli.config) {
-            Ok(c) => {
-                if args.json {
-                    // Serializing a Value cannot fail.
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&c.to_json()).unwrap_or_default()
-                    );
-                } else {
-                    print!("{}", c.to_text());
-                }
+        Command::Credentials(args) => match commands::credentials::render(&cli.config, args.json) {
+            Ok(out) => {
+                print!("{out}");
                 Ok(0)
             }
             Err(commands::credentials::CredentialsError::Config(e)) => Err(config_error(e)),

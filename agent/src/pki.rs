@@ -31,12 +31,10 @@ use x509_parser::prelude::FromDer;
 
 use crate::config::PkiConfig;
 use crate::fsutil::{self, FsError, MODE_PRIVATE_DIR, MODE_PUBLIC, MODE_SECRET};
-use crate::host::San;
+use crate::addresses::San;
 
 /// The client certificates every host gets.
 pub const CLIENTS: &[&str] = &["runner", "operator"];
-/// The name (and directory) of dockerd's server certificate.
-pub const SERVER: &str = "server";
 
 /// Certificates are back-dated this much so that a client whose clock is slightly behind
 /// accepts a certificate made a moment ago.
@@ -66,59 +64,7 @@ pub enum PkiError {
     Random(String),
 }
 
-/// Where the files of one certificate live (the docker CLI's layout).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeafPaths {
-    pub dir: PathBuf,
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-/// The file layout under `STATE_DIR/pki`.
-#[derive(Debug, Clone)]
-pub struct PkiLayout {
-    root: PathBuf,
-}
-
-impl PkiLayout {
-    pub fn new(pki_dir: impl Into<PathBuf>) -> Self {
-        PkiLayout {
-            root: pki_dir.into(),
-        }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn ca_dir(&self) -> PathBuf {
-        self.root.join("ca")
-    }
-
-    pub fn ca_cert(&self) -> PathBuf {
-        self.ca_dir().join("ca.pem")
-    }
-
-    pub fn ca_key(&self) -> PathBuf {
-        self.ca_dir().join("ca-key.pem")
-    }
-
-    /// The directory and files of the certificate called `name`.
-    pub fn leaf(&self, name: &str) -> LeafPaths {
-        let dir = self.root.join(name);
-        LeafPaths {
-            ca: dir.join("ca.pem"),
-            cert: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-            dir,
-        }
-    }
-
-    pub fn server(&self) -> LeafPaths {
-        self.leaf(SERVER)
-    }
-}
+pub use crate::layout::{LeafPaths, PkiLayout, SERVER_LEAF as SERVER};
 
 /// What a certificate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

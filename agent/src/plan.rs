@@ -43,7 +43,7 @@ use crate::docker::{self, DockerPlan};
 use crate::engine::{Outcome, Step, StepError, StepResult};
 use crate::firewall::{self, FirewallSpec, Nft};
 use crate::fsutil;
-use crate::host::{self, San};
+use crate::addresses::{self, San};
 use crate::identity::{self, Resolution, marker};
 use crate::pki::{self, LeafSpec, PkiLayout, Policy};
 use crate::waypoint::{self, WaypointPlan};
@@ -67,7 +67,7 @@ const DATABASE_STEP_LIMIT: Duration = Duration::from_secs(300);
 
 /// Where the application role's password is stored (0600), under the state directory.
 pub fn database_password_path(config: &Config) -> std::path::PathBuf {
-    config.state_dir.join("database").join("password")
+    config.state().database_password()
 }
 
 /// Options of one `up` run.
@@ -147,7 +147,7 @@ pub fn firewall_step() -> Step<Ctx> {
 
 /// Copies the pass's facts into the status file (register with
 /// [`crate::engine::Engine::with_annotation`]): the `identity` object.
-pub fn annotate_status(ctx: &Ctx, status: &mut crate::status::Status) {
+pub fn annotate_status(ctx: &Ctx, status: &mut crate::status_file::Status) {
     if let Some(r) = ctx.facts.identity.get() {
         status.identity = Some(Box::new(r.report()));
     }
@@ -256,7 +256,7 @@ fn waypoint_steps() -> Vec<Step<Ctx>> {
         Step::new(WAYPOINT_ADVERTISE, |ctx: Arc<Ctx>| async move {
             let identity = ctx.identity().await.identity.clone();
             // Without the interface list the fallback is the host name: not worth failing.
-            let addrs = host::interface_addrs().unwrap_or_default();
+            let addrs = addresses::interface_addrs().unwrap_or_default();
             let address = waypoint::advertise::wanted_address(&ctx.config, &identity, &addrs);
             Ok(report(
                 waypoint::converge_advertise(ctx.docker().await?, &waypoint_plan(&ctx)?, &address)
@@ -310,7 +310,7 @@ fn runners_step(deps: &[&'static str]) -> Step<Ctx> {
         // Waypoint runner IDs carry the host name, so runners of several hosts differ.
         let hostname = match &ctx.config.host.hostname {
             Some(h) => h.clone(),
-            None => host::kernel_hostname()?,
+            None => addresses::kernel_hostname()?,
         };
         Ok(report(
             waypoint::converge_runners(ctx.docker().await?, &plan, &hostname).await?,
@@ -408,10 +408,10 @@ fn pki_step(config: &Config, resolution: &Resolution) -> StepResult {
     }
     let hostname = match &config.host.hostname {
         Some(h) => h.clone(),
-        None => host::kernel_hostname()?,
+        None => addresses::kernel_hostname()?,
     };
-    let addrs = host::interface_addrs()?;
-    let mut sans = host::server_sans(config, &hostname, &addrs);
+    let addrs = addresses::interface_addrs()?;
+    let mut sans = addresses::server_sans(config, &hostname, &addrs);
     if let Some(w) = &config.waypoint {
         // Runners reach dockerd at the Pilot network's gateway. Its bridge is excluded from
         // the discovered addresses (it appears only after dockerd made it), so it is added
@@ -561,7 +561,7 @@ mod tests {
         let engine = Engine::new("up", up_steps(&config)).unwrap();
         let s = engine.run(Arc::new(ctx)).await.unwrap();
         let state = |n: &str| s.step(n).unwrap().state;
-        use crate::status::StepState;
+        use crate::status_file::StepState;
         assert_eq!(state(FIREWALL), StepState::Error);
         assert!(
             s.step(FIREWALL)

@@ -24,9 +24,9 @@ use pilot_agent::config::endpoint::{RateLimit, TokenSource};
 use pilot_agent::config::{Config, EndpointConfig, PkiConfig};
 use pilot_agent::database::DatabaseSettings;
 use pilot_agent::endpoint::{Endpoint, EndpointError, Telemetry};
-use pilot_agent::host::San;
+use pilot_agent::addresses::San;
 use pilot_agent::pki::{self, LeafSpec, PkiLayout, Policy};
-use pilot_agent::status::{Condition, RunStatus, Status, StepState};
+use pilot_agent::status_file::{Condition, RunStatus, Status, StepState};
 
 const TOKEN: &str = "tok-5c0ab1e-very-secret-endpoint-token";
 const DB_PASSWORD: &str = "pw-d4tabase-very-secret-password";

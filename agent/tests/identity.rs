@@ -18,7 +18,7 @@ use pilot_agent::config::cloud::ProviderSetting;
 use pilot_agent::engine::Engine;
 use pilot_agent::firewall::Nft;
 use pilot_agent::plan::{self, Ctx, UpOptions};
-use pilot_agent::status::{Status, StepState};
+use pilot_agent::status_file::{Status, StepState};
 use pilot_harness::metadata::{Flavor, Imds, MetadataOptions, MetadataServer, absent_url};
 use sha2::{Digest, Sha256};
 use x509_parser::extensions::GeneralName;

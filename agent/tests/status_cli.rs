@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use pilot_agent::status::{RunStatus, Status, StepState};
+use pilot_agent::status_file::{RunStatus, Status, StepState};
 
 const TOKEN: &str = "wp-bootstrap-token-5f1c9e2a7d";
 const PASSWORD: &str = "db-password-Qx7mN2pL9vR4";

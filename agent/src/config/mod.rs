@@ -39,7 +39,8 @@ pub use server::{Role, ServerLink};
 pub use service::ServiceSettings;
 pub use waypoint::WaypointConfig;
 
-use crate::database::DatabaseSettings;
+pub use database::DatabaseSettings;
+use crate::layout::StateLayout;
 
 /// Default location of the configuration file.
 pub const DEFAULT_PATH: &str = "/etc/pilot/agent.yaml";
@@ -182,14 +183,19 @@ impl Config {
         }
     }
 
+    /// The files under the state directory (the on-disk contract).
+    pub fn state(&self) -> StateLayout {
+        StateLayout::new(&self.state_dir)
+    }
+
     /// The file that `pilot-agent status` reads.
     pub fn status_path(&self) -> PathBuf {
-        self.state_dir.join("status.json")
+        self.state().status()
     }
 
     /// Where the CA, the server and the client certificates live.
     pub fn pki_dir(&self) -> PathBuf {
-        self.state_dir.join("pki")
+        self.state().pki().root().to_path_buf()
     }
 
     /// Sources allowed to reach Docker's TLS port besides loopback: the configured CIDRs, the

@@ -327,30 +327,10 @@ pub fn port(w: &mut Walker, node: &Node<'_>, path: &str) -> Option<u16> {
 /// after the prefix (`10.0.0.1/8`) are an error: in a firewall rule that is usually a typo.
 pub fn cidr(w: &mut Walker, node: &Node<'_>, path: &str) -> Option<IpNet> {
     let s = string(w, node, path)?;
-    let parsed = match s.parse::<IpNet>() {
+    match pilot_values::parse_cidr(&s) {
         Ok(net) => Some(net),
-        Err(_) => s.parse::<IpAddr>().ok().map(IpNet::from),
-    };
-    match parsed {
-        Some(net) if net.trunc() == net => Some(net),
-        Some(net) => {
-            w.error(
-                node,
-                format!(
-                    "{path}: \"{s}\" has bits set after the prefix length; did you mean \"{}\"?",
-                    net.trunc()
-                ),
-            );
-            None
-        }
-        None => {
-            w.error(
-                node,
-                format!(
-                    "{path}: expected a network in CIDR notation (e.g. 10.0.0.0/8) or an IP \
-                     address, got \"{s}\""
-                ),
-            );
+        Err(why) => {
+            w.error(node, format!("{path}: {why}"));
             None
         }
     }
@@ -370,19 +350,7 @@ pub fn san_name(w: &mut Walker, node: &Node<'_>, path: &str) -> Option<String> {
     }
 }
 
-/// RFC 1123 host name syntax: dot-separated labels of letters, digits and inner hyphens.
-pub fn is_dns_name(s: &str) -> bool {
-    let s = s.strip_suffix('.').unwrap_or(s);
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
-}
+pub use pilot_values::is_dns_name;
 
 /// How a node reads in a message ("a string \"x\"", "a list", ...).
 pub fn describe(node: &Node<'_>) -> String {

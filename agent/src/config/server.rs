@@ -18,7 +18,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use super::schema::{self, Node, Walker};
-use crate::remote::{Fingerprint, ServerEndpoint};
+pub use pilot_values::Role;
+use pilot_values::{Fingerprint, ServerEndpoint};
 
 /// Where user-data puts the server VM's endpoint token on a runner-only host.
 pub const DEFAULT_TOKEN_FILE: &str = "/etc/pilot/server-token";
@@ -30,25 +31,6 @@ const KEYS: &[&str] = &[
     "waypoint_address",
     "timeout_secs",
 ];
-
-/// What this host is in a Pilot deployment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Role {
-    /// The Waypoint server, its runners and the database user (one VM per account).
-    #[default]
-    Server,
-    /// Runners only, registered with the server of another Pilot VM (`server:`).
-    Runner,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Server => "server",
-            Role::Runner => "runner",
-        }
-    }
-}
 
 /// How a runner-only host reaches the server VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,15 +49,11 @@ pub struct ServerLink {
 }
 
 pub fn read_role(w: &mut Walker, node: &Node<'_>) -> Role {
-    match schema::string(w, node, "role").as_deref() {
+    match schema::string(w, node, "role").map(|s| s.parse::<Role>()) {
         None => Role::Server,
-        Some("server") => Role::Server,
-        Some("runner") => Role::Runner,
-        Some(other) => {
-            w.error(
-                node,
-                format!("role: expected `server` or `runner`, got \"{other}\""),
-            );
+        Some(Ok(role)) => role,
+        Some(Err(why)) => {
+            w.error(node, format!("role: {why}"));
             Role::Server
         }
     }
@@ -131,7 +109,7 @@ pub fn read(w: &mut Walker, node: &Node<'_>) -> Option<ServerLink> {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_FILE));
     let waypoint_address = f.get("waypoint_address").and_then(|n| {
         let s = schema::non_empty_string(w, n, "server.waypoint_address")?;
-        match crate::host::parse_host_port(&s, None) {
+        match pilot_values::parse_host_port(&s, None) {
             Ok(_) => Some(s),
             Err(why) => {
                 w.error(n, format!("server.waypoint_address: {why}, got \"{s}\""));

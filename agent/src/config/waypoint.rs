@@ -209,7 +209,7 @@ pub fn read(w: &mut Walker, node: &Node<'_>) -> WaypointConfig {
             if s == "auto" {
                 c.advertise = Advertise::Auto;
             } else {
-                match crate::host::parse_host_port(&s, Some(c.grpc_port)) {
+                match pilot_values::parse_host_port(&s, Some(c.grpc_port)) {
                     Ok((host, port)) => c.advertise = Advertise::Fixed { host, port },
                     Err(why) => w.error(n, format!("{path}: {why}, got \"{s}\"")),
                 }
@@ -224,7 +224,7 @@ impl Advertise {
     pub fn fixed(&self) -> Option<String> {
         match self {
             Advertise::Auto => None,
-            Advertise::Fixed { host, port } => Some(crate::host::join_host_port(host, *port)),
+            Advertise::Fixed { host, port } => Some(pilot_values::join_host_port(host, *port)),
         }
     }
 }

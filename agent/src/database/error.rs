@@ -8,6 +8,8 @@
 
 use std::path::PathBuf;
 
+use crate::config::database::InvalidSetting;
+
 /// A boxed error from the layers below (tokio-postgres, rustls, I/O, timeouts).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -89,5 +91,11 @@ impl DatabaseError {
             path: path.into(),
             source: source.into(),
         }
+    }
+}
+
+impl From<InvalidSetting> for DatabaseError {
+    fn from(InvalidSetting { field, reason }: InvalidSetting) -> Self {
+        DatabaseError::InvalidSetting { field, reason }
     }
 }

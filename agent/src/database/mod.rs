@@ -29,8 +29,7 @@ mod secret;
 mod sql;
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::Path;
 use std::time::Duration;
 
 use tokio_postgres::Client;
@@ -42,149 +41,13 @@ use secret::SecretStore;
 pub use error::{BoxError, DatabaseError};
 pub use secret::{Secret, read_password};
 
-pub const DEFAULT_PORT: u16 = 5432;
-pub const DEFAULT_ADMIN_DATABASE: &str = "postgres";
-pub const DEFAULT_APP_ROLE: &str = "pilot_app";
-pub const DEFAULT_APP_DATABASE: &str = "pilot";
-pub const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 5;
-pub const DEFAULT_STATEMENT_TIMEOUT_SECS: u64 = 30;
-
-/// How the connection to the server is protected; the names and meanings are libpq's
-/// `sslmode` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TlsMode {
-    /// Plain TCP. Only for a server on the same host or a private link.
-    Disable,
-    /// TLS required. The certificate is not checked (protects against passive eavesdropping
-    /// only), unless `ca_file` is set: then its chain must lead to that CA, but the name is not
-    /// checked (libpq's `verify-ca`).
-    #[default]
-    Require,
-    /// TLS required, the certificate must chain to `ca_file` (or to the system roots without
-    /// one) and name the configured `host`.
-    VerifyFull,
-}
-
-impl TlsMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TlsMode::Disable => "disable",
-            TlsMode::Require => "require",
-            TlsMode::VerifyFull => "verify-full",
-        }
-    }
-}
-
-impl FromStr for TlsMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "disable" => Ok(TlsMode::Disable),
-            "require" => Ok(TlsMode::Require),
-            "verify-full" => Ok(TlsMode::VerifyFull),
-            other => Err(format!(
-                "unknown tls mode {other:?}: expected disable, require or verify-full"
-            )),
-        }
-    }
-}
-
-/// The `database` section of the agent configuration. `Debug` is safe to log: the inline
-/// admin password is a [`Secret`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DatabaseSettings {
-    /// Host name or IP address of the server (also the name checked by `verify-full`).
-    pub host: String,
-    pub port: u16,
-    /// A role that may create roles and databases (an RDS master user is enough).
-    pub admin_user: String,
-    /// The admin password inline; prefer `admin_password_file` so that YAML need not carry it.
-    pub admin_password: Option<Secret>,
-    /// A file holding the admin password (one trailing newline is ignored).
-    pub admin_password_file: Option<PathBuf>,
-    /// The database the admin connects to.
-    pub admin_database: String,
-    pub tls: TlsMode,
-    /// PEM file of the CA(s) that sign the server certificate (for RDS: the region bundle).
-    pub ca_file: Option<PathBuf>,
-    /// The application role, made with `LOGIN` and nothing else.
-    pub app_role: String,
-    /// The application database, owned by `app_role`.
-    pub app_database: String,
-    /// Deadline for a whole connect (TCP, TLS, authentication).
-    pub connect_timeout_secs: u64,
-    /// Deadline for each statement.
-    pub statement_timeout_secs: u64,
-}
+pub use crate::config::database::{
+    DEFAULT_ADMIN_DATABASE, DEFAULT_APP_DATABASE, DEFAULT_APP_ROLE, DEFAULT_CONNECT_TIMEOUT_SECS,
+    DEFAULT_PORT, DEFAULT_STATEMENT_TIMEOUT_SECS, DatabaseSettings,
+};
+pub use pilot_values::TlsMode;
 
 impl DatabaseSettings {
-    /// Settings with every optional field at its default.
-    pub fn new(host: impl Into<String>, admin_user: impl Into<String>) -> Self {
-        DatabaseSettings {
-            host: host.into(),
-            port: DEFAULT_PORT,
-            admin_user: admin_user.into(),
-            admin_password: None,
-            admin_password_file: None,
-            admin_database: DEFAULT_ADMIN_DATABASE.to_owned(),
-            tls: TlsMode::default(),
-            ca_file: None,
-            app_role: DEFAULT_APP_ROLE.to_owned(),
-            app_database: DEFAULT_APP_DATABASE.to_owned(),
-            connect_timeout_secs: DEFAULT_CONNECT_TIMEOUT_SECS,
-            statement_timeout_secs: DEFAULT_STATEMENT_TIMEOUT_SECS,
-        }
-    }
-
-    /// Checks everything that can be checked without the server or the file system, so that
-    /// `config validate` can report it. The error names the offending field.
-    pub fn validate(&self) -> Result<(), DatabaseError> {
-        let invalid = |field, reason: &str| {
-            Err(DatabaseError::InvalidSetting {
-                field,
-                reason: reason.to_owned(),
-            })
-        };
-        if self.host.trim().is_empty() {
-            return invalid("host", "must not be empty");
-        }
-        if self.port == 0 {
-            return invalid("port", "must be 1 to 65535");
-        }
-        if self.admin_user.is_empty() {
-            return invalid("admin_user", "must not be empty");
-        }
-        if self.admin_database.is_empty() {
-            return invalid("admin_database", "must not be empty");
-        }
-        if self.admin_password.is_some() && self.admin_password_file.is_some() {
-            return invalid(
-                "admin_password_file",
-                "set either admin_password or admin_password_file, not both",
-            );
-        }
-        sql::validate_identifier("app_role", &self.app_role)?;
-        sql::validate_identifier("app_database", &self.app_database)?;
-        if self.app_role.starts_with("pg_") {
-            return invalid("app_role", "role names starting with pg_ are reserved");
-        }
-        if self.app_role == self.admin_user {
-            // Provisioning sets the app role's password: it must never be the admin's.
-            return invalid("app_role", "must differ from admin_user");
-        }
-        if self.tls == TlsMode::Disable && self.ca_file.is_some() {
-            return invalid("ca_file", "has no effect with tls: disable");
-        }
-        if self.connect_timeout_secs == 0 {
-            return invalid("connect_timeout_secs", "must be at least 1");
-        }
-        if self.statement_timeout_secs == 0 {
-            return invalid("statement_timeout_secs", "must be at least 1");
-        }
-        Ok(())
-    }
-
     fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout_secs)
     }

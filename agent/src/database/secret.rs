@@ -8,7 +8,6 @@
 //!   told and promoted over `<secret_path>` only after `ALTER ROLE` committed. See
 //!   `super::provision` for why this ordering is crash-safe.
 
-use std::fmt;
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -27,50 +26,7 @@ const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 /// 43 symbols of 6 bits = 258 bits of entropy, as much as 32 random bytes in base64url.
 pub(crate) const GENERATED_LEN: usize = 43;
 
-/// A password that never shows itself in `Debug` or `Display` output (and so never in logs,
-/// errors or status) and is wiped from memory when dropped. Use [`Secret::expose`] at the one
-/// place that really needs the text.
-#[derive(Clone)]
-pub struct Secret(Zeroizing<String>);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(Zeroizing::new(value.into()))
-    }
-
-    /// The password itself. Call it only where the value is sent or written, never to format.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-/// Equality for comparing configurations, not for checking a password someone presents (that
-/// would want a constant-time comparison).
-impl PartialEq for Secret {
-    fn eq(&self, other: &Self) -> bool {
-        self.expose() == other.expose()
-    }
-}
-
-impl Eq for Secret {}
-
-impl From<String> for Secret {
-    fn from(value: String) -> Self {
-        Secret::new(value)
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use pilot_values::Secret;
 
 /// Reads the stored application password (for the credentials output). The file is only
 /// read: a missing file is an error (`NotFound` in the source), never a reason to make one.
@@ -95,32 +51,9 @@ pub(crate) fn read_secret_file(path: &Path) -> Result<Option<Secret>, DatabaseEr
         return Ok(None);
     };
     let bytes = Zeroizing::new(bytes);
-    let text = std::str::from_utf8(&bytes).map_err(|_| {
-        DatabaseError::secret(
-            path,
-            io::Error::new(io::ErrorKind::InvalidData, "content is not UTF-8"),
-        )
-    })?;
-    let text = text
-        .strip_suffix('\n')
-        .map(|t| t.strip_suffix('\r').unwrap_or(t))
-        .unwrap_or(text);
-    if text.is_empty() {
-        return Err(DatabaseError::secret(
-            path,
-            io::Error::new(io::ErrorKind::InvalidData, "file is empty"),
-        ));
-    }
-    if text.contains(['\0', '\n']) {
-        return Err(DatabaseError::secret(
-            path,
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "password contains a NUL or newline",
-            ),
-        ));
-    }
-    Ok(Some(Secret::new(text)))
+    pilot_values::secret::secret_from_line(&bytes)
+        .map(Some)
+        .map_err(|why| DatabaseError::secret(path, io::Error::new(io::ErrorKind::InvalidData, why)))
 }
 
 /// Makes a new random password from the OS generator (getrandom(2)).

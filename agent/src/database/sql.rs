@@ -4,36 +4,7 @@
 
 use zeroize::Zeroizing;
 
-use super::error::DatabaseError;
-use super::secret::Secret;
-
-/// Checks a role or database name against `^[a-z_][a-z0-9_]{0,62}$`: lower case so that
-/// quoted and unquoted spellings name the same object, and at most 63 bytes (NAMEDATALEN - 1)
-/// so PostgreSQL never truncates it into another name.
-pub(crate) fn validate_identifier(field: &'static str, value: &str) -> Result<(), DatabaseError> {
-    let bytes = value.as_bytes();
-    let valid = match bytes.split_first() {
-        None => false,
-        Some((first, rest)) => {
-            (first.is_ascii_lowercase() || *first == b'_')
-                && rest.len() <= 62
-                && rest
-                    .iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
-        }
-    };
-    if valid {
-        Ok(())
-    } else {
-        Err(DatabaseError::InvalidSetting {
-            field,
-            reason: format!(
-                "{value:?} is not a valid name: use 1 to 63 characters from a-z, 0-9 and _, \
-                 not starting with a digit"
-            ),
-        })
-    }
-}
+use pilot_values::Secret;
 
 /// Quotes an identifier. Names are validated before they get here; quoting anyway keeps the
 /// statement correct even for reserved words such as `user`.
@@ -70,26 +41,6 @@ pub(crate) fn role_statement(verb: &str, role: &str, password: &Secret) -> Zeroi
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn identifiers() {
-        for ok in ["pilot", "_x", "pilot_app2", &"a".repeat(63)] {
-            validate_identifier("app_role", ok).unwrap();
-        }
-        for bad in [
-            "",
-            "Pilot",
-            "1abc",
-            "a-b",
-            "a b",
-            "a\"b",
-            "é",
-            &"a".repeat(64),
-        ] {
-            let err = validate_identifier("app_role", bad).unwrap_err();
-            assert!(err.to_string().contains("app_role"), "{err}");
-        }
-    }
 
     #[test]
     fn quoting() {

@@ -17,7 +17,7 @@
 
 pub mod daemon_config;
 pub mod ready;
-pub mod service;
+pub mod restart;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,7 +31,7 @@ use crate::pki::PkiLayout;
 
 pub use daemon_config::TlsSettings;
 pub use ready::{DaemonInfo, TlsProbe};
-pub use service::ServiceManager;
+pub use restart::ServiceManager;
 
 /// Where the socket unit listens instead of dockerd's socket path. Nothing connects to it;
 /// it exists because docker.service `Requires=` its socket unit.
@@ -103,7 +103,7 @@ impl DockerPlan {
         });
         let socket_dropin = match &d.service {
             crate::config::ServiceConfig::Systemd { unit } => {
-                service::socket_unit(unit).map(|socket| {
+                restart::socket_unit(unit).map(|socket| {
                     // Beside the service's drop-in directory (/etc/systemd/system).
                     let units_dir = d
                         .systemd_dropin_dir

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::status::{Status, StepState};
+use crate::status_file::{Status, StepState};
 
 /// Distinct trigger kinds kept apart; more than this (a run loop bug) are counted as `other`.
 const MAX_TRIGGER_KINDS: usize = 16;

@@ -47,11 +47,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::commands::{credentials, status as status_cmd};
+use crate::views::{credentials, status_report as status_cmd};
 use crate::config::Config;
 use crate::config::endpoint::{EndpointConfig, TokenHash};
 use crate::pki::{LeafPaths, PkiLayout};
-use crate::status::{RunStatus, Status};
+use crate::status_file::{RunStatus, Status};
 
 pub use metrics::Telemetry;
 
@@ -500,7 +500,7 @@ async fn healthz(state: &State) -> Resp {
             let condition = obs.condition();
             // Healthy or degraded (a database still away) serve; an error or a host still
             // converging does not, so a load balancer's check routes only to a usable host.
-            let code = if run == RunStatus::Done && condition != crate::status::Condition::Error {
+            let code = if run == RunStatus::Done && condition != crate::status_file::Condition::Error {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -533,7 +533,7 @@ async fn v1_status(state: &State) -> Resp {
 async fn v1_credentials(state: &State) -> Resp {
     let config = state.config.clone();
     let gathered = blocking(move || {
-        let addrs = crate::host::interface_addrs().unwrap_or_default();
+        let addrs = crate::addresses::interface_addrs().unwrap_or_default();
         credentials::gather(&config, &addrs).map(|c| c.to_json())
     })
     .await;

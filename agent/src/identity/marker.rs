@@ -16,18 +16,14 @@ use std::path::{Path, PathBuf};
 
 use super::{Identity, Provider, Resolution};
 use crate::fsutil::{self, FsError, MODE_PUBLIC};
-
-/// The marker's file name under the state directory.
-pub const MARKER_FILE: &str = "instance-id";
-/// The last identity read from a metadata service, under the state directory.
-pub const IDENTITY_FILE: &str = "identity.json";
+use crate::layout::StateLayout;
 
 pub fn marker_path(state_dir: &Path) -> PathBuf {
-    state_dir.join(MARKER_FILE)
+    StateLayout::new(state_dir).instance_marker()
 }
 
 pub fn identity_path(state_dir: &Path) -> PathBuf {
-    state_dir.join(IDENTITY_FILE)
+    StateLayout::new(state_dir).remembered_identity()
 }
 
 /// The instance a state directory belongs to.

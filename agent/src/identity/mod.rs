@@ -17,7 +17,7 @@
 
 pub mod aws;
 pub mod gcp;
-pub mod host;
+pub mod local;
 pub mod http;
 pub mod marker;
 
@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::config::CloudConfig;
 use crate::config::cloud::ProviderSetting;
-use crate::host::San;
+use crate::addresses::San;
 
 pub use http::HttpError;
 
@@ -290,7 +290,7 @@ pub async fn resolve(config: &CloudConfig, hostname_override: Option<&str>) -> R
     };
     let (identity, problem) = match found {
         Ok(identity) => (identity, None),
-        Err(problem) => (host::identity(hostname_override), problem),
+        Err(problem) => (local::identity(hostname_override), problem),
     };
     Resolution {
         identity,
@@ -340,7 +340,7 @@ pub async fn resolve_for_state(
 /// The host's identity, as `cloud.provider: none` gives it (no network).
 pub fn host_resolution(hostname_override: Option<&str>) -> Resolution {
     Resolution {
-        identity: host::identity(hostname_override),
+        identity: local::identity(hostname_override),
         configured: ProviderSetting::None,
         problem: None,
         absent: Vec::new(),
@@ -457,7 +457,7 @@ fn ipv4_value(provider: Provider, url: &str, value: &str) -> Result<Ipv4Addr, Pr
 }
 
 fn dns_value(provider: Provider, url: &str, value: String) -> Result<String, ProviderError> {
-    if crate::config::schema::is_dns_name(&value) {
+    if pilot_values::is_dns_name(&value) {
         Ok(value.trim_end_matches('.').to_ascii_lowercase())
     } else {
         Err(ProviderError::Invalid {

@@ -18,7 +18,6 @@
 pub mod pin;
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,59 +32,15 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use crate::database::Secret;
+use pilot_values::Secret;
 
 pub use pin::{ChainFailure, Fingerprint, FingerprintError, PinnedCaVerifier};
 
-/// The endpoint's port when the address names none (the server's default `endpoint.listen`).
-pub const DEFAULT_PORT: u16 = 8443;
+pub use pilot_values::{DEFAULT_ENDPOINT_PORT as DEFAULT_PORT, EndpointParseError, ServerEndpoint};
 /// The path fetched.
 pub const CREDENTIALS_PATH: &str = "/v1/credentials";
 /// The largest answer read: the credentials are a few KiB at most.
 const MAX_BODY: usize = 1024 * 1024;
-
-/// Where the server VM's endpoint is: the host dialled (and checked against the certificate's
-/// SANs) and the port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerEndpoint {
-    /// An IP address (IPv6 without brackets) or a DNS name.
-    pub host: String,
-    pub port: u16,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "expected HOST, HOST:PORT, [IPV6] or [IPV6]:PORT for the server endpoint (HOST an IP \
-     address or a DNS name; the port defaults to {DEFAULT_PORT}): {0}"
-)]
-pub struct EndpointParseError(String);
-
-impl FromStr for ServerEndpoint {
-    type Err = EndpointParseError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (host, port) = crate::host::parse_host_port(s.trim(), Some(DEFAULT_PORT))
-            .map_err(EndpointParseError)?;
-        // The host is also the name the certificate is checked against: it must be one.
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        if ServerName::try_from(host.as_str()).is_err() {
-            return Err(EndpointParseError(
-                "the host is neither an IP address nor a valid DNS name".into(),
-            ));
-        }
-        Ok(ServerEndpoint { host, port })
-    }
-}
-
-impl fmt::Display for ServerEndpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
 
 /// What the runner host takes from the server VM.
 #[derive(Debug, Clone, PartialEq, Eq)]

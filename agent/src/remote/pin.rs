@@ -13,112 +13,18 @@
 //! reduces a verifier's error to an alert and a generic message; the client turns the record
 //! into an error that names the expected and the presented fingerprints.
 
-use std::fmt;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use sha2::{Digest, Sha256};
 
 use crate::tls::SignaturesOnly;
 
-/// The SHA-256 of a certificate's DER encoding.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint([u8; 32]);
+pub use pilot_values::{Fingerprint, FingerprintError};
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FingerprintError {
-    #[error(
-        "expected a SHA-256 fingerprint: 64 hex digits, either all together or in 32 pairs \
-         separated by ':' (as `openssl x509 -fingerprint -sha256` prints it)"
-    )]
-    Format,
-    #[error("no certificate in the PEM text: {0}")]
-    Pem(String),
-}
-
-/// What `openssl x509 -fingerprint -sha256` prints before the digits; accepted so that its
-/// whole output line can be pasted.
-const OPENSSL_PREFIX: &str = "sha256 fingerprint=";
-
-impl Fingerprint {
-    pub fn of_der(der: &[u8]) -> Fingerprint {
-        Fingerprint(Sha256::digest(der).into())
-    }
-
-    /// The fingerprint of the first certificate in `pem`.
-    pub fn of_pem(pem: &str) -> Result<Fingerprint, FingerprintError> {
-        let der = CertificateDer::from_pem_slice(pem.as_bytes())
-            .map_err(|e| FingerprintError::Pem(e.to_string()))?;
-        Ok(Fingerprint::of_der(&der))
-    }
-
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-}
-
-impl FromStr for Fingerprint {
-    type Err = FingerprintError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut s = s.trim();
-        if s.len() >= OPENSSL_PREFIX.len()
-            && s.is_char_boundary(OPENSSL_PREFIX.len())
-            && s[..OPENSSL_PREFIX.len()].eq_ignore_ascii_case(OPENSSL_PREFIX)
-        {
-            s = &s[OPENSSL_PREFIX.len()..];
-        }
-        let digits: Vec<u8> = if s.contains(':') {
-            // Separated: exactly 32 pairs, so a digit lost in copying is caught, not shifted.
-            let pairs: Vec<&str> = s.split(':').collect();
-            if pairs.len() != 32 || pairs.iter().any(|p| p.len() != 2) {
-                return Err(FingerprintError::Format);
-            }
-            pairs.concat().into_bytes()
-        } else {
-            s.as_bytes().to_vec()
-        };
-        if digits.len() != 64 || !digits.iter().all(u8::is_ascii_hexdigit) {
-            return Err(FingerprintError::Format);
-        }
-        let mut out = [0u8; 32];
-        for (slot, pair) in out.iter_mut().zip(digits.chunks(2)) {
-            let hex = |d: u8| match d {
-                b'0'..=b'9' => d - b'0',
-                b'a'..=b'f' => d - b'a' + 10,
-                // Only A-F remain: every digit was checked to be hex above.
-                _ => d - b'A' + 10,
-            };
-            *slot = hex(pair[0]) << 4 | hex(pair[1]);
-        }
-        Ok(Fingerprint(out))
-    }
-}
-
-impl fmt::Display for Fingerprint {
-    /// Upper-case pairs separated by ':', as `openssl x509 -fingerprint -sha256` prints them.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, b) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(":")?;
-            }
-            write!(f, "{b:02X}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Fingerprint({self})")
-    }
-}
 
 /// Why the verifier refused the server's certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]

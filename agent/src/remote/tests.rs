@@ -17,7 +17,7 @@ use super::*;
 use crate::config::endpoint::{RateLimit, TokenHash, TokenSource};
 use crate::config::{Config, EndpointConfig, PkiConfig, WaypointConfig};
 use crate::endpoint::{Endpoint, Telemetry};
-use crate::host::San;
+use crate::addresses::San;
 use crate::pki::{self, LeafSpec, PkiLayout, Policy};
 use crate::waypoint::WaypointPlan;
 

@@ -35,13 +35,12 @@ use sd_notify::NotifyState;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::commands::up::LOCK_FILE;
 use crate::config::Config;
 use crate::endpoint::{Endpoint, Telemetry};
 use crate::engine::{Engine, EngineError};
 use crate::fsutil::{self, FsError, MODE_PUBLIC_DIR};
 use crate::plan::{self, Ctx, UpOptions};
-use crate::status::{self, Condition, RunInfo, RunStatus, Status, StatusError, StepState};
+use crate::status_file::{self, Condition, RunInfo, RunStatus, Status, StatusError, StepState};
 
 use docker_events::Signal;
 use notify::Health;
@@ -304,7 +303,7 @@ impl Service {
         let repair = !first && changed > 0;
         if repair {
             self.run.repairs += 1;
-            self.run.last_repair_at = Some(status::now());
+            self.run.last_repair_at = Some(status_file::now());
         }
         self.run.last_pass_condition = Some(status.condition);
         self.run.last_pass_finished_at = status.finished_at;
@@ -409,7 +408,7 @@ impl Service {
     /// pid then say, correctly, that the run did not finish).
     fn write_final(&mut self, aborted_pass: bool) -> Result<(), ServiceError> {
         let path = self.config.status_path();
-        self.run.stopped_at = Some(status::now());
+        self.run.stopped_at = Some(status_file::now());
         let base = match self.last_status.take() {
             Some(s) => Some(s),
             None => Status::read(&path)?,
@@ -428,7 +427,7 @@ impl Service {
 
 /// One pass: `up`'s steps under the state lock, status written as they go.
 async fn converge(config: Arc<Config>, run: RunInfo) -> Result<Status, PassError> {
-    let lock_path = config.state_dir.join(LOCK_FILE);
+    let lock_path = config.state().lock();
     let Some(_lock) = fsutil::try_lock(&lock_path)? else {
         return Err(PassError::Locked(lock_path));
     };

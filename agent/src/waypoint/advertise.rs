@@ -22,8 +22,8 @@ use bollard::Docker;
 
 use super::{Report, WaypointError, WaypointPlan, read_token, write_token};
 use crate::config::Config;
-use crate::host::InterfaceAddr;
-use crate::host::join_host_port;
+use crate::addresses::InterfaceAddr;
+use pilot_values::join_host_port;
 use crate::identity::{Identity, Provider};
 
 /// How long `waypoint server config-set` may take.
@@ -31,7 +31,7 @@ const CONFIG_SET_LIMIT: Duration = Duration::from_secs(30);
 
 /// The `HOST:PORT` the server should advertise: `waypoint.advertise_address` when set; on a
 /// cloud the instance's public IPv4, else its public host name, else its private IPv4;
-/// elsewhere the host the credentials name (see [`crate::commands::credentials::waypoint_host`]).
+/// elsewhere the host the credentials name (see [`crate::addresses::waypoint_host`]).
 /// The port is `waypoint.grpc_port`, the port published on the host.
 pub fn wanted_address(config: &Config, identity: &Identity, addrs: &[InterfaceAddr]) -> String {
     let Some(w) = &config.waypoint else {
@@ -50,7 +50,7 @@ pub fn wanted_address(config: &Config, identity: &Identity, addrs: &[InterfaceAd
     } else {
         None
     };
-    let host = host.unwrap_or_else(|| crate::commands::credentials::waypoint_host(config, addrs));
+    let host = host.unwrap_or_else(|| crate::addresses::waypoint_host(config, addrs));
     join_host_port(&host, w.grpc_port)
 }
 

@@ -37,6 +37,7 @@ use bollard::{API_DEFAULT_VERSION, Docker};
 
 use crate::config::{Config, WaypointConfig};
 use crate::fsutil::FsError;
+use crate::layout::WaypointFiles;
 
 /// The server container's name (also its DNS name on the Pilot network).
 pub const SERVER_NAME: &str = "waypoint-server";
@@ -233,10 +234,8 @@ impl WaypointPlan {
         Some(WaypointPlan {
             config: waypoint,
             socket: config.docker.socket.clone(),
-            tokens_dir: config.state_dir.join("waypoint"),
-            runner_cert_dir: crate::pki::PkiLayout::new(config.pki_dir())
-                .leaf("runner")
-                .dir,
+            tokens_dir: config.state().waypoint().dir().to_path_buf(),
+            runner_cert_dir: config.state().pki().leaf("runner").dir,
             docker_tls_port: config.docker.tls_listen.port(),
             server: match config.role {
                 crate::config::Role::Server => ServerRef::Local,
@@ -247,25 +246,25 @@ impl WaypointPlan {
 
     /// The address this host's server advertises, as last set (see [`advertise`]).
     pub fn advertise_marker_path(&self) -> PathBuf {
-        self.tokens_dir.join("advertise-address")
+        WaypointFiles::new(&self.tokens_dir).advertise_address()
     }
 
     /// On a runner-only host: the server VM's Waypoint address (`HOST:PORT`).
     pub fn remote_address_path(&self) -> PathBuf {
-        self.tokens_dir.join("server-address")
+        WaypointFiles::new(&self.tokens_dir).server_address()
     }
 
     /// On a runner-only host: the server VM's Waypoint token (0600), to mint runner tokens.
     pub fn remote_token_path(&self) -> PathBuf {
-        self.tokens_dir.join("server-token")
+        WaypointFiles::new(&self.tokens_dir).server_token()
     }
 
     pub fn bootstrap_token_path(&self) -> PathBuf {
-        self.tokens_dir.join("bootstrap-token")
+        WaypointFiles::new(&self.tokens_dir).bootstrap_token()
     }
 
     pub fn runner_token_path(&self, index: u32) -> PathBuf {
-        self.tokens_dir.join(format!("runner-{index}-token"))
+        WaypointFiles::new(&self.tokens_dir).runner_token(index)
     }
 
     /// `DOCKER_HOST` of the runners: the host's TLS port at the Pilot network's gateway.

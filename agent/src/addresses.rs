@@ -103,6 +103,43 @@ pub fn server_sans(config: &Config, hostname: &str, addrs: &[InterfaceAddr]) -> 
     sans
 }
 
+/// The host name or address the Pilot CLI and applications should dial when nothing more
+/// specific is known: the first `host.extra_names` entry (the name clients are told to use),
+/// `waypoint.publish_address` when it is a specific address, `host.hostname`, the first
+/// non-loopback, non-link-local address of an interface that `host.exclude_interfaces` does
+/// not exclude (IPv4 first), the kernel's host name.
+pub fn waypoint_host(config: &Config, addrs: &[InterfaceAddr]) -> String {
+    if let Some(name) = config.host.extra_names.first() {
+        return name.clone();
+    }
+    if let Some(w) = &config.waypoint
+        && !w.publish_address.is_unspecified()
+    {
+        return w.publish_address.to_string();
+    }
+    if let Some(name) = &config.host.hostname {
+        return name.clone();
+    }
+    let usable = |a: &&InterfaceAddr| {
+        !a.ip.is_loopback()
+            && !is_link_local(&a.ip)
+            && !config
+                .host
+                .exclude_interfaces
+                .iter()
+                .any(|p| glob_match(p, &a.interface))
+    };
+    let first = addrs
+        .iter()
+        .filter(usable)
+        .find(|a| a.ip.is_ipv4())
+        .or_else(|| addrs.iter().find(usable));
+    if let Some(a) = first {
+        return a.ip.to_string();
+    }
+    kernel_hostname().unwrap_or_else(|_| "localhost".into())
+}
+
 fn is_link_local(ip: &IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_link_local(),
@@ -131,95 +168,10 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     rest.ends_with(last)
 }
 
-/// Parses `HOST`, `HOST:PORT`, `IPv6` or `[IPv6]:PORT`; HOST is an IP address or a DNS name.
-/// Without a port, `default_port` applies (none: the port is required).
-pub fn parse_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
-    let bad_port = |p: &str| format!("\"{p}\" is not a port (1-65535)");
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (h, tail) = rest
-            .split_once(']')
-            .ok_or_else(|| "an IPv6 address in brackets needs the closing `]`".to_string())?;
-        let port = match tail.strip_prefix(':') {
-            Some(p) => Some(p),
-            None if tail.is_empty() => None,
-            None => return Err("expected `:PORT` after `]`".into()),
-        };
-        if h.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(format!("\"{h}\" is not an IPv6 address"));
-        }
-        (h.to_string(), port)
-    } else if s.parse::<std::net::Ipv6Addr>().is_ok() {
-        (s.to_string(), None)
-    } else {
-        match s.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (s.to_string(), None),
-        }
-    };
-    let port = match port {
-        Some(p) => match p.parse::<u16>() {
-            Ok(n) if n > 0 => n,
-            _ => return Err(bad_port(p)),
-        },
-        None => default_port.ok_or_else(|| "expected HOST:PORT".to_string())?,
-    };
-    let is_ip = host.parse::<IpAddr>().is_ok();
-    if !is_ip && !crate::config::schema::is_dns_name(&host) {
-        return Err(format!(
-            "\"{host}\" is neither an IP address nor a DNS name"
-        ));
-    }
-    if is_ip && host.parse::<IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
-        return Err("an unspecified address (0.0.0.0, ::) cannot be dialled".into());
-    }
-    Ok((host, port))
-}
-
-/// `HOST:PORT`, with an IPv6 address in brackets.
-pub fn join_host_port(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn host_port_forms() {
-        assert_eq!(
-            parse_host_port("pilot.example.com", Some(9701)),
-            Ok(("pilot.example.com".into(), 9701))
-        );
-        assert_eq!(
-            parse_host_port("203.0.113.7:19701", Some(9701)),
-            Ok(("203.0.113.7".into(), 19701))
-        );
-        assert_eq!(
-            parse_host_port("[2001:db8::1]:9701", None),
-            Ok(("2001:db8::1".into(), 9701))
-        );
-        assert_eq!(
-            parse_host_port("2001:db8::1", Some(1)),
-            Ok(("2001:db8::1".into(), 1))
-        );
-        for bad in [
-            "host:0",
-            "host:x",
-            "bad host",
-            "0.0.0.0",
-            "[::1",
-            "[::1]x",
-            "[nothost]:1",
-        ] {
-            assert!(parse_host_port(bad, Some(9701)).is_err(), "{bad}");
-        }
-        assert!(parse_host_port("host", None).is_err());
-        assert_eq!(join_host_port("2001:db8::1", 9701), "[2001:db8::1]:9701");
-    }
+    use crate::config::WaypointConfig;
 
     fn addr(interface: &str, ip: &str) -> InterfaceAddr {
         InterfaceAddr {
@@ -284,5 +236,28 @@ mod tests {
     #[test]
     fn kernel_hostname_is_readable() {
         assert!(!kernel_hostname().unwrap().is_empty());
+    }
+
+    #[test]
+    fn waypoint_host_order() {
+        let addrs = [
+            addr("lo", "127.0.0.1"),
+            addr("docker0", "172.17.0.1"),
+            addr("eth0", "fe80::1"),
+            addr("eth0", "2001:db8::5"),
+            addr("eth0", "192.0.2.10"),
+        ];
+        let mut config = Config {
+            waypoint: Some(WaypointConfig::default()),
+            ..Config::default()
+        };
+        assert_eq!(waypoint_host(&config, &addrs), "192.0.2.10");
+        assert_eq!(waypoint_host(&config, &addrs[..4]), "2001:db8::5");
+        config.host.hostname = Some("vm1".into());
+        assert_eq!(waypoint_host(&config, &addrs), "vm1");
+        config.waypoint.as_mut().unwrap().publish_address = "192.0.2.77".parse().unwrap();
+        assert_eq!(waypoint_host(&config, &addrs), "192.0.2.77");
+        config.host.extra_names = vec!["pilot.example.com".into(), "x".into()];
+        assert_eq!(waypoint_host(&config, &addrs), "pilot.example.com");
     }
 }

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use super::{Identity, Provider};
-use crate::host::kernel_hostname;
+use crate::addresses::kernel_hostname;
 
 /// Where the machine id is looked for, in order (the D-Bus copy on hosts without systemd).
 pub const MACHINE_ID_PATHS: &[&str] = &["/etc/machine-id", "/var/lib/dbus/machine-id"];
