@@ -59,10 +59,10 @@ mod tests {
             state_dir: dir.path().to_path_buf(),
             ..Config::default()
         };
-        let _held = fsutil::try_lock(&config.state().lock())
-            .unwrap()
-            .unwrap();
-        let err = converge_once(config, UpOptions::default()).await.unwrap_err();
+        let _held = fsutil::try_lock(&config.state().lock()).unwrap().unwrap();
+        let err = converge_once(config, UpOptions::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, UpError::Locked { .. }), "{err}");
         assert!(!dir.path().join("status.json").exists());
     }

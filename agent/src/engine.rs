@@ -261,115 +261,32 @@ impl<C: Send + Sync + 'static> Engine<C> {
             .enumerate()
             .map(|(i, s)| (s.name, i))
             .collect();
-        let mut tasks: JoinSet<(usize, StepResult)> = JoinSet::new();
-        let mut task_step: HashMap<tokio::task::Id, usize> = HashMap::new();
+        let mut tasks = Tasks::default();
 
         loop {
             // Settle what can be settled without running anything: skip the steps whose
             // dependencies finished without converging (repeat: skips cascade).
-            let mut progress = true;
-            while progress {
-                progress = false;
-                for (i, step) in self.steps.iter().enumerate() {
-                    if status.steps[i].state != StepState::Pending {
-                        continue;
-                    }
-                    let blocker = step.after.iter().find_map(|d| {
-                        let dep = &status.steps[index[d]];
-                        (dep.state.is_finished() && !dep.state.is_converged())
-                            .then_some((d, dep.state))
-                    });
-                    if let Some((dep, dep_state)) = blocker {
-                        let detail = match dep_state {
-                            StepState::Degraded => format!("waiting on `{dep}` (degraded)"),
-                            StepState::Skipped => format!("`{dep}` was skipped"),
-                            _ => format!("`{dep}` failed"),
-                        };
-                        tracing::warn!(step = step.name, "skipped: {detail}");
-                        let s = &mut status.steps[i];
-                        s.state = StepState::Skipped;
-                        s.detail = detail;
-                        s.finished_at = Some(status_file::now());
-                        progress = true;
-                    }
-                }
-            }
+            self.skip_blocked(&mut status, &index);
 
             // Start every pending step whose dependencies all converged.
-            let mut started = false;
-            for (i, step) in self.steps.iter().enumerate() {
-                if status.steps[i].state != StepState::Pending {
-                    continue;
-                }
-                if !step
-                    .after
-                    .iter()
-                    .all(|d| status.steps[index[d]].state.is_converged())
-                {
-                    continue;
-                }
-                tracing::info!(step = step.name, "step started");
-                let s = &mut status.steps[i];
-                s.state = StepState::Running;
-                s.started_at = Some(status_file::now());
-                let fut = (step.run)(ctx.clone());
-                let timeout = step.timeout;
-                let handle = tasks.spawn(async move {
-                    let result = match timeout {
-                        None => fut.await,
-                        Some(limit) => match tokio::time::timeout(limit, fut).await {
-                            Ok(r) => r,
-                            Err(_) => Err(StepError::msg(format!(
-                                "did not finish within {}s",
-                                limit.as_secs_f64()
-                            ))),
-                        },
-                    };
-                    (i, result)
-                });
-                task_step.insert(handle.id(), i);
-                started = true;
-            }
-            if started {
+            if self.start_ready(&ctx, &mut status, &index, &mut tasks) {
                 status.condition = status.compute_condition();
                 self.save_or_remember(&status, &mut write_failure);
             }
 
             // Wait for the next step to finish; none running means everything is settled.
-            let Some(joined) = tasks.join_next_with_id().await else {
+            let Some(joined) = tasks.set.join_next_with_id().await else {
                 break;
             };
             let (i, result) = match joined {
                 Ok((_, (i, result))) => (i, result),
                 Err(e) => {
                     // A panicking step must not take the others (or the status) down.
-                    let i = task_step.get(&e.id()).copied().unwrap_or(0);
+                    let i = tasks.step_of.get(&e.id()).copied().unwrap_or(0);
                     (i, Err(StepError::msg(format!("step panicked: {e}"))))
                 }
             };
-            let step = &self.steps[i];
-            let (state, detail) = match result {
-                Ok(Outcome::Ok(d)) => (StepState::Ok, d),
-                Ok(Outcome::Changed(d)) => (StepState::Changed, d),
-                Ok(Outcome::Degraded(d)) => (StepState::Degraded, d),
-                Err(e) => match step.failure {
-                    Failure::Hard => (StepState::Error, e.0),
-                    Failure::FailOpen => (StepState::Degraded, e.0),
-                },
-            };
-            match state {
-                StepState::Error => tracing::error!(step = step.name, "step failed: {detail}"),
-                StepState::Degraded => tracing::warn!(step = step.name, "step degraded: {detail}"),
-                _ => tracing::info!(step = step.name, state = ?state, "{detail}"),
-            }
-            let s = &mut status.steps[i];
-            s.state = state;
-            s.detail = detail;
-            s.finished_at = Some(status_file::now());
-            status.condition = status.compute_condition();
-            if let Some(annotate) = &self.annotate {
-                annotate(&ctx, &mut status);
-            }
+            self.record(&ctx, &mut status, i, result);
             self.save_or_remember(&status, &mut write_failure);
         }
 
@@ -382,6 +299,109 @@ impl<C: Send + Sync + 'static> Engine<C> {
             tracing::warn!("the status file could not be updated during the run: {e}");
         }
         Ok(status)
+    }
+
+    /// Marks skipped every pending step with a dependency that finished without converging,
+    /// until no more change (a skip makes its dependents skip too).
+    fn skip_blocked(&self, status: &mut Status, index: &HashMap<&'static str, usize>) {
+        let mut progress = true;
+        while progress {
+            progress = false;
+            for (i, step) in self.steps.iter().enumerate() {
+                if status.steps[i].state != StepState::Pending {
+                    continue;
+                }
+                let blocker = step.after.iter().find_map(|d| {
+                    let dep = &status.steps[index[d]];
+                    (dep.state.is_finished() && !dep.state.is_converged()).then_some((d, dep.state))
+                });
+                if let Some((dep, dep_state)) = blocker {
+                    let detail = match dep_state {
+                        StepState::Degraded => format!("waiting on `{dep}` (degraded)"),
+                        StepState::Skipped => format!("`{dep}` was skipped"),
+                        _ => format!("`{dep}` failed"),
+                    };
+                    tracing::warn!(step = step.name, "skipped: {detail}");
+                    let s = &mut status.steps[i];
+                    s.state = StepState::Skipped;
+                    s.detail = detail;
+                    s.finished_at = Some(status_file::now());
+                    progress = true;
+                }
+            }
+        }
+    }
+
+    /// Starts every pending step whose dependencies all converged; whether any started.
+    fn start_ready(
+        &self,
+        ctx: &Arc<C>,
+        status: &mut Status,
+        index: &HashMap<&'static str, usize>,
+        tasks: &mut Tasks,
+    ) -> bool {
+        let mut started = false;
+        for (i, step) in self.steps.iter().enumerate() {
+            if status.steps[i].state != StepState::Pending {
+                continue;
+            }
+            if !step
+                .after
+                .iter()
+                .all(|d| status.steps[index[d]].state.is_converged())
+            {
+                continue;
+            }
+            tracing::info!(step = step.name, "step started");
+            let s = &mut status.steps[i];
+            s.state = StepState::Running;
+            s.started_at = Some(status_file::now());
+            let fut = (step.run)(ctx.clone());
+            let timeout = step.timeout;
+            let handle = tasks.set.spawn(async move {
+                let result = match timeout {
+                    None => fut.await,
+                    Some(limit) => match tokio::time::timeout(limit, fut).await {
+                        Ok(r) => r,
+                        Err(_) => Err(StepError::msg(format!(
+                            "did not finish within {}s",
+                            limit.as_secs_f64()
+                        ))),
+                    },
+                };
+                (i, result)
+            });
+            tasks.step_of.insert(handle.id(), i);
+            started = true;
+        }
+        started
+    }
+
+    /// Records how step `i` ended (its state, detail and finish time) and the condition.
+    fn record(&self, ctx: &Arc<C>, status: &mut Status, i: usize, result: StepResult) {
+        let step = &self.steps[i];
+        let (state, detail) = match result {
+            Ok(Outcome::Ok(d)) => (StepState::Ok, d),
+            Ok(Outcome::Changed(d)) => (StepState::Changed, d),
+            Ok(Outcome::Degraded(d)) => (StepState::Degraded, d),
+            Err(e) => match step.failure {
+                Failure::Hard => (StepState::Error, e.0),
+                Failure::FailOpen => (StepState::Degraded, e.0),
+            },
+        };
+        match state {
+            StepState::Error => tracing::error!(step = step.name, "step failed: {detail}"),
+            StepState::Degraded => tracing::warn!(step = step.name, "step degraded: {detail}"),
+            _ => tracing::info!(step = step.name, state = ?state, "{detail}"),
+        }
+        let s = &mut status.steps[i];
+        s.state = state;
+        s.detail = detail;
+        s.finished_at = Some(status_file::now());
+        status.condition = status.compute_condition();
+        if let Some(annotate) = &self.annotate {
+            annotate(ctx, status);
+        }
     }
 
     fn save(&self, status: &Status) -> Result<(), EngineError> {
@@ -409,6 +429,13 @@ pub fn exit_code(status: &Status) -> u8 {
         // Not finished (cannot happen after `run`): not healthy either.
         _ => Condition::Error.exit_code(),
     }
+}
+
+/// The running steps: their tasks, and which step each task runs (to name a panicked one).
+#[derive(Default)]
+struct Tasks {
+    set: JoinSet<(usize, StepResult)>,
+    step_of: HashMap<tokio::task::Id, usize>,
 }
 
 #[cfg(test)]

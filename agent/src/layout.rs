@@ -196,9 +196,15 @@ mod tests {
         assert_eq!(s.database_password(), Path::new("/s/database/password"));
         let w = s.waypoint();
         assert_eq!(w.dir(), Path::new("/s/waypoint"));
-        assert_eq!(w.bootstrap_token(), Path::new("/s/waypoint/bootstrap-token"));
+        assert_eq!(
+            w.bootstrap_token(),
+            Path::new("/s/waypoint/bootstrap-token")
+        );
         assert_eq!(w.runner_token(2), Path::new("/s/waypoint/runner-2-token"));
-        assert_eq!(w.advertise_address(), Path::new("/s/waypoint/advertise-address"));
+        assert_eq!(
+            w.advertise_address(),
+            Path::new("/s/waypoint/advertise-address")
+        );
         assert_eq!(w.server_address(), Path::new("/s/waypoint/server-address"));
         assert_eq!(w.server_token(), Path::new("/s/waypoint/server-token"));
         let pki = s.pki();

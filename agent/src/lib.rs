@@ -29,8 +29,8 @@
 //! Errors are typed per module (thiserror); a converge step turns any of them into the one
 //! line its status shows ([`engine::StepError`]). `anyhow` appears only in `main.rs`.
 
-pub mod cli;
 pub mod addresses;
+pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod converge;
@@ -40,8 +40,8 @@ pub mod endpoint;
 pub mod engine;
 pub mod firewall;
 pub mod fsutil;
-pub mod layout;
 pub mod identity;
+pub mod layout;
 pub mod pki;
 pub mod plan;
 pub mod remote;

@@ -29,9 +29,9 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
+use crate::addresses::San;
 use crate::config::PkiConfig;
 use crate::fsutil::{self, FsError, MODE_PRIVATE_DIR, MODE_PUBLIC, MODE_SECRET};
-use crate::addresses::San;
 
 /// The client certificates every host gets.
 pub const CLIENTS: &[&str] = &["runner", "operator"];

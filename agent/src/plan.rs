@@ -37,13 +37,13 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
+use crate::addresses::{self, San};
 use crate::config::{Config, Role};
 use crate::database;
 use crate::docker::{self, DockerPlan};
 use crate::engine::{Outcome, Step, StepError, StepResult};
 use crate::firewall::{self, FirewallSpec, Nft};
 use crate::fsutil;
-use crate::addresses::{self, San};
 use crate::identity::{self, Resolution, marker};
 use crate::pki::{self, LeafSpec, PkiLayout, Policy};
 use crate::waypoint::{self, WaypointPlan};
@@ -296,7 +296,19 @@ fn runner_host_steps() -> Vec<Step<Ctx>> {
             let Some(link) = &ctx.config.server else {
                 return Err(StepError::msg("role: runner without a server section"));
             };
-            waypoint::link::converge(&waypoint_plan(&ctx)?, link).await
+            use waypoint::link::LinkState;
+            let state = match waypoint::link::converge(&waypoint_plan(&ctx)?, link).await {
+                Ok(state) => state,
+                // Each case's own message, as the step's detail (the Waypoint errors with
+                // their causes).
+                Err(waypoint::link::LinkError::Waypoint(e)) => return Err(e.into()),
+                Err(e) => return Err(StepError::msg(e.to_string())),
+            };
+            Ok(match state {
+                LinkState::Current(detail) => Outcome::Ok(detail),
+                LinkState::Changed(detail) => Outcome::Changed(detail),
+                LinkState::Unreachable(detail) => Outcome::Degraded(detail),
+            })
         }),
         runners_step(&[SERVER_LINK, IMAGES, NETWORK, PKI]),
     ]);

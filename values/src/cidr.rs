@@ -39,13 +39,19 @@ mod tests {
     fn forms() {
         assert_eq!(parse_cidr("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
         assert_eq!(parse_cidr("10.0.0.1").unwrap().to_string(), "10.0.0.1/32");
-        assert_eq!(parse_cidr("2001:db8::/32").unwrap().to_string(), "2001:db8::/32");
+        assert_eq!(
+            parse_cidr("2001:db8::/32").unwrap().to_string(),
+            "2001:db8::/32"
+        );
         assert!(matches!(
             parse_cidr("10.0.0.1/8"),
             Err(CidrError::HostBits { .. })
         ));
         for bad in ["", "10.0.0.0/33", "10.0.0/8", "x", "10.0.0.0/"] {
-            assert!(matches!(parse_cidr(bad), Err(CidrError::Syntax(_))), "{bad}");
+            assert!(
+                matches!(parse_cidr(bad), Err(CidrError::Syntax(_))),
+                "{bad}"
+            );
         }
     }
 }

@@ -113,7 +113,9 @@ mod tests {
         assert_eq!(colons.len(), 95);
         assert_eq!(colons.parse::<Fingerprint>().unwrap(), fp);
         assert_eq!(
-            format!("SHA256 Fingerprint={colons}").parse::<Fingerprint>().unwrap(),
+            format!("SHA256 Fingerprint={colons}")
+                .parse::<Fingerprint>()
+                .unwrap(),
             fp
         );
         for bad in [&hex[1..], &colons[1..], "zz".repeat(32).as_str(), "", "é"] {

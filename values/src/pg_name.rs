@@ -34,7 +34,16 @@ mod tests {
         for ok in ["pilot", "_a", "a1_b", &"a".repeat(63)] {
             assert!(pg_identifier(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "1a", "Pilot", "a-b", "a b", "a\"b", "é", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "1a",
+            "Pilot",
+            "a-b",
+            "a b",
+            "a\"b",
+            "é",
+            &"a".repeat(64),
+        ] {
             assert!(pg_identifier(bad).is_err(), "{bad}");
         }
     }

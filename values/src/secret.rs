@@ -96,8 +96,17 @@ mod tests {
         assert_eq!(secret_from_line(b"pw\r\n").unwrap().expose(), "pw");
         assert_eq!(secret_from_line(b"pw").unwrap().expose(), "pw");
         assert_eq!(secret_from_line(b"\n").unwrap_err(), SecretLineError::Empty);
-        assert_eq!(secret_from_line(b"a\nb").unwrap_err(), SecretLineError::NulOrNewline);
-        assert_eq!(secret_from_line(b"a\0b").unwrap_err(), SecretLineError::NulOrNewline);
-        assert_eq!(secret_from_line(b"\xff").unwrap_err(), SecretLineError::NotUtf8);
+        assert_eq!(
+            secret_from_line(b"a\nb").unwrap_err(),
+            SecretLineError::NulOrNewline
+        );
+        assert_eq!(
+            secret_from_line(b"a\0b").unwrap_err(),
+            SecretLineError::NulOrNewline
+        );
+        assert_eq!(
+            secret_from_line(b"\xff").unwrap_err(),
+            SecretLineError::NotUtf8
+        );
     }
 }

@@ -100,7 +100,10 @@ impl DatabaseSettings {
                 "set either admin_password or admin_password_file, not both",
             );
         }
-        for (field, name) in [("app_role", &self.app_role), ("app_database", &self.app_database)] {
+        for (field, name) in [
+            ("app_role", &self.app_role),
+            ("app_database", &self.app_database),
+        ] {
             pilot_values::pg_identifier(name).map_err(|reason| InvalidSetting { field, reason })?;
         }
         if self.app_role.starts_with("pg_") {

@@ -39,8 +39,8 @@ pub use server::{Role, ServerLink};
 pub use service::ServiceSettings;
 pub use waypoint::WaypointConfig;
 
-pub use database::DatabaseSettings;
 use crate::layout::StateLayout;
+pub use database::DatabaseSettings;
 
 /// Default location of the configuration file.
 pub const DEFAULT_PATH: &str = "/etc/pilot/agent.yaml";

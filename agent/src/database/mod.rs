@@ -107,42 +107,7 @@ pub async fn provision(
     let mut out = Provisioned::default();
 
     // Step 1, local: decide the password before touching the server, and persist it first.
-    //
-    // A new password is stored *before* the server hears of it; whatever the server then has,
-    // step 3 makes the role match the file. So a run killed at any point leaves a file that
-    // the next run enforces, and an existing file is never replaced without `rotate`.
-    //
-    // Rotation cannot work that way: until ALTER ROLE commits, the credentials output must
-    // keep serving the password the role still has. So the new password goes to a sibling
-    // `.pending` file (atomically, 0600), then ALTER ROLE, then the pending file is promoted
-    // over the stored one. A run killed in between leaves a pending file, which the next run
-    // settles by asking the server: if the role accepts the pending password, ALTER ROLE had
-    // committed and the rotation is finished by promoting it; if not, it never reached the
-    // server and is discarded. Either way, after the next successful run the stored file
-    // holds exactly the password the role has, which the final login proves.
-    let (stored, pending, rotating) = match (store.read_current()?, store.read_pending()?) {
-        (None, leftover) => {
-            // No stored password (first run, or the file was lost). A pending one left by a
-            // killed rotation is as good as a fresh one; either way the role is made to match.
-            let fresh = match leftover {
-                Some(p) => p,
-                None => secret::generate_password()
-                    .map_err(|e| DatabaseError::secret(store.current_path(), e))?,
-            };
-            store.write_current(&fresh)?;
-            store.discard_pending()?;
-            tracing::info!(path = %secret_path.display(), "stored a new database password");
-            out.changed = true;
-            (fresh, None, false)
-        }
-        (Some(current), _) if rotate => {
-            let fresh = secret::generate_password()
-                .map_err(|e| DatabaseError::secret(store.current_path(), e))?;
-            store.write_pending(&fresh)?;
-            (current, Some(fresh), true)
-        }
-        (Some(current), leftover) => (current, leftover, false),
-    };
+    let passwords = decide_password(&store, rotate, &mut out)?;
 
     // Step 2: the role and its database, over the admin connection.
     let admin_login = Login {
@@ -158,7 +123,6 @@ pub async fn provision(
         settings,
     };
     let role = settings.app_role.as_str();
-    let database = settings.app_database.as_str();
 
     // One provisioning at a time per role, across agents and across runs: a run killed during
     // `CREATE DATABASE` leaves its backend finishing the statement after the client is gone, and
@@ -175,12 +139,94 @@ pub async fn provision(
         )
         .await?;
 
-    // A new role gets the password the run is converging to, so that step 3 has nothing left
-    // to set.
-    let target = match (&pending, rotating) {
-        (Some(p), true) => p,
-        _ => &stored,
+    ensure_role(&admin, passwords.target(), &mut out).await?;
+    ensure_database(&admin, &mut out).await?;
+    revoke_public_access(&admin, &mut out).await?;
+
+    // Step 3: make the role's password match the stored one, proven by logging in with it.
+    let app_client = converge_password(&admin, &tls, &store, &passwords, &mut out).await?;
+    ensure_schema_access(settings, &admin_login, &tls, app_client, &mut out).await?;
+
+    out.changed |= out.role_created || out.database_created || out.password_set;
+    Ok(out)
+}
+
+/// The passwords of a run: the stored one, a pending one (a rotation's, maybe left by a
+/// killed run) and whether this run rotates.
+struct Passwords {
+    stored: Secret,
+    pending: Option<Secret>,
+    rotating: bool,
+}
+
+impl Passwords {
+    /// The password the run converges to. A new role gets it, so that step 3 has nothing
+    /// left to set.
+    fn target(&self) -> &Secret {
+        match (&self.pending, self.rotating) {
+            (Some(p), true) => p,
+            _ => &self.stored,
+        }
+    }
+}
+
+/// Step 1: decides the password before touching the server, and persists it first.
+///
+/// A new password is stored *before* the server hears of it; whatever the server then has,
+/// step 3 makes the role match the file. So a run killed at any point leaves a file that
+/// the next run enforces, and an existing file is never replaced without `rotate`.
+///
+/// Rotation cannot work that way: until ALTER ROLE commits, the credentials output must
+/// keep serving the password the role still has. So the new password goes to a sibling
+/// `.pending` file (atomically, 0600), then ALTER ROLE, then the pending file is promoted
+/// over the stored one. A run killed in between leaves a pending file, which the next run
+/// settles by asking the server: if the role accepts the pending password, ALTER ROLE had
+/// committed and the rotation is finished by promoting it; if not, it never reached the
+/// server and is discarded. Either way, after the next successful run the stored file
+/// holds exactly the password the role has, which the final login proves.
+fn decide_password(
+    store: &SecretStore,
+    rotate: bool,
+    out: &mut Provisioned,
+) -> Result<Passwords, DatabaseError> {
+    let (stored, pending, rotating) = match (store.read_current()?, store.read_pending()?) {
+        (None, leftover) => {
+            // No stored password (first run, or the file was lost). A pending one left by a
+            // killed rotation is as good as a fresh one; either way the role is made to match.
+            let fresh = match leftover {
+                Some(p) => p,
+                None => secret::generate_password()
+                    .map_err(|e| DatabaseError::secret(store.current_path(), e))?,
+            };
+            store.write_current(&fresh)?;
+            store.discard_pending()?;
+            tracing::info!(path = %store.current_path().display(), "stored a new database password");
+            out.changed = true;
+            (fresh, None, false)
+        }
+        (Some(current), _) if rotate => {
+            let fresh = secret::generate_password()
+                .map_err(|e| DatabaseError::secret(store.current_path(), e))?;
+            store.write_pending(&fresh)?;
+            (current, Some(fresh), true)
+        }
+        (Some(current), leftover) => (current, leftover, false),
     };
+
+    Ok(Passwords {
+        stored,
+        pending,
+        rotating,
+    })
+}
+
+/// The application role exists and may log in; a new one gets `target` as its password.
+async fn ensure_role(
+    admin: &Session<'_>,
+    target: &Secret,
+    out: &mut Provisioned,
+) -> Result<(), DatabaseError> {
+    let role = admin.settings.app_role.as_str();
     let can_login: Option<bool> = admin
         .query_opt(
             "look up the application role",
@@ -214,7 +260,13 @@ pub async fn provision(
         }
         Some(true) => {}
     }
+    Ok(())
+}
 
+/// The application database exists and is owned by the role (never taken over).
+async fn ensure_database(admin: &Session<'_>, out: &mut Provisioned) -> Result<(), DatabaseError> {
+    let role = admin.settings.app_role.as_str();
+    let database = admin.settings.app_database.as_str();
     let owner: Option<String> = admin
         .query_opt(
             "look up the application database",
@@ -254,8 +306,16 @@ pub async fn provision(
             )));
         }
     }
+    Ok(())
+}
 
-    // New databases let PUBLIC connect; on a shared server that means every other role.
+/// New databases let PUBLIC connect; on a shared server that means every other role.
+async fn revoke_public_access(
+    admin: &Session<'_>,
+    out: &mut Provisioned,
+) -> Result<(), DatabaseError> {
+    let role = admin.settings.app_role.as_str();
+    let database = admin.settings.app_database.as_str();
     let public_has_access: bool = column(
         &admin
             .query_one(
@@ -286,9 +346,23 @@ pub async fn provision(
         );
         out.changed = true;
     }
+    Ok(())
+}
 
-    // Step 3: make the role's password match the stored one, proven by logging in with it.
-    let app_client = if rotating {
+/// Step 3: the role's password matches the stored one (or the rotation's), proven by logging
+/// in with it; returns that login.
+async fn converge_password(
+    admin: &Session<'_>,
+    tls: &Tls,
+    store: &SecretStore,
+    passwords: &Passwords,
+    out: &mut Provisioned,
+) -> Result<Client, DatabaseError> {
+    let settings = admin.settings;
+    let role = settings.app_role.as_str();
+    let target = passwords.target();
+    let stored = &passwords.stored;
+    Ok(if passwords.rotating {
         // `target` is the pending password here; a role created above already has it.
         if !out.role_created {
             admin
@@ -301,11 +375,11 @@ pub async fn provision(
         }
         store.promote_pending(target)?;
         tracing::info!(role, "rotated the application role's password");
-        login_as_app(settings, &tls, target).await?
+        login_as_app(settings, tls, target).await?
     } else {
         let mut client = None;
-        if let Some(leftover) = &pending {
-            match try_login_as_app(settings, &tls, leftover).await {
+        if let Some(leftover) = &passwords.pending {
+            match try_login_as_app(settings, tls, leftover).await {
                 Ok(c) => {
                     store.promote_pending(leftover)?;
                     tracing::info!(role, "finished a password rotation that was interrupted");
@@ -324,7 +398,7 @@ pub async fn provision(
         }
         match client {
             Some(c) => c,
-            None => match try_login_as_app(settings, &tls, &stored).await {
+            None => match try_login_as_app(settings, tls, stored).await {
                 Ok(c) => c,
                 Err(f) if f.is_wrong_password() => {
                     // The role exists with another password: the stored file was lost and
@@ -333,7 +407,7 @@ pub async fn provision(
                     admin
                         .execute(
                             &format!("set the password of role {role:?}"),
-                            &sql::role_statement("ALTER", role, &stored),
+                            &sql::role_statement("ALTER", role, stored),
                         )
                         .await?;
                     tracing::info!(
@@ -341,13 +415,25 @@ pub async fn provision(
                         "set the application role's password to the stored one"
                     );
                     out.password_set = true;
-                    login_as_app(settings, &tls, &stored).await?
+                    login_as_app(settings, tls, stored).await?
                 }
-                Err(f) => return Err(f.into_error(settings, &app_login(settings, &stored))),
+                Err(f) => return Err(f.into_error(settings, &app_login(settings, stored))),
             },
         }
-    };
+    })
+}
 
+/// The role may create tables in `public` of its database (granted where the schema's owner
+/// does not allow it by default).
+async fn ensure_schema_access(
+    settings: &DatabaseSettings,
+    admin_login: &Login<'_>,
+    tls: &Tls,
+    app_client: Client,
+    out: &mut Provisioned,
+) -> Result<(), DatabaseError> {
+    let role = settings.app_role.as_str();
+    let database = settings.app_database.as_str();
     let app = Session {
         client: app_client,
         settings,
@@ -355,7 +441,7 @@ pub async fn provision(
     if !app.can_create_tables().await? {
         // A database whose `public` schema the owner does not control: PostgreSQL 14 or older
         // with a template hardened by `REVOKE CREATE ON SCHEMA public FROM PUBLIC`.
-        grant_public_schema(settings, &tls, &admin_login, role).await?;
+        grant_public_schema(settings, tls, admin_login, role).await?;
         out.changed = true;
         if !app.can_create_tables().await? {
             return Err(DatabaseError::Conflict(format!(
@@ -364,9 +450,7 @@ pub async fn provision(
             )));
         }
     }
-
-    out.changed |= out.role_created || out.database_created || out.password_set;
-    Ok(out)
+    Ok(())
 }
 
 fn app_login<'a>(settings: &'a DatabaseSettings, password: &'a Secret) -> Login<'a> {

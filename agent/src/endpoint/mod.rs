@@ -47,11 +47,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::views::{credentials, status_report as status_cmd};
 use crate::config::Config;
 use crate::config::endpoint::{EndpointConfig, TokenHash};
 use crate::pki::{LeafPaths, PkiLayout};
 use crate::status_file::{RunStatus, Status};
+use crate::views::{credentials, status_report as status_cmd};
 
 pub use metrics::Telemetry;
 
@@ -500,11 +500,12 @@ async fn healthz(state: &State) -> Resp {
             let condition = obs.condition();
             // Healthy or degraded (a database still away) serve; an error or a host still
             // converging does not, so a load balancer's check routes only to a usable host.
-            let code = if run == RunStatus::Done && condition != crate::status_file::Condition::Error {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
+            let code =
+                if run == RunStatus::Done && condition != crate::status_file::Condition::Error {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
             json_response(code, &json!({"status": run, "condition": condition}))
         }
         Some(Err(e)) => {

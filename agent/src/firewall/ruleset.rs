@@ -123,129 +123,22 @@ pub struct Ruleset {
 
 impl Ruleset {
     pub fn new(spec: &FirewallSpec) -> Ruleset {
-        let (api4, api6) = split_families(&spec.api_sources);
-        let mut input = Vec::new();
-        input.push(vec![eq(meta(MetaKey::Iifname), string("lo")), accept()]);
-        if !spec.lock_ports.is_empty() {
-            input.push(vec![eq(tcp_dport(), port_set(&spec.lock_ports)), drop()]);
-        }
-        if !api4.is_empty() {
-            input.push(vec![
-                eq(tcp_dport(), port(spec.api_port)),
-                eq(payload("ip", "saddr"), prefix_set(&api4)),
-                accept(),
-            ]);
-        }
-        if !api6.is_empty() {
-            input.push(vec![
-                eq(tcp_dport(), port(spec.api_port)),
-                eq(payload("ip6", "saddr"), prefix_set(&api6)),
-                accept(),
-            ]);
-        }
-        input.push(vec![eq(tcp_dport(), port(spec.api_port)), drop()]);
-        if let Some((endpoint_port, sources)) = &spec.endpoint {
-            let (e4, e6) = split_families(sources);
-            for (family, nets) in [("ip", e4), ("ip6", e6)] {
-                if !nets.is_empty() {
-                    input.push(vec![
-                        eq(tcp_dport(), port(*endpoint_port)),
-                        eq(payload(family, "saddr"), prefix_set(&nets)),
-                        accept(),
-                    ]);
-                }
-            }
-            input.push(vec![eq(tcp_dport(), port(*endpoint_port)), drop()]);
-        }
-
-        let mut forward = Vec::new();
-        for p in &spec.lock_ports {
-            // Something may publish a locked port through Docker: DNAT bypasses the input hook.
-            let mut rule = dnat_to_tcp_port(*p);
-            rule.push(drop());
-            forward.push(rule);
-        }
-        if !spec.published_sources.is_empty() || spec.waypoint.is_some() {
-            forward.push(vec![
-                Statement::Match(Match {
-                    left: ct("state", None),
-                    right: Expression::List(vec![string("established"), string("related")]),
-                    op: Operator::IN,
-                }),
-                accept(),
-            ]);
-        }
-        if let Some((grpc_port, sources)) = &spec.waypoint {
-            let (w4, w6) = split_families(sources);
-            for (family, nets) in [("ip", w4), ("ip6", w6)] {
-                if !nets.is_empty() {
-                    let mut rule = dnat_to_tcp_port(*grpc_port);
-                    rule.push(eq(payload(family, "saddr"), prefix_set(&nets)));
-                    rule.push(accept());
-                    forward.push(rule);
-                }
-            }
-            let mut rule = dnat_to_tcp_port(*grpc_port);
-            rule.push(drop());
-            forward.push(rule);
-        }
-        if !spec.published_sources.is_empty() {
-            let (pub4, pub6) = split_families(&spec.published_sources);
-            // One group of rules per restricted port, or one for every DNATed connection.
-            let selectors: Vec<Vec<Statement<'static>>> = if spec.published_ports.is_empty() {
-                vec![vec![dnat()]]
-            } else {
-                spec.published_ports
-                    .iter()
-                    .map(|p| dnat_to_tcp_port(*p))
-                    .collect()
-            };
-            for selector in selectors {
-                if !pub4.is_empty() {
-                    let mut rule = selector.clone();
-                    rule.push(eq(payload("ip", "saddr"), prefix_set(&pub4)));
-                    rule.push(accept());
-                    forward.push(rule);
-                }
-                if !pub6.is_empty() {
-                    let mut rule = selector.clone();
-                    rule.push(eq(payload("ip6", "saddr"), prefix_set(&pub6)));
-                    rule.push(accept());
-                    forward.push(rule);
-                }
-                let mut rule = selector;
-                rule.push(drop());
-                forward.push(rule);
-            }
-        }
-
         let chains = vec![
             ChainSpec {
                 name: "input",
                 hook: NfHook::Input,
-                rules: input,
+                rules: input_rules(spec),
             },
             ChainSpec {
                 name: "forward",
                 hook: NfHook::Forward,
-                rules: forward,
+                rules: forward_rules(spec),
             },
         ];
-        let mut hasher = Sha256::new();
-        hasher.update(spec.table.as_bytes());
-        for c in &chains {
-            hasher.update(c.name.as_bytes());
-            // Serializing the crate's schema types cannot fail (plain data, string keys).
-            hasher.update(serde_json::to_vec(&c.rules).unwrap_or_default());
-        }
-        let hash: String = hasher.finalize()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
         Ruleset {
+            hash: rules_hash(&spec.table, &chains),
             table: spec.table.clone(),
             chains,
-            hash,
         }
     }
 
@@ -357,6 +250,105 @@ impl Ruleset {
                     .eq(want[c.name].iter().map(|s| Some(s.as_str())))
         })
     }
+}
+
+/// The input chain: loopback, the locked ports, then the Docker TLS port and the endpoint
+/// each admitted from their sources only.
+fn input_rules(spec: &FirewallSpec) -> Vec<Vec<Statement<'static>>> {
+    let mut input = vec![vec![eq(meta(MetaKey::Iifname), string("lo")), accept()]];
+    if !spec.lock_ports.is_empty() {
+        input.push(vec![eq(tcp_dport(), port_set(&spec.lock_ports)), drop()]);
+    }
+    input.extend(admit_only(
+        vec![eq(tcp_dport(), port(spec.api_port))],
+        &spec.api_sources,
+    ));
+    if let Some((endpoint_port, sources)) = &spec.endpoint {
+        input.extend(admit_only(
+            vec![eq(tcp_dport(), port(*endpoint_port))],
+            sources,
+        ));
+    }
+    input
+}
+
+/// The forward chain, which sees what Docker publishes (DNAT bypasses the input hook): the
+/// locked ports dropped, replies admitted, then the Waypoint gRPC port and the restricted
+/// published ports admitted from their sources only.
+fn forward_rules(spec: &FirewallSpec) -> Vec<Vec<Statement<'static>>> {
+    let mut forward = Vec::new();
+    for p in &spec.lock_ports {
+        // Something may publish a locked port through Docker.
+        let mut rule = dnat_to_tcp_port(*p);
+        rule.push(drop());
+        forward.push(rule);
+    }
+    if !spec.published_sources.is_empty() || spec.waypoint.is_some() {
+        forward.push(vec![
+            Statement::Match(Match {
+                left: ct("state", None),
+                right: Expression::List(vec![string("established"), string("related")]),
+                op: Operator::IN,
+            }),
+            accept(),
+        ]);
+    }
+    if let Some((grpc_port, sources)) = &spec.waypoint {
+        forward.extend(admit_only(dnat_to_tcp_port(*grpc_port), sources));
+    }
+    if !spec.published_sources.is_empty() {
+        // One group of rules per restricted port, or one for every DNATed connection.
+        let selectors: Vec<Vec<Statement<'static>>> = if spec.published_ports.is_empty() {
+            vec![vec![dnat()]]
+        } else {
+            spec.published_ports
+                .iter()
+                .map(|p| dnat_to_tcp_port(*p))
+                .collect()
+        };
+        for selector in selectors {
+            forward.extend(admit_only(selector, &spec.published_sources));
+        }
+    }
+    forward
+}
+
+/// What `selector` matches, accepted from `sources` (one rule per address family that has
+/// any) and dropped from everyone else.
+fn admit_only(
+    selector: Vec<Statement<'static>>,
+    sources: &[IpNet],
+) -> Vec<Vec<Statement<'static>>> {
+    let (v4, v6) = split_families(sources);
+    let mut rules = Vec::new();
+    for (family, nets) in [("ip", v4), ("ip6", v6)] {
+        if !nets.is_empty() {
+            let mut rule = selector.clone();
+            rule.push(eq(payload(family, "saddr"), prefix_set(&nets)));
+            rule.push(accept());
+            rules.push(rule);
+        }
+    }
+    let mut rule = selector;
+    rule.push(drop());
+    rules.push(rule);
+    rules
+}
+
+/// A short hash of the table's name and rules: what the rule comments carry, so a table
+/// made from another configuration is told apart.
+fn rules_hash(table: &str, chains: &[ChainSpec]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(table.as_bytes());
+    for c in chains {
+        hasher.update(c.name.as_bytes());
+        // Serializing the crate's schema types cannot fail (plain data, string keys).
+        hasher.update(serde_json::to_vec(&c.rules).unwrap_or_default());
+    }
+    hasher.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// IPv4 and IPv6 networks apart, each merged (nft rejects overlapping intervals in a set).

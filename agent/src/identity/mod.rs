@@ -17,8 +17,8 @@
 
 pub mod aws;
 pub mod gcp;
-pub mod local;
 pub mod http;
+pub mod local;
 pub mod marker;
 
 use std::fmt;
@@ -28,9 +28,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use crate::addresses::San;
 use crate::config::CloudConfig;
 use crate::config::cloud::ProviderSetting;
-use crate::addresses::San;
 
 pub use http::HttpError;
 

@@ -164,131 +164,182 @@ pub async fn fetch_credentials(
     pin: &Fingerprint,
     timeout: Duration,
 ) -> Result<RemoteCredentials, RemoteError> {
-    let name = endpoint.to_string();
-    let deadline = Instant::now() + timeout;
-    let timed_out = |stage| RemoteError::Timeout {
-        endpoint: name.clone(),
+    let call = Call {
+        name: endpoint.to_string(),
+        deadline: Instant::now() + timeout,
         timeout,
-        stage,
     };
     let mut auth = HeaderValue::try_from(format!("Bearer {}", token.expose()))
         .map_err(|_| RemoteError::InvalidToken)?;
     auth.set_sensitive(true);
-    let server_name = ServerName::try_from(endpoint.host.clone())
-        .map_err(|_| EndpointParseError(format!("invalid host {:?}", endpoint.host)))?;
-
-    let tcp = tokio::time::timeout_at(
-        deadline,
-        TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
-    )
-    .await
-    .map_err(|_| timed_out("connecting"))?
-    .map_err(|e| RemoteError::Unreachable {
-        endpoint: name.clone(),
-        reason: e.to_string(),
-    })?;
-    let _ = tcp.set_nodelay(true);
-
-    let provider = crate::tls::provider();
-    let verifier = Arc::new(PinnedCaVerifier::new(*pin, provider.clone()));
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| RemoteError::Tls {
-            endpoint: name.clone(),
-            reason: e.to_string(),
-        })?
-        .dangerous()
-        // Not dangerous: the verifier runs full webpki verification against the pinned CA.
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tls = tokio::time::timeout_at(
-        deadline,
-        TlsConnector::from(Arc::new(cfg)).connect(server_name, tcp),
-    )
-    .await
-    .map_err(|_| timed_out("TLS handshake"))?
-    .map_err(|e| handshake_error(&name, pin, &verifier, e))?;
-
-    let http_err = |e: &dyn fmt::Display| RemoteError::Unreachable {
-        endpoint: name.clone(),
-        reason: format!("HTTP exchange failed: {e}"),
-    };
-    let (mut sender, conn) = tokio::time::timeout_at(
-        deadline,
-        hyper::client::conn::http1::handshake(TokioIo::new(tls)),
-    )
-    .await
-    .map_err(|_| timed_out("sending the request"))?
-    .map_err(|e| http_err(&e))?;
-    // The connection task ends with the exchange: aborted on every return path.
-    let driver = AbortOnDrop(tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "remote: connection to the server endpoint ended");
-        }
-    }));
-    let req = Request::get(CREDENTIALS_PATH)
-        .header(header::HOST, name.as_str())
-        .header(header::ACCEPT, "application/json")
-        .header(
-            header::USER_AGENT,
-            concat!("pilot-agent/", env!("CARGO_PKG_VERSION")),
-        )
-        .header(header::AUTHORIZATION, auth)
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| RemoteError::BadResponse {
-            endpoint: name.clone(),
-            reason: format!("cannot build the request: {e}"),
+    let tls = call.connect(endpoint, pin).await?;
+    let answer = call.get(tls, auth).await?;
+    answer.check(&call.name)?;
+    let value: Value =
+        serde_json::from_slice(&answer.body).map_err(|e| RemoteError::BadResponse {
+            endpoint: call.name.clone(),
+            reason: format!("not JSON: {e}"),
         })?;
-    let resp = tokio::time::timeout_at(deadline, sender.send_request(req))
-        .await
-        .map_err(|_| timed_out("waiting for the answer"))?
-        .map_err(|e| http_err(&e))?;
-    let status = resp.status();
-    let retry_after = resp
-        .headers()
-        .get(header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
-    let body =
-        tokio::time::timeout_at(deadline, Limited::new(resp.into_body(), MAX_BODY).collect())
-            .await
-            .map_err(|_| timed_out("reading the answer"))?
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    RemoteError::BadResponse {
-                        endpoint: name.clone(),
-                        reason: format!("the answer is larger than {MAX_BODY} bytes"),
-                    }
-                } else {
-                    http_err(&e)
-                }
-            })?
-            .to_bytes();
-    drop(driver);
+    parse_credentials(&call.name, pin, value)
+}
 
-    match status {
-        StatusCode::OK => {}
-        StatusCode::UNAUTHORIZED => return Err(RemoteError::Unauthorized { endpoint: name }),
-        StatusCode::TOO_MANY_REQUESTS => {
-            return Err(RemoteError::RateLimited {
-                endpoint: name,
-                retry_after,
-            });
-        }
-        s => {
-            return Err(RemoteError::Status {
-                endpoint: name,
-                status: s.as_u16(),
-            });
+/// One request to the server VM: its name in messages and one deadline for every stage.
+struct Call {
+    name: String,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+/// What the server VM answered.
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: Bytes,
+}
+
+impl Call {
+    fn timed_out(&self, stage: &'static str) -> RemoteError {
+        RemoteError::Timeout {
+            endpoint: self.name.clone(),
+            timeout: self.timeout,
+            stage,
         }
     }
-    let value: Value = serde_json::from_slice(&body).map_err(|e| RemoteError::BadResponse {
-        endpoint: name.clone(),
-        reason: format!("not JSON: {e}"),
-    })?;
-    parse_credentials(&name, pin, value)
+
+    fn http_err(&self, e: &dyn fmt::Display) -> RemoteError {
+        RemoteError::Unreachable {
+            endpoint: self.name.clone(),
+            reason: format!("HTTP exchange failed: {e}"),
+        }
+    }
+
+    /// TCP, then TLS with the pinned CA as the only trust anchor.
+    async fn connect(
+        &self,
+        endpoint: &ServerEndpoint,
+        pin: &Fingerprint,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, RemoteError> {
+        let server_name = ServerName::try_from(endpoint.host.clone())
+            .map_err(|_| EndpointParseError(format!("invalid host {:?}", endpoint.host)))?;
+        let tcp = tokio::time::timeout_at(
+            self.deadline,
+            TcpStream::connect((endpoint.host.as_str(), endpoint.port)),
+        )
+        .await
+        .map_err(|_| self.timed_out("connecting"))?
+        .map_err(|e| RemoteError::Unreachable {
+            endpoint: self.name.clone(),
+            reason: e.to_string(),
+        })?;
+        let _ = tcp.set_nodelay(true);
+
+        let provider = crate::tls::provider();
+        let verifier = Arc::new(PinnedCaVerifier::new(*pin, provider.clone()));
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| RemoteError::Tls {
+                endpoint: self.name.clone(),
+                reason: e.to_string(),
+            })?
+            .dangerous()
+            // Not dangerous: the verifier runs full webpki verification against the pinned CA.
+            .with_custom_certificate_verifier(verifier.clone())
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio::time::timeout_at(
+            self.deadline,
+            TlsConnector::from(Arc::new(cfg)).connect(server_name, tcp),
+        )
+        .await
+        .map_err(|_| self.timed_out("TLS handshake"))?
+        .map_err(|e| handshake_error(&self.name, pin, &verifier, e))
+    }
+
+    /// `GET /v1/credentials` over the connection; the body is read up to [`MAX_BODY`].
+    async fn get(
+        &self,
+        tls: tokio_rustls::client::TlsStream<TcpStream>,
+        auth: HeaderValue,
+    ) -> Result<Answer, RemoteError> {
+        let (mut sender, conn) = tokio::time::timeout_at(
+            self.deadline,
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)),
+        )
+        .await
+        .map_err(|_| self.timed_out("sending the request"))?
+        .map_err(|e| self.http_err(&e))?;
+        // The connection task ends with the exchange: aborted on every return path.
+        let _driver = AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "remote: connection to the server endpoint ended");
+            }
+        }));
+        let req = Request::get(CREDENTIALS_PATH)
+            .header(header::HOST, self.name.as_str())
+            .header(header::ACCEPT, "application/json")
+            .header(
+                header::USER_AGENT,
+                concat!("pilot-agent/", env!("CARGO_PKG_VERSION")),
+            )
+            .header(header::AUTHORIZATION, auth)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| RemoteError::BadResponse {
+                endpoint: self.name.clone(),
+                reason: format!("cannot build the request: {e}"),
+            })?;
+        let resp = tokio::time::timeout_at(self.deadline, sender.send_request(req))
+            .await
+            .map_err(|_| self.timed_out("waiting for the answer"))?
+            .map_err(|e| self.http_err(&e))?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = tokio::time::timeout_at(
+            self.deadline,
+            Limited::new(resp.into_body(), MAX_BODY).collect(),
+        )
+        .await
+        .map_err(|_| self.timed_out("reading the answer"))?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                RemoteError::BadResponse {
+                    endpoint: self.name.clone(),
+                    reason: format!("the answer is larger than {MAX_BODY} bytes"),
+                }
+            } else {
+                self.http_err(&e)
+            }
+        })?
+        .to_bytes();
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+        })
+    }
+}
+
+impl Answer {
+    /// 200 or the error its status means.
+    fn check(&self, name: &str) -> Result<(), RemoteError> {
+        let endpoint = name.to_string();
+        match self.status {
+            StatusCode::OK => Ok(()),
+            StatusCode::UNAUTHORIZED => Err(RemoteError::Unauthorized { endpoint }),
+            StatusCode::TOO_MANY_REQUESTS => Err(RemoteError::RateLimited {
+                endpoint,
+                retry_after: self.retry_after,
+            }),
+            s => Err(RemoteError::Status {
+                endpoint,
+                status: s.as_u16(),
+            }),
+        }
+    }
 }
 
 /// Aborts a task when dropped.
@@ -422,6 +473,3 @@ fn parse_credentials(
         raw: value,
     })
 }
-
-#[cfg(test)]
-mod tests;

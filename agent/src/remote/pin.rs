@@ -25,7 +25,6 @@ use crate::tls::SignaturesOnly;
 
 pub use pilot_values::{Fingerprint, FingerprintError};
 
-
 /// Why the verifier refused the server's certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChainFailure {

@@ -138,94 +138,10 @@ pub async fn run(
         endpoint: None,
         ready: false,
     };
-    let (tx, mut rx) = mpsc::unbounded_channel::<Signal>();
-    let mut watcher: Option<JoinHandle<()>> = None;
-    let mut tx = Some(tx);
-    let mut pass: Option<RunningPass> = None;
-    let mut heartbeat = tokio::time::interval(beat);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    notify::status_line("first pass: converging");
-
-    tokio::pin!(shutdown);
-    let stopped_by = loop {
-        let now = Instant::now();
-        health.beat(now);
-        if pass.is_none() {
-            if let Some(trigger) = service.schedule.take(now) {
-                pass = Some(service.start_pass(trigger, now, &health));
-            }
-        }
-        let (due, _) = service.schedule.next();
-        let idle = pass.is_none();
-        let pass_done = async {
-            match pass.as_mut() {
-                Some(p) => (&mut p.handle).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            why = &mut shutdown => break why,
-            joined = pass_done => {
-                // `pass` is Some: only then does `pass_done` resolve.
-                let Some(done) = pass.take() else { continue };
-                health.pass_ended();
-                let result = joined.unwrap_or_else(|e| Err(PassError::Task(e.to_string())));
-                service.pass_finished(done, result).await;
-                if watcher.is_none() {
-                    // After the first pass (which may restart dockerd), never before.
-                    if let Some(tx) = tx.take() {
-                        watcher = Some(tokio::spawn(docker_events::watch(
-                            config.docker.socket.clone(),
-                            tx,
-                            telemetry.clone(),
-                        )));
-                    }
-                }
-            }
-            Some(signal) = rx.recv() => {
-                let now = Instant::now();
-                match signal {
-                    Signal::Event(what) => service.schedule.docker_event(now, what),
-                    Signal::Reconnected => service.schedule.docker_reconnected(now),
-                }
-            }
-            _ = tokio::time::sleep_until(due.into()), if idle => {}
-            _ = heartbeat.tick() => {}
-        }
-    };
-
-    // Shutdown.
-    tracing::info!("{stopped_by}: stopping");
-    health.stopping();
-    notify::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
-    if let Some(w) = watcher.take() {
-        w.abort();
-    }
-    let mut aborted_pass = false;
-    if let Some(mut p) = pass.take() {
-        tracing::info!(
-            "letting the pass under way ({}) finish, at most {} s",
-            p.trigger,
-            options.pass_grace.as_secs()
-        );
-        match tokio::time::timeout(options.pass_grace, &mut p.handle).await {
-            Ok(joined) => {
-                health.pass_ended();
-                let result = joined.unwrap_or_else(|e| Err(PassError::Task(e.to_string())));
-                service.pass_finished(p, result).await;
-            }
-            Err(_) => {
-                tracing::warn!("the pass did not finish in time; aborting it");
-                p.handle.abort();
-                // Wait for the abort to land, so nothing writes the status after us.
-                let _ = p.handle.await;
-                aborted_pass = true;
-            }
-        }
-    }
-    if let Some(endpoint) = service.endpoint.take() {
-        endpoint.shutdown().await;
-    }
+    let (stopped_by, pass, watcher) = service.serve(&health, beat, shutdown).await;
+    let aborted_pass = service
+        .stop(&stopped_by, &health, pass, watcher, &options)
+        .await;
     service.write_final(aborted_pass)?;
     if let Some(w) = watchdog_task {
         w.abort();
@@ -251,6 +167,118 @@ struct Service {
 }
 
 impl Service {
+    /// The loop: passes on their schedule and on Docker events, until `shutdown` resolves.
+    /// Returns why it stopped, the pass still under way and the Docker event watcher.
+    async fn serve(
+        &mut self,
+        health: &Health,
+        beat: Duration,
+        shutdown: impl Future<Output = String>,
+    ) -> (String, Option<RunningPass>, Option<JoinHandle<()>>) {
+        let config = self.config.clone();
+        let telemetry = self.telemetry.clone();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Signal>();
+        let mut watcher: Option<JoinHandle<()>> = None;
+        let mut tx = Some(tx);
+        let mut pass: Option<RunningPass> = None;
+        let mut heartbeat = tokio::time::interval(beat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        notify::status_line("first pass: converging");
+
+        tokio::pin!(shutdown);
+        let stopped_by = loop {
+            let now = Instant::now();
+            health.beat(now);
+            if pass.is_none() {
+                if let Some(trigger) = self.schedule.take(now) {
+                    pass = Some(self.start_pass(trigger, now, health));
+                }
+            }
+            let (due, _) = self.schedule.next();
+            let idle = pass.is_none();
+            let pass_done = async {
+                match pass.as_mut() {
+                    Some(p) => (&mut p.handle).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                why = &mut shutdown => break why,
+                joined = pass_done => {
+                    // `pass` is Some: only then does `pass_done` resolve.
+                    let Some(done) = pass.take() else { continue };
+                    health.pass_ended();
+                    let result = joined.unwrap_or_else(|e| Err(PassError::Task(e.to_string())));
+                    self.pass_finished(done, result).await;
+                    if watcher.is_none() {
+                        // After the first pass (which may restart dockerd), never before.
+                        if let Some(tx) = tx.take() {
+                            watcher = Some(tokio::spawn(docker_events::watch(
+                                config.docker.socket.clone(),
+                                tx,
+                                telemetry.clone(),
+                            )));
+                        }
+                    }
+                }
+                Some(signal) = rx.recv() => {
+                    let now = Instant::now();
+                    match signal {
+                        Signal::Event(what) => self.schedule.docker_event(now, what),
+                        Signal::Reconnected => self.schedule.docker_reconnected(now),
+                    }
+                }
+                _ = tokio::time::sleep_until(due.into()), if idle => {}
+                _ = heartbeat.tick() => {}
+            }
+        };
+        (stopped_by, pass, watcher)
+    }
+
+    /// Stops: the watcher, the pass under way (given `options.pass_grace` to finish), the
+    /// endpoint. Whether the pass had to be aborted.
+    async fn stop(
+        &mut self,
+        stopped_by: &str,
+        health: &Health,
+        mut pass: Option<RunningPass>,
+        mut watcher: Option<JoinHandle<()>>,
+        options: &ShutdownOptions,
+    ) -> bool {
+        tracing::info!("{stopped_by}: stopping");
+        health.stopping();
+        notify::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+        if let Some(w) = watcher.take() {
+            w.abort();
+        }
+        let mut aborted_pass = false;
+        if let Some(mut p) = pass.take() {
+            tracing::info!(
+                "letting the pass under way ({}) finish, at most {} s",
+                p.trigger,
+                options.pass_grace.as_secs()
+            );
+            match tokio::time::timeout(options.pass_grace, &mut p.handle).await {
+                Ok(joined) => {
+                    health.pass_ended();
+                    let result = joined.unwrap_or_else(|e| Err(PassError::Task(e.to_string())));
+                    self.pass_finished(p, result).await;
+                }
+                Err(_) => {
+                    tracing::warn!("the pass did not finish in time; aborting it");
+                    p.handle.abort();
+                    // Wait for the abort to land, so nothing writes the status after us.
+                    let _ = p.handle.await;
+                    aborted_pass = true;
+                }
+            }
+        }
+        if let Some(endpoint) = self.endpoint.take() {
+            endpoint.shutdown().await;
+        }
+        aborted_pass
+    }
+
     fn start_pass(&mut self, trigger: Trigger, now: Instant, health: &Health) -> RunningPass {
         self.run.last_trigger = trigger.to_string();
         let number = self.run.passes + 1;

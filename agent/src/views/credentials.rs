@@ -34,13 +34,13 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
+use crate::addresses::{self, InterfaceAddr};
 use crate::config::{Config, ConfigError};
 use crate::database::{self, Secret};
-use pilot_values::join_host_port;
-use crate::addresses::{self, InterfaceAddr};
 use crate::pki::PkiLayout;
 use crate::plan;
 use crate::waypoint::{ServerRef, WaypointPlan};
+use pilot_values::join_host_port;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -210,7 +210,6 @@ fn waypoint_address(
         plan.config.grpc_port,
     ))
 }
-
 
 fn read_file(path: &Path) -> Result<Option<Vec<u8>>, CredentialsError> {
     match std::fs::read(path) {

@@ -670,8 +670,6 @@ pub fn truncate(s: &str, max: usize) -> String {
     t
 }
 
-
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -21,10 +21,10 @@ use std::time::Duration;
 use bollard::Docker;
 
 use super::{Report, WaypointError, WaypointPlan, read_token, write_token};
-use crate::config::Config;
 use crate::addresses::InterfaceAddr;
-use pilot_values::join_host_port;
+use crate::config::Config;
 use crate::identity::{Identity, Provider};
+use pilot_values::join_host_port;
 
 /// How long `waypoint server config-set` may take.
 const CONFIG_SET_LIMIT: Duration = Duration::from_secs(30);

@@ -14,23 +14,42 @@
 
 use std::time::Duration;
 
-use super::{WaypointPlan, read_token, write_token};
+use pilot_values::Secret;
+
+use super::{WaypointError, WaypointPlan, read_token, write_token};
 use crate::config::ServerLink;
-use crate::database::Secret;
-use crate::engine::{Outcome, StepError, StepResult};
 use crate::remote::{self, RemoteError};
 
+/// Where the link stands after a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    /// The server VM answered and nothing stored changed.
+    Current(String),
+    /// The server VM answered and what is stored changed (the detail says what).
+    Changed(String),
+    /// The server VM could not be reached now; what was stored before stays in use.
+    Unreachable(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(
+        "{} is missing or empty: it must hold the server VM's endpoint token (one line, mode \
+         0600)", .0.display()
+    )]
+    NoToken(std::path::PathBuf),
+    /// A wrong pin, a refused token: retrying does not help.
+    #[error(transparent)]
+    Refused(RemoteError),
+    #[error(transparent)]
+    Waypoint(#[from] WaypointError),
+}
+
 /// Fetches and stores the server VM's Waypoint credentials (see the module docs).
-pub async fn converge(plan: &WaypointPlan, link: &ServerLink) -> StepResult {
+pub async fn converge(plan: &WaypointPlan, link: &ServerLink) -> Result<LinkState, LinkError> {
     let token = match read_token(&link.token_file)? {
         Some(t) => Secret::new(t),
-        None => {
-            return Err(StepError::msg(format!(
-                "{} is missing or empty: it must hold the server VM's endpoint token (one \
-                 line, mode 0600)",
-                link.token_file.display()
-            )));
-        }
+        None => return Err(LinkError::NoToken(link.token_file.clone())),
     };
     let fetched = remote::fetch_credentials(
         &link.endpoint,
@@ -41,8 +60,8 @@ pub async fn converge(plan: &WaypointPlan, link: &ServerLink) -> StepResult {
     .await;
     let creds = match fetched {
         Ok(c) => c,
-        Err(e) if e.is_transient() => return Ok(Outcome::Degraded(degraded_detail(plan, &e))),
-        Err(e) => return Err(StepError::msg(e.to_string())),
+        Err(e) if e.is_transient() => return Ok(LinkState::Unreachable(degraded_detail(plan, &e))),
+        Err(e) => return Err(LinkError::Refused(e)),
     };
     let address = link
         .waypoint_address
@@ -73,12 +92,12 @@ pub async fn converge(plan: &WaypointPlan, link: &ServerLink) -> StepResult {
         changed.push(format!("runners dial Waypoint at {address}"));
     }
     Ok(if changed.is_empty() {
-        Outcome::Ok(format!(
+        LinkState::Current(format!(
             "server VM {} reached; runners dial Waypoint at {address}",
             link.endpoint
         ))
     } else {
-        Outcome::Changed(format!(
+        LinkState::Changed(format!(
             "server VM {} reached; {}",
             link.endpoint,
             changed.join("; ")
