@@ -6,6 +6,8 @@
 # Daemons are never started here: the packages' maintainer scripts are told not to start services
 # (policy-rc.d), because a host dockerd would rewrite this machine's own firewall and bridges. The
 # tests start their own daemons inside network namespaces they create.
+#
+# It builds only what scripts/demo.sh runs; scripts/test.sh builds the rest of the workspace.
 set -euo pipefail
 
 PILOT_OPT=${PILOT_OPT:-/opt/pilot-agent}
@@ -110,7 +112,10 @@ if ! cargo deb --version >/dev/null 2>&1; then
   log "installing cargo-deb"
   cargo install --locked --quiet cargo-deb
 fi
-log "building the workspace into $CARGO_TARGET_DIR"
+# Only what the demo runs (scripts/demo.sh): the agent, the Waypoint stand-in and the demo
+# driver. pilot-image and its AWS SDK, the largest part of the workspace to compile, are
+# built by scripts/test.sh (or `cargo build --release -p pilot-image`) when they are needed.
+log "building the demo (agent, Waypoint stand-in, demo driver) into $CARGO_TARGET_DIR"
 mkdir -p "$CARGO_TARGET_DIR"
-(cd "$REPO" && cargo build --release --workspace --quiet)
+(cd "$REPO" && bash scripts/demo.sh --build-only)
 log "done"

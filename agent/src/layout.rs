@@ -9,10 +9,10 @@
 //!   identity.json                    the last identity the metadata service gave (0644)
 //!   pki/                             0700, see PkiLayout
 //!     ca/ca.pem, ca/ca-key.pem       the agent's CA (key 0600)
-//!     server/{ca,cert,key}.pem       dockerd's server certificate (docker CLI layout)
+//!     server/{ca,cert,key}.pem       the server certificate of dockerd and of the HTTPS endpoint
+//!                                    (docker CLI layout; keys 0600)
 //!     runner/{ca,cert,key}.pem       the runners' client certificate, mounted read-only
 //!     operator/{ca,cert,key}.pem     the operators' client certificate
-//!     endpoint/{ca,cert,key}.pem     the HTTPS endpoint's server certificate
 //!   database/                        0700
 //!     password                       the application role's password (0600)
 //!     password.pending               a rotation's new password until ALTER ROLE committed
@@ -162,7 +162,7 @@ impl PkiLayout {
     }
 
     /// The directory and files of the certificate called `name` (`server`, `runner`,
-    /// `operator`, `endpoint`).
+    /// `operator`).
     pub fn leaf(&self, name: &str) -> LeafPaths {
         let dir = self.root.join(name);
         LeafPaths {

@@ -195,16 +195,9 @@ pub(super) fn check_port(w: &mut Walker, at: &Node<'_>, config: &super::Config) 
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::config::tests::errors;
 
     const HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
-
-    fn errors(yaml: &str) -> Vec<String> {
-        Config::from_yaml(yaml)
-            .expect_err("configuration should be rejected")
-            .iter()
-            .map(|d| d.to_string())
-            .collect()
-    }
 
     #[test]
     fn absent_section_means_no_endpoint() {

@@ -368,4 +368,4 @@ fn lookup<'n, 'a>(root: &'n MarkedYaml<'a>, keys: &[&str]) -> Option<&'n MarkedY
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -3,7 +3,9 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 
-fn errors(yaml: &str) -> Vec<String> {
+/// The problems `yaml` is refused with, rendered (`LINE:COL: message`); the section tests
+/// share it.
+pub(crate) fn errors(yaml: &str) -> Vec<String> {
     Config::from_yaml(yaml)
         .expect_err("configuration should be rejected")
         .iter()
