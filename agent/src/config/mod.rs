@@ -9,6 +9,7 @@
 //! `config/<section>.rs` with the typed struct, its `Default` and a `read` function like
 //! [`docker::read`], add the key to [`TOP_LEVEL_KEYS`] and one line to [`Config::from_yaml`].
 
+pub mod bounds;
 pub mod cloud;
 pub mod database;
 pub mod docker;
@@ -156,6 +157,8 @@ impl Config {
     /// Checks a configuration given as YAML text; on failure returns every problem found,
     /// in file order.
     pub fn from_yaml(text: &str) -> Result<Config, Vec<Diagnostic>> {
+        // Before the parser, whose recursion a deeply nested file would overflow.
+        bounds::check(text).map_err(|d| vec![d])?;
         let mut w = Walker::default();
         let docs = match MarkedYaml::load_from_str(text) {
             Ok(docs) => docs,
