@@ -438,5 +438,3 @@ struct Tasks {
     step_of: HashMap<tokio::task::Id, usize>,
 }
 
-#[cfg(test)]
-mod tests;

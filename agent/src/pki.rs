@@ -576,6 +576,3 @@ pub fn parse_pem_cert(pem: &[u8]) -> Option<Vec<u8>> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(pem).ok()?;
     (pem.label == "CERTIFICATE").then_some(pem.contents)
 }
-
-#[cfg(test)]
-mod tests;

@@ -1,5 +1,6 @@
 //! Database provisioning against a real PostgreSQL 15 (a throwaway cluster per test, on
-//! 127.0.0.1; see support/pg.rs). Needs root: the cluster runs as the `postgres` user.
+//! 127.0.0.1: the harness's loopback `Postgres`, see support/pg.rs). Needs root: the cluster
+//! runs as the `postgres` user.
 
 mod support;
 
@@ -14,15 +15,15 @@ mod database {
     };
     use tokio_postgres::error::SqlState;
 
-    use crate::support::pg::{self, ClusterOptions, SUPERUSER, TestCluster};
+    use crate::support::pg::{self, PostgresOptions, SUPERUSER, TestCluster};
 
     const ROLE: &str = "pilot_app";
     const DB: &str = "pilot";
 
     fn settings(c: &TestCluster) -> DatabaseSettings {
-        let mut s = DatabaseSettings::new(c.host(), SUPERUSER);
+        let mut s = DatabaseSettings::new(pg::HOST, SUPERUSER);
         s.port = c.port();
-        s.admin_password = Some(Secret::new(c.superuser_password()));
+        s.admin_password = Some(Secret::new(c.password()));
         s.tls = TlsMode::Disable;
         s
     }
@@ -503,14 +504,14 @@ mod database {
             "{printed}"
         );
         assert!(!printed.contains("wrong-admin-password"), "{printed}");
-        assert!(!printed.contains(c.superuser_password()), "{printed}");
+        assert!(!printed.contains(c.password()), "{printed}");
         let stored = read_password(&st.secret).unwrap();
         assert!(!printed.contains(stored.expose()), "{printed}");
 
         // The admin password from a file (as written by `echo`: one trailing newline).
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("admin-password");
-        std::fs::write(&file, format!("{}\n", c.superuser_password())).unwrap();
+        std::fs::write(&file, format!("{}\n", c.password())).unwrap();
         s.admin_password = None;
         s.admin_password_file = Some(file.clone());
         let out = provision(&s, &st.secret, false).await.unwrap();
@@ -604,7 +605,7 @@ mod database {
     #[tokio::test]
     async fn tls_modes_against_a_tls_server() {
         let pki = test_pki();
-        let c = TestCluster::start_with(ClusterOptions {
+        let c = TestCluster::start_with(PostgresOptions {
             tls: Some((pki.server_cert_pem.clone(), pki.server_key_pem.clone())),
         })
         .unwrap();

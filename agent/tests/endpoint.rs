@@ -20,11 +20,11 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use pilot_agent::addresses::San;
 use pilot_agent::config::endpoint::{RateLimit, TokenSource};
 use pilot_agent::config::{Config, EndpointConfig, PkiConfig};
 use pilot_agent::database::DatabaseSettings;
 use pilot_agent::endpoint::{Endpoint, EndpointError, Telemetry};
-use pilot_agent::addresses::San;
 use pilot_agent::pki::{self, LeafSpec, PkiLayout, Policy};
 use pilot_agent::status_file::{Condition, RunStatus, Status, StepState};
 

@@ -1,6 +1,12 @@
-use std::sync::Mutex;
+//! The step engine: dependency order, concurrency, fail-open steps, timeouts and panics,
+//! rejected step graphs, and the status file written while it runs.
 
-use super::*;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pilot_agent::engine::{Engine, EngineError, Outcome, Step, StepError, exit_code};
+use pilot_agent::status_file::{Condition, RunStatus, Status, StepState};
 
 /// What the test steps share: a log of the order in which they ran.
 #[derive(Default)]

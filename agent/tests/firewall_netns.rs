@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-use super::*;
-use crate::config::Config;
+use pilot_agent::config::Config;
+use pilot_agent::firewall::{FirewallError, FirewallSpec, Nft, converge};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

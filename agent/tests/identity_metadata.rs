@@ -2,11 +2,14 @@
 //! which follows the IMDSv2 and GCE protocols: the requests are recorded, so the token flow,
 //! the headers and the retries are asserted, not assumed.
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use pilot_harness::metadata::{Flavor, Imds, MetadataOptions, MetadataServer, absent_url, count};
 
-use super::*;
+use pilot_agent::config::CloudConfig;
+use pilot_agent::config::cloud::ProviderSetting;
+use pilot_agent::identity::{Provider, Severity, host_resolution, resolve, resolve_for_state};
 
 fn cloud(provider: ProviderSetting, url: &str) -> CloudConfig {
     CloudConfig {

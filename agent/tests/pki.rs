@@ -1,12 +1,25 @@
+//! The CA and the certificates on a temporary directory: issue, keep, renew, heal, modes,
+//! and a mutual-TLS handshake with the result.
+
+use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use pilot_agent::addresses::San;
+use pilot_agent::config::PkiConfig;
+use pilot_agent::pki::{
+    CLIENTS, CertAction, LeafSpec, PkiError, PkiLayout, PkiReport, Policy, Reason, SERVER,
+    cert_sans, ensure, parse_pem_cert,
+};
+use rcgen::{KeyPair, PublicKeyData};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use time::{Duration, OffsetDateTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use super::*;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
 
 struct Fixture {
     _dir: tempfile::TempDir,

@@ -13,13 +13,16 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
-use super::*;
-use crate::config::endpoint::{RateLimit, TokenHash, TokenSource};
-use crate::config::{Config, EndpointConfig, PkiConfig, WaypointConfig};
-use crate::endpoint::{Endpoint, Telemetry};
-use crate::addresses::San;
-use crate::pki::{self, LeafSpec, PkiLayout, Policy};
-use crate::waypoint::WaypointPlan;
+use pilot_agent::addresses::San;
+use pilot_agent::config::endpoint::{RateLimit, TokenHash, TokenSource};
+use pilot_agent::config::{Config, EndpointConfig, PkiConfig, WaypointConfig};
+use pilot_agent::endpoint::{Endpoint, Telemetry};
+use pilot_agent::pki::{self, LeafSpec, PkiLayout, Policy};
+use pilot_agent::remote::{
+    DEFAULT_PORT, Fingerprint, FingerprintError, RemoteError, ServerEndpoint, fetch_credentials,
+};
+use pilot_agent::waypoint::WaypointPlan;
+use pilot_values::Secret;
 
 const TOKEN: &str = "tok-remote-0123456789-very-secret";
 const WAYPOINT_TOKEN: &str = "wp-bootstrap-9876543210-very-secret";
@@ -275,7 +278,7 @@ async fn leaf_only_chain_is_a_pin_error() {
         .unwrap()
         .unwrap();
     let key = PrivateKeyDer::from_pem_file(&paths.key).unwrap();
-    let cfg = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+    let cfg = rustls::ServerConfig::builder_with_provider(pilot_agent::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
@@ -443,44 +446,6 @@ fn server_endpoint_parses() {
     assert_eq!(v6.to_string(), "[2001:db8::1]:9443");
     let v4: ServerEndpoint = "10.0.0.5".parse().unwrap();
     assert_eq!(v4.to_string(), "10.0.0.5:8443");
-}
-
-#[test]
-fn answers_are_checked() {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let ca = rcgen::CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let pin = Fingerprint::of_der(ca.der());
-    let parse = |v: serde_json::Value| parse_credentials("h:1", &pin, v);
-    let full = json!({
-        "waypoint": {"address": "w:9701", "token": WAYPOINT_TOKEN, "tls_skip_verify": false},
-        "database": {"host": "db", "port": 5432, "name": "pilot", "user": "u", "password": "pw"},
-        "ca_pem": ca.pem(), "missing": [],
-    });
-    let c = parse(full.clone()).unwrap();
-    assert!(!c.waypoint_tls_skip_verify);
-    assert!(c.raw["waypoint"].get("token").is_none());
-    assert!(c.raw["database"].get("password").is_none());
-    assert_eq!(c.raw["database"]["user"], json!("u"));
-
-    let e = parse(json!({"waypoint": null, "ca_pem": null})).unwrap_err();
-    assert!(
-        matches!(&e, RemoteError::NotReady { missing } if missing == &["waypoint", "ca_pem"]),
-        "{e:?}"
-    );
-    assert!(e.to_string().contains("lack waypoint, ca_pem"), "{e}");
-    let mut v = full.clone();
-    v["waypoint"]["token"] = json!(42);
-    assert!(matches!(parse(v), Err(RemoteError::BadResponse { .. })));
-    let mut v = full.clone();
-    v["ca_pem"] = json!("garbage");
-    assert!(matches!(parse(v), Err(RemoteError::BadResponse { .. })));
-    assert!(matches!(
-        parse(json!([1, 2])),
-        Err(RemoteError::BadResponse { .. })
-    ));
 }
 
 #[tokio::test]

@@ -186,6 +186,3 @@ pub async fn converge(spec: &FirewallSpec, nft: &Nft) -> Result<FirewallReport, 
     );
     Ok(report(true))
 }
-
-#[cfg(test)]
-mod netns_tests;

@@ -467,6 +467,3 @@ fn dns_value(provider: Provider, url: &str, value: String) -> Result<String, Pro
         })
     }
 }
-
-#[cfg(test)]
-mod tests;

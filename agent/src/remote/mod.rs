@@ -473,3 +473,53 @@ fn parse_credentials(
         raw: value,
     })
 }
+
+/// The answer's checks; the client's tests against a real endpoint are in
+/// `agent/tests/remote.rs`.
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::Fingerprint;
+    use super::{RemoteError, parse_credentials};
+
+    const WAYPOINT_TOKEN: &str = "wp-bootstrap-9876543210-very-secret";
+
+    #[test]
+    fn answers_are_checked() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let pin = Fingerprint::of_der(ca.der());
+        let parse = |v: serde_json::Value| parse_credentials("h:1", &pin, v);
+        let full = json!({
+            "waypoint": {"address": "w:9701", "token": WAYPOINT_TOKEN, "tls_skip_verify": false},
+            "database": {"host": "db", "port": 5432, "name": "pilot", "user": "u", "password": "pw"},
+            "ca_pem": ca.pem(), "missing": [],
+        });
+        let c = parse(full.clone()).unwrap();
+        assert!(!c.waypoint_tls_skip_verify);
+        assert!(c.raw["waypoint"].get("token").is_none());
+        assert!(c.raw["database"].get("password").is_none());
+        assert_eq!(c.raw["database"]["user"], json!("u"));
+
+        let e = parse(json!({"waypoint": null, "ca_pem": null})).unwrap_err();
+        assert!(
+            matches!(&e, RemoteError::NotReady { missing } if missing == &["waypoint", "ca_pem"]),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("lack waypoint, ca_pem"), "{e}");
+        let mut v = full.clone();
+        v["waypoint"]["token"] = json!(42);
+        assert!(matches!(parse(v), Err(RemoteError::BadResponse { .. })));
+        let mut v = full.clone();
+        v["ca_pem"] = json!("garbage");
+        assert!(matches!(parse(v), Err(RemoteError::BadResponse { .. })));
+        assert!(matches!(
+            parse(json!([1, 2])),
+            Err(RemoteError::BadResponse { .. })
+        ));
+    }
+}
