@@ -8,22 +8,26 @@
 //!   [`Vm::outside_alias`] gives the outside namespace more source addresses, and
 //!   [`Vm::serve_metadata`] serves the cloud metadata server at 169.254.169.254 inside a VM.
 //! - [`Postgres`]: PostgreSQL 15 on its own database host namespace linked to a VM, with
-//!   [`Postgres::cut_link`] / [`Postgres::restore_link`] to simulate an outage.
+//!   [`Postgres::cut_link`] / [`Postgres::restore_link`] to simulate an outage, or on 127.0.0.1
+//!   ([`Postgres::start_loopback`], the agent's database tests); TLS on request.
 //! - [`Moto`]: the EC2 API (moto) on 127.0.0.1.
 //! - [`metadata`]: an AWS IMDS / GCE metadata server (loopback or inside a test's namespace).
 //! - [`leftovers`]: what harness objects left behind (namespaces, links, mounts, cgroups,
 //!   processes, directories); suites assert it is empty after dropping everything.
+//! - [`clean`]: the `harness-clean` program (`scripts/harness-clean`), which removes what
+//!   killed test runs left behind.
 //! - [`standin`]: packaging of the Waypoint STAND-IN binary as a container image.
 //! - [`Sshd`]: a real OpenSSH server inside a VM (own config, host key and client key), for an
 //!   operator's `ssh root@VM ...` from the outside namespace.
 //!
 //! Every object removes what it made when dropped (also while a test panics). What a killed
 //! test process leaves behind is recorded under `/run/pilot-harness/<name>/` and removed by
-//! `scripts/harness-clean`. Everything needs root: without it the harness fails loudly, it never
+//! `scripts/harness-clean` ([`clean`]). Everything needs root: without it the harness fails loudly, it never
 //! skips. Facts this is built on (and traps avoided) are in `/work/shared/HARNESS.md`: dockerd
 //! is entered with `nsenter`, not `ip netns exec`; each dockerd has its own cgroup-parent and
 //! bip; stopped dockerds leave bind mounts that must be unmounted.
 
+pub mod clean;
 pub mod leftovers;
 pub mod metadata;
 pub mod moto;
@@ -34,15 +38,16 @@ pub mod standin;
 mod sys;
 pub mod vm;
 
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 pub use leftovers::{all_leftovers, leftovers};
 pub use moto::Moto;
-pub use postgres::Postgres;
+pub use postgres::{Postgres, PostgresOptions};
 pub use sshd::{Sshd, SshdOptions};
 pub use vm::{METADATA_ADDR, Vm, VmLink, VmOptions};
 
@@ -75,8 +80,7 @@ pub fn require_root() -> Result<()> {
 }
 
 fn check_root() -> std::result::Result<(), String> {
-    // SAFETY: geteuid(2) cannot fail and touches no memory.
-    let euid = unsafe { libc::geteuid() };
+    let euid = sys::euid();
     if euid != 0 {
         return Err(format!(
             "the end-to-end harness needs root (network namespaces, dockerd, cgroups); running \
@@ -139,4 +143,14 @@ pub fn target_bin(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(p)
+}
+
+/// A port on 127.0.0.1 that nothing listens on right now: bound to port 0, noted, let go.
+/// Another process can take it before the caller binds it; callers that must not fail then
+/// retry with another one.
+pub fn free_loopback_port() -> Result<u16> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .context("cannot find a free port on 127.0.0.1")
 }

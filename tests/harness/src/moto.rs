@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,10 +39,7 @@ impl Moto {
         let t0 = Instant::now();
         // A free port: bind port 0, note it, let it go. Another process could take it in
         // between; moto then fails to bind and start() reports it.
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .context("cannot find a free port")?
-            .port();
+        let port = crate::free_loopback_port()?;
         let name = format!("pvm{port}");
         let dir = names::claim_dir(&name)?;
         let mut moto = Moto {

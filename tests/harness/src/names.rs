@@ -2,10 +2,11 @@
 //!
 //! Every object the harness makes is named after its owner's *harness name*: `pv<N>` for a
 //! simulated VM (slot N), `pv<N>-o` for its outside namespace, `pv<N>-db` for its database host,
-//! `pvm<PORT>` for a moto server. Network namespaces, veths, cgroups (`pilot-harness-<name>`),
-//! directories (`/run/pilot-harness/<name>/`) and an environment marker on every process
-//! (`PILOT_HARNESS_OWNER=<name>`) all carry it, so [`crate::leftovers`] and
-//! `scripts/harness-clean` can find them and touch nothing else.
+//! `pvm<PORT>` for a moto server, `pvp<PORT>` for a PostgreSQL on 127.0.0.1. Network namespaces,
+//! veths, cgroups (`pilot-harness-<name>`), directories (`/run/pilot-harness/<name>/`) and an
+//! environment marker on every process (`PILOT_HARNESS_OWNER=<name>`) all carry it, so
+//! [`crate::leftovers`] and `harness-clean` ([`crate::clean`]) can find them and touch nothing
+//! else.
 //!
 //! Slots are claimed by creating `/run/pilot-harness/pv<N>` with mkdir(2), which is atomic
 //! across threads and processes; the directory is removed last on clean-up, so a slot is free
@@ -38,10 +39,18 @@ pub(crate) const SLOTS: u32 = 128;
 pub fn is_harness_name(s: &str) -> bool {
     let rest = s
         .strip_prefix("pvm")
+        .or_else(|| s.strip_prefix("pvp"))
         .or_else(|| s.strip_prefix("pv"))
         .unwrap_or("");
     rest.starts_with(|c: char| c.is_ascii_digit())
         && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Whether harness name `s` is a PostgreSQL's: a VM's database host (`pv<N>-db`) or a loopback
+/// cluster (`pvp<PORT>`). Their processes stop on SIGQUIT (immediate shutdown); the auxiliary
+/// ones ignore SIGTERM.
+pub fn is_postgres_name(s: &str) -> bool {
+    is_harness_name(s) && (s.ends_with("-db") || s.starts_with("pvp"))
 }
 
 /// Whether `candidate` is `name` or derived from it (`name-…`).
@@ -177,6 +186,28 @@ pub(crate) struct Record {
     path: PathBuf,
 }
 
+/// One line of a record, as [`Record::read`] parses it. Lines naming a namespace, cgroup or
+/// link are not needed to find those (they carry the owner's name): they read as `Other`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RecordEntry {
+    /// The test process that made the object; `None` fields when the line is malformed.
+    Owner {
+        pid: Option<u32>,
+        start_ticks: Option<u64>,
+    },
+    /// A process to signal only while its command line contains `marker`.
+    Pid {
+        pid: u32,
+        marker: String,
+    },
+    /// The same, its PID read from `path` when needed.
+    Pidfile {
+        path: PathBuf,
+        marker: String,
+    },
+    Other,
+}
+
 impl Record {
     /// Starts the record in `dir`, naming this process as the owner.
     pub fn create(dir: &Path) -> Result<Record> {
@@ -198,6 +229,43 @@ impl Record {
             .with_context(|| format!("cannot open {}", self.path.display()))?;
         writeln!(f, "{line}").with_context(|| format!("cannot write {}", self.path.display()))
     }
+
+    /// The entries of the record in `dir` (empty when there is none or it is unreadable).
+    pub fn read(dir: &Path) -> Vec<RecordEntry> {
+        fs::read_to_string(dir.join("record"))
+            .map(|text| text.lines().filter_map(parse_record_line).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Parses one record line (`KIND A REST`, fields separated by runs of blanks; REST, the marker,
+/// may hold blanks itself). `None` for a blank line or a PID line whose PID is no number.
+fn parse_record_line(line: &str) -> Option<RecordEntry> {
+    let split = |s: &str| -> (String, String) {
+        let s = s.trim();
+        match s.split_once(char::is_whitespace) {
+            Some((a, b)) => (a.to_string(), b.trim().to_string()),
+            None => (s.to_string(), String::new()),
+        }
+    };
+    let (kind, rest) = split(line);
+    let (a, b) = split(&rest);
+    Some(match kind.as_str() {
+        "" => return None,
+        "owner" => RecordEntry::Owner {
+            pid: a.parse().ok(),
+            start_ticks: split(&b).0.parse().ok(),
+        },
+        "pid" => RecordEntry::Pid {
+            pid: a.parse().ok()?,
+            marker: b,
+        },
+        "pidfile" => RecordEntry::Pidfile {
+            path: PathBuf::from(a),
+            marker: b,
+        },
+        _ => RecordEntry::Other,
+    })
 }
 
 #[cfg(test)]
@@ -206,12 +274,58 @@ mod tests {
 
     #[test]
     fn harness_names() {
-        for ok in ["pv0", "pv12", "pv12-o", "pv12-db", "pv3-uts", "pvm41234"] {
+        for ok in [
+            "pv0", "pv12", "pv12-o", "pv12-db", "pv3-uts", "pvm41234", "pvp41234",
+        ] {
             assert!(is_harness_name(ok), "{ok}");
         }
-        for bad in ["pv", "pvx", "eth0", "pvm", "p3", "pv3/x", ""] {
+        for bad in [
+            "pv", "pvx", "eth0", "pvm", "pvp", "pvpx1", "p3", "pv3/x", "",
+        ] {
             assert!(!is_harness_name(bad), "{bad}");
         }
+        for pg in ["pv3-db", "pvp5432"] {
+            assert!(is_postgres_name(pg), "{pg}");
+        }
+        for other in ["pv3", "pvm5432", "pv3-o", "db"] {
+            assert!(!is_postgres_name(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn record_lines_parse_like_the_harness_writes_them() {
+        let parse = |l: &str| parse_record_line(l);
+        assert_eq!(
+            parse("owner 42 123456"),
+            Some(RecordEntry::Owner {
+                pid: Some(42),
+                start_ticks: Some(123456)
+            })
+        );
+        assert_eq!(
+            parse("owner x"),
+            Some(RecordEntry::Owner {
+                pid: None,
+                start_ticks: None
+            })
+        );
+        assert_eq!(
+            parse("pid 7  socat TCP-LISTEN:2375,fork UNIX-CONNECT:/x "),
+            Some(RecordEntry::Pid {
+                pid: 7,
+                marker: "socat TCP-LISTEN:2375,fork UNIX-CONNECT:/x".into()
+            })
+        );
+        assert_eq!(
+            parse("pidfile /run/pilot-harness/pv3/dockerd.pid --config-file /a b"),
+            Some(RecordEntry::Pidfile {
+                path: "/run/pilot-harness/pv3/dockerd.pid".into(),
+                marker: "--config-file /a b".into()
+            })
+        );
+        assert_eq!(parse("pid x marker"), None);
+        assert_eq!(parse("netns pv3"), Some(RecordEntry::Other));
+        assert_eq!(parse("   "), None);
     }
 
     #[test]

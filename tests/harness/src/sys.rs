@@ -93,8 +93,58 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("cannot rename {} into place", tmp.display()))
 }
 
+/// Removes `path` and everything below it, like `rm -rf --one-file-system`: a directory on
+/// another file system than `path` (a mount that appeared below it) is left alone, and so are
+/// the directories above it. Goes on after an error; returns the first one.
+pub(crate) fn remove_tree_one_fs(path: &Path) -> io::Result<()> {
+    let dev = fs::symlink_metadata(path)?.dev();
+    let mut first_error = None;
+    remove_entry(path, dev, &mut first_error);
+    first_error.map_or(Ok(()), Err)
+}
+
+fn remove_entry(path: &Path, dev: u64, first_error: &mut Option<io::Error>) {
+    let mut keep = |e: io::Error| {
+        let e = io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        first_error.get_or_insert(e);
+    };
+    let md = match fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => return keep(e),
+    };
+    if !md.is_dir() {
+        if let Err(e) = fs::remove_file(path) {
+            keep(e);
+        }
+        return;
+    }
+    if md.dev() != dev {
+        return keep(io::Error::other("on another file system, skipped"));
+    }
+    match fs::read_dir(path) {
+        Ok(rd) => {
+            for e in rd.flatten() {
+                remove_entry(&e.path(), dev, first_error);
+            }
+        }
+        Err(e) => {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Err(e) = fs::remove_dir(path) {
+        first_error.get_or_insert(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Processes
+
+/// The effective user id of this process.
+pub(crate) fn euid() -> u32 {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
 
 /// The command line of a process with NULs turned into spaces; `None` when it is gone.
 pub(crate) fn cmdline(pid: u32) -> Option<String> {
@@ -305,7 +355,8 @@ pub(crate) fn unmount_all_under(dir: &Path) -> Result<()> {
     }
 }
 
-fn umount(path: &Path) {
+/// Unmounts `path` (its topmost mount), detaching it lazily when it is busy.
+pub(crate) fn umount(path: &Path) {
     let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
         return;
     };
@@ -355,6 +406,21 @@ fn walk_cgroups(dir: &Path, depth: usize, wanted: &dyn Fn(&str) -> bool, out: &m
     }
 }
 
+/// One bottom-up pass of rmdir over a cgroup directory and its descendants (`find DIR -depth
+/// -type d -exec rmdir`), errors ignored: the kernel refuses while tasks (even exiting ones)
+/// are counted in it, so callers retry. Returns whether `dir` is gone.
+pub(crate) fn rmdir_tree(dir: &Path) -> bool {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                rmdir_tree(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+    !dir.exists()
+}
+
 /// Every process in a cgroup directory and its descendants.
 pub(crate) fn cgroup_procs(dir: &Path) -> Vec<u32> {
     let mut pids = Vec::new();
@@ -397,6 +463,21 @@ pub(crate) fn remove_cgroup_tree(dir: &Path, timeout: Duration) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tree_removal_removes_files_directories_and_symlinks_not_their_targets() {
+        let outside =
+            std::env::temp_dir().join(format!("pilot-harness-sys-{}", std::process::id()));
+        let root = outside.join("tree");
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        fs::write(root.join("a/b/f"), "x").unwrap();
+        fs::write(outside.join("target"), "kept").unwrap();
+        std::os::unix::fs::symlink(outside.join("target"), root.join("a/link")).unwrap();
+        remove_tree_one_fs(&root).unwrap();
+        assert!(!root.exists());
+        assert_eq!(fs::read_to_string(outside.join("target")).unwrap(), "kept");
+        fs::remove_dir_all(&outside).unwrap();
+    }
 
     #[test]
     fn mountinfo_escapes_are_undone() {
