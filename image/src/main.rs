@@ -1,17 +1,30 @@
 //! The `pilot-image` binary: parses the command line and dispatches to the library.
+//!
+//! Results go to stdout (the AMI id, a plan, a build summary, rendered user-data); progress and
+//! errors are `tracing` events, written to stderr one line each by [`Human`]: `pilot-image:
+//! MESSAGE`, or `pilot-image COMMAND: MESSAGE` for the events that carry a `command` field.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use pilot_image::aws::{self, AwsBuildArgs, AwsCleanupArgs, AwsError};
+use pilot_image::aws::{self, AwsBuildArgs, AwsCleanupArgs};
 use pilot_image::cli::{Cli, Command, LocalArgs, Target};
 use pilot_image::local::{self, Definition, LocalError, Plan};
 use pilot_image::userdata::{self, UserDataError, UserDataInput};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber, error};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    report_to_stderr();
     match cli.command {
         Command::UserData {
             from,
@@ -20,7 +33,7 @@ fn main() -> ExitCode {
         } => match user_data(from, input, output) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("pilot-image user-data: {e}");
+                error!(command = "user-data", "{e}");
                 ExitCode::from(1)
             }
         },
@@ -40,7 +53,7 @@ fn main() -> ExitCode {
         } => match build_local(file, dry_run, &local) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("pilot-image build: {e}");
+                error!(command = "build", "{e}");
                 ExitCode::from(1)
             }
         },
@@ -75,15 +88,14 @@ fn user_data(
 /// can always run `cleanup --build-id`; the AMI id alone goes to stdout. Exit 2 when the flags
 /// are refused (nothing was created), 130 when cancelled by a signal (like a shell), 1 on any
 /// other failure (after the clean-up).
+#[cfg(feature = "aws")]
 fn aws_build(args: AwsBuildArgs, dry_run: bool) -> ExitCode {
     let build_id = args.build_id.clone().unwrap_or_else(aws::new_build_id);
-    eprintln!(
-        "pilot-image: build id {build_id} (leftovers: pilot-image cleanup --build-id {build_id})"
-    );
+    tracing::info!("build id {build_id} (leftovers: pilot-image cleanup --build-id {build_id})");
     let plan = match aws::build::Plan::new(args, build_id) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("pilot-image build: {e}");
+            error!(command = "build", "{e}");
             return ExitCode::from(2);
         }
     };
@@ -96,25 +108,43 @@ fn aws_build(args: AwsBuildArgs, dry_run: bool) -> ExitCode {
             println!("{}", built.image_id);
             ExitCode::SUCCESS
         }
-        Err(AwsError::Cancelled) => {
-            eprintln!("pilot-image build: cancelled; everything of the build was removed");
+        Err(aws::AwsError::Cancelled) => {
+            error!(
+                command = "build",
+                "cancelled; everything of the build was removed"
+            );
             ExitCode::from(130)
         }
         Err(e) => {
-            eprintln!("pilot-image build: {e}");
+            error!(command = "build", "{e}");
             ExitCode::from(1)
         }
     }
 }
 
+#[cfg(feature = "aws")]
 fn aws_cleanup(build_id: &str, args: &AwsCleanupArgs) -> ExitCode {
     match aws::cleanup_blocking(build_id, args) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("pilot-image cleanup: {e}");
+            error!(command = "cleanup", "{e}");
             ExitCode::from(1)
         }
     }
+}
+
+/// Without the `aws` feature: refused like a bad flag (exit 2), before anything is made.
+#[cfg(not(feature = "aws"))]
+fn aws_build(_args: AwsBuildArgs, _dry_run: bool) -> ExitCode {
+    error!(command = "build", "{}", aws::NO_AWS_SUPPORT);
+    ExitCode::from(2)
+}
+
+/// Without the `aws` feature: a failed clean-up (exit 1, its only failure code).
+#[cfg(not(feature = "aws"))]
+fn aws_cleanup(_build_id: &str, _args: &AwsCleanupArgs) -> ExitCode {
+    error!(command = "cleanup", "{}", aws::NO_AWS_SUPPORT);
+    ExitCode::from(1)
 }
 
 /// `build --target local`: the plan (printed with --dry-run), else the build and its summary.
@@ -146,4 +176,70 @@ fn build_local(file: Option<PathBuf>, dry_run: bool, args: &LocalArgs) -> Result
         );
     }
     Ok(())
+}
+
+/// Installs the one reporter: this crate's events (the library's progress and this file's
+/// errors) at INFO and above, as [`Human`] lines on stderr. Other crates' events (the AWS SDK
+/// logs through `tracing` too) are not shown.
+fn report_to_stderr() {
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .event_format(Human);
+    // Fails only if a subscriber is already set, and then that one reports.
+    let _ = tracing_subscriber::registry()
+        .with(layer)
+        .with(Targets::new().with_target("pilot_image", Level::INFO))
+        .try_init();
+}
+
+/// One event, one line: `pilot-image: MESSAGE`, or `pilot-image COMMAND: MESSAGE` when the
+/// event has a `command` field; any other field follows as ` NAME=VALUE`. No level, time or
+/// target: the lines read as they always have, and tests and operators match them.
+struct Human;
+
+impl<S, N> FormatEvent<S, N> for Human
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let mut fields = HumanFields::default();
+        event.record(&mut fields);
+        match &fields.command {
+            Some(command) => write!(writer, "pilot-image {command}: ")?,
+            None => write!(writer, "pilot-image: ")?,
+        }
+        writeln!(writer, "{}{}", fields.message, fields.rest)
+    }
+}
+
+#[derive(Default)]
+struct HumanFields {
+    message: String,
+    command: Option<String>,
+    rest: String,
+}
+
+impl Visit for HumanFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "message" => self.message = value.to_owned(),
+            "command" => self.command = Some(value.to_owned()),
+            name => self.rest.push_str(&format!(" {name}={value}")),
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            // The message's Debug is its text (format_args!).
+            "message" => self.message = format!("{value:?}"),
+            "command" => self.command = Some(format!("{value:?}")),
+            name => self.rest.push_str(&format!(" {name}={value:?}")),
+        }
+    }
 }

@@ -7,6 +7,8 @@
 //! power itself off. Its built-in images all share one CreationDate; the source is an Ubuntu
 //! image that moto ships (the newest-by-date choice is unit-tested in src/aws/build.rs).
 //! Without moto (scripts/setup.sh makes its venv) these tests fail; they never skip.
+//! Built only with the crate's `aws` feature (the default): without it there is no AWS target.
+#![cfg(feature = "aws")]
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};

@@ -101,9 +101,34 @@ impl fmt::Debug for Fingerprint {
     }
 }
 
+/// Parses a SHA-256 written as 64 hex digits (either case), surrounding whitespace ignored:
+/// the endpoint token's hash (`endpoint.token_sha256`, its file).
+pub fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, slot) in out.iter_mut().enumerate() {
+        // Checked above: 64 ASCII hex digits, so every pair parses.
+        *slot = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sha256_hex() {
+        assert_eq!(
+            parse_sha256_hex(&format!(" {} ", "Ab".repeat(32))),
+            Some([0xab; 32])
+        );
+        assert_eq!(parse_sha256_hex(&"a".repeat(63)), None);
+        assert_eq!(parse_sha256_hex(&"g".repeat(64)), None);
+    }
 
     #[test]
     fn forms() {

@@ -17,6 +17,15 @@ pub fn is_dns_name(s: &str) -> bool {
         })
 }
 
+/// An IP address or a DNS name (`host.extra_names`, `database.host`).
+pub fn check_host(s: &str) -> Result<(), String> {
+    if s.parse::<IpAddr>().is_ok() || is_dns_name(s) {
+        Ok(())
+    } else {
+        Err(format!("expected a DNS name or an IP address, got \"{s}\""))
+    }
+}
+
 /// Parses `HOST`, `HOST:PORT`, `IPv6` or `[IPv6]:PORT`; HOST is an IP address or a DNS name.
 /// Without a port, `default_port` applies (none: the port is required). An unspecified
 /// address (0.0.0.0, ::) is refused: nobody can dial it.

@@ -25,6 +25,18 @@ pub fn pg_identifier(value: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a role name the agent logs in as (`database.admin_user`): 1 to 63 bytes, so
+/// PostgreSQL does not truncate it into another role's name, without control characters.
+/// Other spellings (upper case, `-`) are allowed: the admin role is often not the agent's.
+pub fn pg_role_name(value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > 63 || value.chars().any(char::is_control) {
+        return Err(format!(
+            "expected 1 to 63 bytes without control characters, got {value:?}"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -82,14 +82,15 @@ impl DatabaseSettings {
                 reason: reason.to_owned(),
             })
         };
-        if self.host.trim().is_empty() {
-            return invalid("host", "must not be empty");
+        // Also the name `verify-full` checks the server's certificate against.
+        if let Err(why) = pilot_values::check_host(&self.host) {
+            return invalid("host", &why);
         }
         if self.port == 0 {
             return invalid("port", "must be 1 to 65535");
         }
-        if self.admin_user.is_empty() {
-            return invalid("admin_user", "must not be empty");
+        if let Err(why) = pilot_values::pg_role_name(&self.admin_user) {
+            return invalid("admin_user", &why);
         }
         if self.admin_database.is_empty() {
             return invalid("admin_database", "must not be empty");

@@ -36,16 +36,7 @@ pub struct TokenHash([u8; 32]);
 impl TokenHash {
     /// Parses exactly 64 hex digits (either case), surrounding whitespace ignored.
     pub fn from_hex(s: &str) -> Option<TokenHash> {
-        let s = s.trim();
-        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, slot) in out.iter_mut().enumerate() {
-            // Checked above: 64 ASCII hex digits, so every pair parses.
-            *slot = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-        }
-        Some(TokenHash(out))
+        pilot_values::parse_sha256_hex(s).map(TokenHash)
     }
 
     pub fn as_bytes(&self) -> &[u8; 32] {

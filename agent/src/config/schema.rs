@@ -8,7 +8,7 @@
 //! the walk recorded nothing.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use ipnet::IpNet;
@@ -339,14 +339,12 @@ pub fn cidr(w: &mut Walker, node: &Node<'_>, path: &str) -> Option<IpNet> {
 /// A DNS name or an IP address, as it can appear in a certificate's subject alternative names.
 pub fn san_name(w: &mut Walker, node: &Node<'_>, path: &str) -> Option<String> {
     let s = string(w, node, path)?;
-    if s.parse::<IpAddr>().is_ok() || is_dns_name(&s) {
-        Some(s)
-    } else {
-        w.error(
-            node,
-            format!("{path}: expected a DNS name or an IP address, got \"{s}\""),
-        );
-        None
+    match pilot_values::check_host(&s) {
+        Ok(()) => Some(s),
+        Err(why) => {
+            w.error(node, format!("{path}: {why}"));
+            None
+        }
     }
 }
 

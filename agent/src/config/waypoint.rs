@@ -16,7 +16,7 @@ pub const DEFAULT_IMAGE: &str = "pilot/waypoint:0.11.4";
 /// Where the VM image bakes `docker save` tarballs of the images.
 pub const DEFAULT_IMAGES_DIR: &str = "/var/lib/pilot-agent/images";
 /// The most runners one host may run; more is a job for more VMs (runner-only role).
-pub const MAX_RUNNERS: i64 = 32;
+pub const MAX_RUNNERS: i64 = pilot_values::MAX_RUNNERS as i64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WaypointConfig {

@@ -19,12 +19,17 @@ use aws_sdk_ec2::types::{
     InstanceStateName, InstanceType, KeyType, ResourceType, ShutdownBehavior,
 };
 use base64::Engine as _;
+use tracing::{info, warn};
 
 use super::args::AwsBuildArgs;
 use super::cancel::Cancel;
+use super::ec2::{
+    self, Deadline, Ec2, describe_image, describe_instance, filter, image_snapshots, runtime, secs,
+    tag_spec, tags,
+};
 use super::error::{AwsError, Result, api};
+use super::id::check_build_id;
 use super::reap::{self, Known};
-use super::{Deadline, Ec2, filter, secs, tag_spec, tags};
 use crate::userdata::{self, Flavour, USER_DATA_LIMIT, UserDataInput};
 
 /// The steps, in order; `PILOT_IMAGE_FAIL_AFTER` and `PILOT_IMAGE_TEST_HOLD` name one of them.
@@ -85,7 +90,7 @@ pub struct Plan {
 impl Plan {
     /// Validates the flags and renders the user-data; `build_id` is the one to use.
     pub fn new(args: AwsBuildArgs, build_id: String) -> Result<Plan> {
-        super::check_build_id(&build_id)?;
+        check_build_id(&build_id)?;
         let fail_after = step_name("PILOT_IMAGE_FAIL_AFTER", args.fail_after.as_deref())?;
         let hold = step_name("PILOT_IMAGE_TEST_HOLD", args.test_hold.as_deref())?;
         let user_data = match (&args.user_data_file, &args.agent_deb_url) {
@@ -246,7 +251,8 @@ impl Ledger {
     }
 }
 
-/// Progress lines on stderr: `[ 3/11] security-group ...` then `... done in 0.05 s: sg-1`.
+/// Progress events (lines on stderr): `[ 3/11] security-group ...` then
+/// `... done in 0.05 s: sg-1`.
 struct Progress {
     index: usize,
     started: Instant,
@@ -258,13 +264,13 @@ impl Progress {
         cancel.check()?;
         self.index = STEPS.iter().position(|s| *s == step).map_or(0, |i| i + 1);
         self.started = Instant::now();
-        eprintln!("pilot-image: [{:2}/{}] {step} ...", self.index, STEPS.len());
+        info!("[{:2}/{}] {step} ...", self.index, STEPS.len());
         Ok(())
     }
 
     fn done(&self, step: &'static str, detail: &str) -> Result<()> {
-        eprintln!(
-            "pilot-image: [{:2}/{}] {step} done in {}: {detail}",
+        info!(
+            "[{:2}/{}] {step} done in {}: {detail}",
             self.index,
             STEPS.len(),
             secs(self.started.elapsed())
@@ -278,7 +284,7 @@ impl Progress {
 
 /// Runs a whole build on its own runtime: signals cancel it; any failure cleans up.
 pub fn build_blocking(plan: Plan) -> Result<Built> {
-    let rt = super::runtime().map_err(|e| AwsError::Invalid {
+    let rt = runtime().map_err(|e| AwsError::Invalid {
         flag: "--target",
         reason: format!("cannot start the async runtime: {e}"),
     })?;
@@ -299,7 +305,15 @@ async fn run(plan: Plan) -> Result<Built> {
         started: t0,
         fail_after: plan.fail_after,
     };
-    match steps(&ec2, &plan, &cancel, &mut ledger, &mut progress).await {
+    let steps = Steps {
+        ec2: &ec2,
+        plan: &plan,
+        cancel: &cancel,
+        ledger: &mut ledger,
+        progress: &mut progress,
+        builder_name: format!("pilot-image builder {}", plan.build_id),
+    };
+    match steps.run().await {
         Ok(image_id) => {
             let built = Built {
                 build_id: plan.build_id.clone(),
@@ -307,8 +321,8 @@ async fn run(plan: Plan) -> Result<Built> {
                 snapshots: ledger.snapshots.iter().cloned().collect(),
                 duration: t0.elapsed(),
             };
-            eprintln!(
-                "pilot-image: built {} ({}) in {}",
+            info!(
+                "built {} ({}) in {}",
                 built.image_id,
                 plan.ami_name,
                 secs(built.duration)
@@ -316,11 +330,8 @@ async fn run(plan: Plan) -> Result<Built> {
             Ok(built)
         }
         Err(cause) => {
-            eprintln!("pilot-image: build {} failed: {cause}", plan.build_id);
-            eprintln!(
-                "pilot-image: removing everything of build {}",
-                plan.build_id
-            );
+            warn!("build {} failed: {cause}", plan.build_id);
+            info!("removing everything of build {}", plan.build_id);
             let timeout = Duration::from_secs(plan.args.cleanup_timeout);
             match reap::reap(&ec2, &plan.build_id, ledger.known(), timeout).await {
                 Ok(_) => Err(cause),
@@ -334,243 +345,357 @@ async fn run(plan: Plan) -> Result<Built> {
     }
 }
 
-async fn steps(
-    ec2: &Ec2,
-    plan: &Plan,
-    cancel: &Cancel,
-    ledger: &mut Ledger,
-    p: &mut Progress,
-) -> Result<String> {
-    let a = &plan.args;
-    let id = plan.build_id.as_str();
-    let c = &ec2.client;
-    let builder_name = format!("pilot-image builder {id}");
+/// One build's steps ([`STEPS`]), run in order by [`Steps::run`]. Each step records what it
+/// created in the ledger before it reports itself done, so that a failure (or one injected
+/// after the step) removes it.
+struct Steps<'a> {
+    ec2: &'a Ec2,
+    plan: &'a Plan,
+    cancel: &'a Cancel,
+    ledger: &'a mut Ledger,
+    progress: &'a mut Progress,
+    /// The Name tag of the builder's key pair, security group, instance and volumes.
+    builder_name: String,
+}
 
-    p.start(cancel, "source-ami")?;
-    let source = find_source(ec2, &a.source_owner, &a.source_name, &a.source_arch).await?;
-    let source_id = source.image_id().unwrap_or_default().to_owned();
-    p.done(
-        "source-ami",
-        &format!(
-            "{source_id} {} ({})",
-            source.name().unwrap_or("?"),
-            source.creation_date().unwrap_or("?")
-        ),
-    )?;
+impl Steps<'_> {
+    /// The steps in order; the AMI id once all are done.
+    async fn run(mut self) -> Result<String> {
+        let source_id = self.source_ami().await?;
+        let key_name = self.key_pair().await?;
+        let sg_id = self.security_group().await?;
+        let instance_id = self.run_instance(&source_id, &key_name, &sg_id).await?;
+        self.wait_running(&instance_id).await?;
+        self.wait_stopped(&instance_id).await?;
+        let image_id = self.create_image(&instance_id, &source_id).await?;
+        self.wait_image(&image_id).await?;
+        self.terminate(&instance_id).await?;
+        self.delete_key_pair(&key_name).await?;
+        self.delete_security_group(&sg_id).await?;
+        self.delete_leftover_volumes().await?;
+        Ok(image_id)
+    }
 
-    // The builder needs no SSH: the key pair only lets an operator log in to debug a builder
-    // that does not finish; its private key is not kept.
-    p.start(cancel, "key-pair")?;
-    let key_name = format!("pilot-image-{id}");
-    let kp = c
-        .create_key_pair()
-        .key_name(&key_name)
-        .key_type(KeyType::Ed25519)
-        .tag_specifications(tag_spec(ResourceType::KeyPair, id, &builder_name))
-        .send()
-        .await
-        .map_err(api("CreateKeyPair"))?;
-    ledger.key_pair = Some(
-        kp.key_name()
-            .ok_or(AwsError::Incomplete {
-                op: "CreateKeyPair",
-                what: "KeyName",
-            })?
-            .to_owned(),
-    );
-    p.done(
-        "key-pair",
-        &format!("{key_name} ({})", kp.key_pair_id().unwrap_or("?")),
-    )?;
+    fn id(&self) -> &str {
+        &self.plan.build_id
+    }
 
-    p.start(cancel, "security-group")?;
-    let vpc = match &a.subnet_id {
-        Some(subnet) => Some(subnet_vpc(ec2, subnet).await?),
-        None => None,
-    };
-    // No ingress rule: the builder is provisioned by its user-data, nothing connects to it.
-    let sg = c
-        .create_security_group()
-        .group_name(format!("pilot-image-{id}"))
-        .description(format!(
-            "pilot-image builder of build {id} (no inbound access)"
-        ))
-        .set_vpc_id(vpc)
-        .tag_specifications(tag_spec(ResourceType::SecurityGroup, id, &builder_name))
-        .send()
-        .await
-        .map_err(api("CreateSecurityGroup"))?;
-    let sg_id = sg
-        .group_id()
-        .ok_or(AwsError::Incomplete {
-            op: "CreateSecurityGroup",
-            what: "GroupId",
-        })?
-        .to_owned();
-    ledger.security_group = Some(sg_id.clone());
-    p.done("security-group", &sg_id)?;
+    fn args(&self) -> &AwsBuildArgs {
+        &self.plan.args
+    }
 
-    p.start(cancel, "run-instance")?;
-    let run = c
-        .run_instances()
-        .image_id(&source_id)
-        .instance_type(InstanceType::from(a.instance_type.as_str()))
-        .min_count(1)
-        .max_count(1)
-        .key_name(&key_name)
-        .security_group_ids(&sg_id)
-        .set_subnet_id(a.subnet_id.clone())
-        .user_data(base64::engine::general_purpose::STANDARD.encode(&plan.user_data))
-        // The user-data's poweroff must stop the builder, not terminate it: the image is made
-        // from the stopped instance.
-        .instance_initiated_shutdown_behavior(ShutdownBehavior::Stop)
-        .metadata_options(
-            InstanceMetadataOptionsRequest::builder()
-                .http_tokens(HttpTokensState::Required)
-                .build(),
-        )
-        .tag_specifications(tag_spec(ResourceType::Instance, id, &builder_name))
-        .tag_specifications(tag_spec(ResourceType::Volume, id, &builder_name))
-        .send()
-        .await
-        .map_err(api("RunInstances"))?;
-    let instance_id = run
-        .instances()
-        .first()
-        .and_then(|i| i.instance_id())
-        .ok_or(AwsError::Incomplete {
-            op: "RunInstances",
-            what: "an instance id",
-        })?
-        .to_owned();
-    ledger.instance = Some(instance_id.clone());
-    p.done(
-        "run-instance",
-        &format!("{instance_id} ({})", a.instance_type),
-    )?;
+    fn start(&mut self, step: &'static str) -> Result<()> {
+        self.progress.start(self.cancel, step)
+    }
 
-    p.start(cancel, "wait-running")?;
-    let state = wait_instance(
-        ec2,
-        cancel,
-        &instance_id,
-        Duration::from_secs(a.launch_timeout),
-        plan.hold == Some("wait-running"),
-        Want::Running,
-    )
-    .await?;
-    p.done("wait-running", &format!("{instance_id} {state}"))?;
+    fn done(&self, step: &'static str, detail: &str) -> Result<()> {
+        self.progress.done(step, detail)
+    }
 
-    p.start(cancel, "wait-stopped")?;
-    if a.stop_after_provision {
-        eprintln!(
-            "pilot-image: --stop-after-provision: stopping {instance_id} (no user-data signal awaited)"
+    /// `source-ami`: the newest matching source image; its id.
+    async fn source_ami(&mut self) -> Result<String> {
+        self.start("source-ami")?;
+        let a = self.args();
+        let source = find_source(self.ec2, &a.source_owner, &a.source_name, &a.source_arch).await?;
+        let source_id = source.image_id().unwrap_or_default().to_owned();
+        self.done(
+            "source-ami",
+            &format!(
+                "{source_id} {} ({})",
+                source.name().unwrap_or("?"),
+                source.creation_date().unwrap_or("?")
+            ),
+        )?;
+        Ok(source_id)
+    }
+
+    /// `key-pair`: the builder's key pair; its name.
+    ///
+    /// The builder needs no SSH: the key pair only lets an operator log in to debug a builder
+    /// that does not finish; its private key is not kept.
+    async fn key_pair(&mut self) -> Result<String> {
+        self.start("key-pair")?;
+        let id = self.id();
+        let key_name = format!("pilot-image-{id}");
+        let kp = self
+            .ec2
+            .client
+            .create_key_pair()
+            .key_name(&key_name)
+            .key_type(KeyType::Ed25519)
+            .tag_specifications(tag_spec(ResourceType::KeyPair, id, &self.builder_name))
+            .send()
+            .await
+            .map_err(api("CreateKeyPair"))?;
+        self.ledger.key_pair = Some(
+            kp.key_name()
+                .ok_or(AwsError::Incomplete {
+                    op: "CreateKeyPair",
+                    what: "KeyName",
+                })?
+                .to_owned(),
         );
-        c.stop_instances()
-            .instance_ids(&instance_id)
+        self.done(
+            "key-pair",
+            &format!("{key_name} ({})", kp.key_pair_id().unwrap_or("?")),
+        )?;
+        Ok(key_name)
+    }
+
+    /// `security-group`: the builder's security group (in the subnet's VPC); its id.
+    async fn security_group(&mut self) -> Result<String> {
+        self.start("security-group")?;
+        let id = self.id();
+        let vpc = match &self.args().subnet_id {
+            Some(subnet) => Some(subnet_vpc(self.ec2, subnet).await?),
+            None => None,
+        };
+        // No ingress rule: the builder is provisioned by its user-data, nothing connects to it.
+        let sg = self
+            .ec2
+            .client
+            .create_security_group()
+            .group_name(format!("pilot-image-{id}"))
+            .description(format!(
+                "pilot-image builder of build {id} (no inbound access)"
+            ))
+            .set_vpc_id(vpc)
+            .tag_specifications(tag_spec(
+                ResourceType::SecurityGroup,
+                id,
+                &self.builder_name,
+            ))
             .send()
             .await
-            .map_err(api("StopInstances"))?;
+            .map_err(api("CreateSecurityGroup"))?;
+        let sg_id = sg
+            .group_id()
+            .ok_or(AwsError::Incomplete {
+                op: "CreateSecurityGroup",
+                what: "GroupId",
+            })?
+            .to_owned();
+        self.ledger.security_group = Some(sg_id.clone());
+        self.done("security-group", &sg_id)?;
+        Ok(sg_id)
     }
-    let state = wait_instance(
-        ec2,
-        cancel,
-        &instance_id,
-        Duration::from_secs(a.provision_timeout),
-        plan.hold == Some("wait-stopped"),
-        Want::Stopped,
-    )
-    .await?;
-    p.done("wait-stopped", &format!("{instance_id} {state}"))?;
 
-    p.start(cancel, "create-image")?;
-    let image = c
-        .create_image()
-        .instance_id(&instance_id)
-        .name(&plan.ami_name)
-        .description(format!(
-            "Pilot VM image (pilot-image build {id}, from {source_id})"
-        ))
-        // Snapshots are tagged once the image lists them: moto fails CreateImage when the
-        // snapshot resource type is in TagSpecifications (see the module doc).
-        .tag_specifications(tag_spec(ResourceType::Image, id, &plan.ami_name))
-        .send()
-        .await
-        .map_err(api("CreateImage"))?;
-    let image_id = image
-        .image_id()
-        .ok_or(AwsError::Incomplete {
-            op: "CreateImage",
-            what: "ImageId",
-        })?
-        .to_owned();
-    ledger.image = Some(image_id.clone());
-    p.done("create-image", &format!("{image_id} {}", plan.ami_name))?;
-
-    p.start(cancel, "wait-image")?;
-    wait_image(ec2, cancel, plan, &image_id, &mut ledger.snapshots).await?;
-    p.done(
-        "wait-image",
-        &format!(
-            "{image_id} available, snapshots {}",
-            ledger
-                .snapshots
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
-    )?;
-
-    p.start(cancel, "terminate")?;
-    c.terminate_instances()
-        .instance_ids(&instance_id)
-        .send()
-        .await
-        .map_err(api("TerminateInstances"))?;
-    // The security group can be deleted only once no instance uses it.
-    let state = wait_instance(
-        ec2,
-        cancel,
-        &instance_id,
-        Duration::from_secs(a.cleanup_timeout),
-        plan.hold == Some("terminate"),
-        Want::Terminated,
-    )
-    .await?;
-    ledger.instance = None;
-    p.done("terminate", &format!("{instance_id} {state}"))?;
-
-    p.start(cancel, "delete-key-pair")?;
-    if let Some(kp) = &ledger.key_pair {
-        c.delete_key_pair()
-            .key_name(kp)
+    /// `run-instance`: the builder, from the source image with the builder's user-data; its id.
+    async fn run_instance(
+        &mut self,
+        source_id: &str,
+        key_name: &str,
+        sg_id: &str,
+    ) -> Result<String> {
+        self.start("run-instance")?;
+        let (a, id, name) = (self.args(), self.id(), &self.builder_name);
+        let run = self
+            .ec2
+            .client
+            .run_instances()
+            .image_id(source_id)
+            .instance_type(InstanceType::from(a.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .key_name(key_name)
+            .security_group_ids(sg_id)
+            .set_subnet_id(a.subnet_id.clone())
+            .user_data(base64::engine::general_purpose::STANDARD.encode(&self.plan.user_data))
+            // The user-data's poweroff must stop the builder, not terminate it: the image is
+            // made from the stopped instance.
+            .instance_initiated_shutdown_behavior(ShutdownBehavior::Stop)
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .build(),
+            )
+            .tag_specifications(tag_spec(ResourceType::Instance, id, name))
+            .tag_specifications(tag_spec(ResourceType::Volume, id, name))
             .send()
             .await
-            .map_err(api("DeleteKeyPair"))?;
+            .map_err(api("RunInstances"))?;
+        let instance_id = run
+            .instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .ok_or(AwsError::Incomplete {
+                op: "RunInstances",
+                what: "an instance id",
+            })?
+            .to_owned();
+        self.ledger.instance = Some(instance_id.clone());
+        self.done(
+            "run-instance",
+            &format!("{instance_id} ({})", self.args().instance_type),
+        )?;
+        Ok(instance_id)
     }
-    ledger.key_pair = None;
-    p.done("delete-key-pair", &key_name)?;
 
-    p.start(cancel, "delete-security-group")?;
-    reap::delete_security_group(
-        ec2,
-        &sg_id,
-        Deadline::new(Duration::from_secs(a.cleanup_timeout)),
-    )
-    .await?;
-    ledger.security_group = None;
-    p.done("delete-security-group", &sg_id)?;
+    /// `wait-running`: the builder has started (bounded by `--launch-timeout`).
+    async fn wait_running(&mut self, instance_id: &str) -> Result<()> {
+        self.start("wait-running")?;
+        let state = wait_instance(
+            self.ec2,
+            self.cancel,
+            instance_id,
+            Duration::from_secs(self.args().launch_timeout),
+            self.plan.hold == Some("wait-running"),
+            Want::Running,
+        )
+        .await?;
+        self.done("wait-running", &format!("{instance_id} {state}"))
+    }
 
-    // Volumes that outlived the builder (a source image whose root volume is not
-    // delete-on-termination) belong to the build, not to the image.
-    reap::delete_build_volumes(
-        ec2,
-        id,
-        Deadline::new(Duration::from_secs(a.cleanup_timeout)),
-    )
-    .await?;
-    Ok(image_id)
+    /// `wait-stopped`: the builder has provisioned itself and powered off (bounded by
+    /// `--provision-timeout`); with `--stop-after-provision`, the build stops it first.
+    async fn wait_stopped(&mut self, instance_id: &str) -> Result<()> {
+        self.start("wait-stopped")?;
+        if self.args().stop_after_provision {
+            info!("--stop-after-provision: stopping {instance_id} (no user-data signal awaited)");
+            self.ec2
+                .client
+                .stop_instances()
+                .instance_ids(instance_id)
+                .send()
+                .await
+                .map_err(api("StopInstances"))?;
+        }
+        let state = wait_instance(
+            self.ec2,
+            self.cancel,
+            instance_id,
+            Duration::from_secs(self.args().provision_timeout),
+            self.plan.hold == Some("wait-stopped"),
+            Want::Stopped,
+        )
+        .await?;
+        self.done("wait-stopped", &format!("{instance_id} {state}"))
+    }
+
+    /// `create-image`: the AMI, from the stopped builder; its id.
+    async fn create_image(&mut self, instance_id: &str, source_id: &str) -> Result<String> {
+        self.start("create-image")?;
+        let (id, ami_name) = (self.id(), &self.plan.ami_name);
+        let image = self
+            .ec2
+            .client
+            .create_image()
+            .instance_id(instance_id)
+            .name(ami_name)
+            .description(format!(
+                "Pilot VM image (pilot-image build {id}, from {source_id})"
+            ))
+            // Snapshots are tagged once the image lists them: moto fails CreateImage when the
+            // snapshot resource type is in TagSpecifications (see the module doc).
+            .tag_specifications(tag_spec(ResourceType::Image, id, ami_name))
+            .send()
+            .await
+            .map_err(api("CreateImage"))?;
+        let image_id = image
+            .image_id()
+            .ok_or(AwsError::Incomplete {
+                op: "CreateImage",
+                what: "ImageId",
+            })?
+            .to_owned();
+        self.ledger.image = Some(image_id.clone());
+        self.done(
+            "create-image",
+            &format!("{image_id} {}", self.plan.ami_name),
+        )?;
+        Ok(image_id)
+    }
+
+    /// `wait-image`: the AMI is `available` (bounded by `--image-timeout`), its snapshots
+    /// tagged.
+    async fn wait_image(&mut self, image_id: &str) -> Result<()> {
+        self.start("wait-image")?;
+        wait_image_available(
+            self.ec2,
+            self.cancel,
+            self.plan,
+            image_id,
+            &mut self.ledger.snapshots,
+        )
+        .await?;
+        self.done(
+            "wait-image",
+            &format!(
+                "{image_id} available, snapshots {}",
+                self.ledger
+                    .snapshots
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        )
+    }
+
+    /// `terminate`: the builder is terminated, and awaited (the security group can be
+    /// deleted only once no instance uses it).
+    async fn terminate(&mut self, instance_id: &str) -> Result<()> {
+        self.start("terminate")?;
+        self.ec2
+            .client
+            .terminate_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(api("TerminateInstances"))?;
+        let state = wait_instance(
+            self.ec2,
+            self.cancel,
+            instance_id,
+            Duration::from_secs(self.args().cleanup_timeout),
+            self.plan.hold == Some("terminate"),
+            Want::Terminated,
+        )
+        .await?;
+        self.ledger.instance = None;
+        self.done("terminate", &format!("{instance_id} {state}"))
+    }
+
+    /// `delete-key-pair`: the builder's key pair is deleted.
+    async fn delete_key_pair(&mut self, key_name: &str) -> Result<()> {
+        self.start("delete-key-pair")?;
+        if let Some(kp) = &self.ledger.key_pair {
+            self.ec2
+                .client
+                .delete_key_pair()
+                .key_name(kp)
+                .send()
+                .await
+                .map_err(api("DeleteKeyPair"))?;
+        }
+        self.ledger.key_pair = None;
+        self.done("delete-key-pair", key_name)
+    }
+
+    /// `delete-security-group`: the builder's security group is deleted (retried while EC2
+    /// still sees the terminated builder's interface).
+    async fn delete_security_group(&mut self, sg_id: &str) -> Result<()> {
+        self.start("delete-security-group")?;
+        ec2::delete_security_group(
+            self.ec2,
+            sg_id,
+            Deadline::new(Duration::from_secs(self.args().cleanup_timeout)),
+        )
+        .await?;
+        self.ledger.security_group = None;
+        self.done("delete-security-group", sg_id)
+    }
+
+    /// After the last step: volumes that outlived the builder (a source image whose root
+    /// volume is not delete-on-termination) belong to the build, not to the image.
+    async fn delete_leftover_volumes(&mut self) -> Result<()> {
+        ec2::delete_build_volumes(
+            self.ec2,
+            self.id(),
+            Deadline::new(Duration::from_secs(self.args().cleanup_timeout)),
+        )
+        .await
+    }
 }
 
 /// The newest image (by CreationDate) owned by `owner`, named like `name`, for `arch`.
@@ -700,30 +825,8 @@ fn instance_reason(inst: &Instance) -> String {
     }
 }
 
-/// One instance, or None while EC2 does not know it yet (its API is eventually consistent:
-/// a fresh instance id can answer InvalidInstanceID.NotFound for a moment).
-pub async fn describe_instance(ec2: &Ec2, instance_id: &str) -> Result<Option<Instance>> {
-    match ec2
-        .client
-        .describe_instances()
-        .instance_ids(instance_id)
-        .send()
-        .await
-        .map_err(api("DescribeInstances"))
-    {
-        Ok(out) => Ok(out
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .find(|i| i.instance_id() == Some(instance_id))
-            .cloned()),
-        Err(e) if e.is_not_found() => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 /// Waits for `available`, tagging the image's snapshots as soon as it lists them.
-async fn wait_image(
+async fn wait_image_available(
     ec2: &Ec2,
     cancel: &Cancel,
     plan: &Plan,
@@ -735,8 +838,8 @@ async fn wait_image(
     let what = format!("image {image_id} to be available");
     let mut last = String::from("not described yet");
     loop {
-        if let Some(image) = reap::describe_image(ec2, image_id).await? {
-            let fresh: Vec<String> = reap::image_snapshots(&image)
+        if let Some(image) = describe_image(ec2, image_id).await? {
+            let fresh: Vec<String> = image_snapshots(&image)
                 .into_iter()
                 .filter(|s| !snapshots.contains(s))
                 .collect();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
+use tracing::warn;
 
 use super::error::{AwsError, Result};
 
@@ -39,11 +40,9 @@ impl Cancel {
                     _ = term.recv() => "SIGTERM",
                 };
                 if c.is_cancelled() {
-                    eprintln!(
-                        "pilot-image: {name} again: the clean-up is bounded and is finishing"
-                    );
+                    warn!("{name} again: the clean-up is bounded and is finishing");
                 } else {
-                    eprintln!("pilot-image: {name}: cancelling the build and cleaning up");
+                    warn!("{name}: cancelling the build and cleaning up");
                     c.cancel();
                 }
             }

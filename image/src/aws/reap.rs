@@ -7,12 +7,16 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use aws_sdk_ec2::types::{Image, InstanceStateName, VolumeState};
+use aws_sdk_ec2::types::InstanceStateName;
+use tracing::info;
 
 use super::args::AwsCleanupArgs;
-use super::build::describe_instance;
+use super::ec2::{
+    Deadline, Ec2, build_filter, delete_build_volumes, delete_security_group, delete_volume,
+    describe_image, describe_instance, filter, image_snapshots, runtime, secs,
+};
 use super::error::{AwsError, Result, api};
-use super::{Deadline, Ec2, build_filter, filter, secs};
+use super::id::check_build_id;
 
 /// Resource ids to remove besides those found by tag.
 #[derive(Debug, Default, Clone)]
@@ -39,8 +43,8 @@ impl Known {
 
 /// `pilot-image cleanup --build-id ID` on its own runtime.
 pub fn cleanup_blocking(build_id: &str, args: &AwsCleanupArgs) -> Result<Known> {
-    super::check_build_id(build_id)?;
-    let rt = super::runtime().map_err(|e| AwsError::Invalid {
+    check_build_id(build_id)?;
+    let rt = runtime().map_err(|e| AwsError::Invalid {
         flag: "--build-id",
         reason: format!("cannot start the async runtime: {e}"),
     })?;
@@ -87,7 +91,7 @@ pub async fn reap(ec2: &Ec2, build_id: &str, known: Known, timeout: Duration) ->
             .await
             .map_err(api("DeregisterImage"))
         {
-            Ok(_) => eprintln!("pilot-image: cleanup: deregistered {image}"),
+            Ok(_) => info!("cleanup: deregistered {image}"),
             Err(e) if e.is_not_found() => {}
             Err(e) => errors.push(e.to_string()),
         }
@@ -107,7 +111,7 @@ pub async fn reap(ec2: &Ec2, build_id: &str, known: Known, timeout: Duration) ->
                 .map_err(api("DeleteSnapshot"))
             {
                 Ok(_) => {
-                    eprintln!("pilot-image: cleanup: deleted {snap}");
+                    info!("cleanup: deleted {snap}");
                     break;
                 }
                 Err(e) if e.is_not_found() => break,
@@ -134,7 +138,7 @@ pub async fn reap(ec2: &Ec2, build_id: &str, known: Known, timeout: Duration) ->
             .await
             .map_err(api("TerminateInstances"))
         {
-            Ok(_) => eprintln!("pilot-image: cleanup: terminating {}", live.join(" ")),
+            Ok(_) => info!("cleanup: terminating {}", live.join(" ")),
             Err(e) if e.is_not_found() => {}
             Err(e) => errors.push(e.to_string()),
         }
@@ -174,14 +178,14 @@ pub async fn reap(ec2: &Ec2, build_id: &str, known: Known, timeout: Duration) ->
             .await
             .map_err(api("DeleteKeyPair"))
         {
-            Ok(_) => eprintln!("pilot-image: cleanup: deleted key pair {kp}"),
+            Ok(_) => info!("cleanup: deleted key pair {kp}"),
             Err(e) if e.is_not_found() => {}
             Err(e) => errors.push(e.to_string()),
         }
     }
 
-    eprintln!(
-        "pilot-image: cleanup of build {build_id} {} in {}",
+    info!(
+        "cleanup of build {build_id} {} in {}",
         if errors.is_empty() {
             "complete"
         } else {
@@ -204,8 +208,8 @@ fn note(found: &Known) {
             s.iter().cloned().collect::<Vec<_>>().join(" ")
         }
     };
-    eprintln!(
-        "pilot-image: cleanup: images {}; snapshots {}; instances {}; volumes {}; security groups {}; key pairs {}",
+    info!(
+        "cleanup: images {}; snapshots {}; instances {}; volumes {}; security groups {}; key pairs {}",
         list(&found.images),
         list(&found.snapshots),
         list(&found.instances),
@@ -336,36 +340,6 @@ async fn discover(ec2: &Ec2, build_id: &str, mut known: Known) -> Result<Known> 
     Ok(known)
 }
 
-/// The snapshot ids in an image's block-device mappings.
-pub fn image_snapshots(image: &Image) -> Vec<String> {
-    image
-        .block_device_mappings()
-        .iter()
-        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// One image, or None if EC2 does not know it (yet, or any more).
-pub async fn describe_image(ec2: &Ec2, image_id: &str) -> Result<Option<Image>> {
-    match ec2
-        .client
-        .describe_images()
-        .image_ids(image_id)
-        .send()
-        .await
-        .map_err(api("DescribeImages"))
-    {
-        Ok(out) => Ok(out
-            .images()
-            .iter()
-            .find(|i| i.image_id() == Some(image_id))
-            .cloned()),
-        Err(e) if e.is_not_found() => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 async fn wait_terminated(ec2: &Ec2, id: &str, deadline: Deadline) -> Result<()> {
     loop {
         let state = describe_instance(ec2, id)
@@ -377,70 +351,4 @@ async fn wait_terminated(ec2: &Ec2, id: &str, deadline: Deadline) -> Result<()> 
         }
         tokio::time::sleep(ec2.poll).await;
     }
-}
-
-/// Deletes a security group, retrying while EC2 still sees it in use: a terminated
-/// instance's network interface lingers for a while (DependencyViolation).
-pub async fn delete_security_group(ec2: &Ec2, sg: &str, deadline: Deadline) -> Result<()> {
-    let what = format!("security group {sg}");
-    delete_retrying(ec2, &what, "DependencyViolation", deadline, || async {
-        let sent = ec2.client.delete_security_group().group_id(sg).send().await;
-        sent.map(drop).map_err(api("DeleteSecurityGroup"))
-    })
-    .await
-}
-
-/// Deletes a volume, retrying while it is still being detached (VolumeInUse).
-async fn delete_volume(ec2: &Ec2, vol: &str, deadline: Deadline) -> Result<()> {
-    delete_retrying(ec2, vol, "VolumeInUse", deadline, || async {
-        let sent = ec2.client.delete_volume().volume_id(vol).send().await;
-        sent.map(drop).map_err(api("DeleteVolume"))
-    })
-    .await
-}
-
-/// Runs `delete` until it succeeds or EC2 no longer knows the resource, retrying while EC2
-/// answers `busy` (something it depends on is still going away) and the deadline allows.
-async fn delete_retrying<F, Fut>(
-    ec2: &Ec2,
-    what: &str,
-    busy: &str,
-    deadline: Deadline,
-    delete: F,
-) -> Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    loop {
-        match delete().await {
-            Ok(()) => {
-                eprintln!("pilot-image: cleanup: deleted {what}");
-                return Ok(());
-            }
-            Err(e) if e.is_not_found() => return Ok(()),
-            Err(e) if e.code() == Some(busy) && !deadline.expired() => {
-                tokio::time::sleep(ec2.poll).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Deletes the build's volumes that are no longer attached (those attached to a live instance
-/// go with it: the builder's root volume is delete-on-termination).
-pub async fn delete_build_volumes(ec2: &Ec2, build_id: &str, deadline: Deadline) -> Result<()> {
-    let vols = ec2
-        .client
-        .describe_volumes()
-        .filters(build_filter(build_id))
-        .send()
-        .await
-        .map_err(api("DescribeVolumes"))?;
-    for v in vols.volumes() {
-        if let (Some(id), Some(VolumeState::Available)) = (v.volume_id(), v.state()) {
-            delete_volume(ec2, id, deadline).await?;
-        }
-    }
-    Ok(())
 }

@@ -14,7 +14,8 @@ use std::path::Path;
 use std::process::Command;
 
 use super::definition::Definition;
-use super::{LocalError, run_logged};
+use super::error::LocalError;
+use super::run::run_logged;
 
 /// The boot loader's core image, made by grub-mkimage inside the root file system.
 pub const CORE_IMG_IN_ROOT: &str = "tmp/pilot-image-core.img";

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::LocalError;
+use super::error::LocalError;
 
 /// The embedded default definition (every key present; a test checks it parses complete).
 pub const DEFAULT_DEFINITION: &str = include_str!("../../defaults/local.yaml");

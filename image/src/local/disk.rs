@@ -18,7 +18,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use super::customize::{CORE_IMG_IN_ROOT, ROOT_LABEL};
-use super::{LocalError, run_logged};
+use super::error::LocalError;
+use super::run::{self, run_logged};
 
 const MIB: u64 = 1024 * 1024;
 /// The partition starts at 1 MiB (sector 2048): aligned, and the gap holds GRUB's core image.
@@ -160,7 +161,7 @@ fn run_logged_with_input(
         .stdout(log_file)
         .stderr(err_file)
         .spawn()
-        .map_err(|e| super::spawn_error(step, cmd, e))?;
+        .map_err(|e| run::spawn_error(step, cmd, e))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(input)
@@ -169,5 +170,5 @@ fn run_logged_with_input(
     let status = child
         .wait()
         .map_err(io(format!("cannot wait for {step}")))?;
-    super::check_status(step, cmd, status, log)
+    run::check_status(step, cmd, status, log)
 }

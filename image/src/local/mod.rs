@@ -12,16 +12,20 @@
 pub mod customize;
 pub mod definition;
 pub mod disk;
+pub mod error;
 pub mod rootfs;
+mod run;
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tracing::{info, warn};
+
 pub use definition::{Definition, Format, Overrides};
+pub use error::LocalError;
 use rootfs::Mirror;
 
 /// Prefix of the temporary build directories in the output directory (then the builder's PID).
@@ -30,9 +34,6 @@ const TMP_PREFIX: &str = ".pilot-image-tmp-";
 /// Estimated size of a root file system not cached yet (the default package list unpacks to
 /// about 1 GiB; the margin covers mmdebstrap's tree and its tarball side by side).
 const ROOTFS_ESTIMATE_MIB: u64 = 1536;
-
-/// Lines of a failed command's output quoted in the error.
-const LOG_TAIL_LINES: usize = 25;
 
 /// Programs the build runs, and the Debian package of each.
 const TOOLS: &[(&str, &str)] = &[
@@ -44,54 +45,6 @@ const TOOLS: &[(&str, &str)] = &[
     ("qemu-img", "qemu-utils"),
     ("curl", "curl"),
 ];
-
-#[derive(Debug, thiserror::Error)]
-pub enum LocalError {
-    #[error("build definition {origin}: {message}")]
-    Definition { origin: String, message: String },
-    #[error("build definition: {field}: {message}")]
-    Invalid { field: String, message: String },
-    #[error("building a local image needs root (chroot, device nodes in the root file system)")]
-    NotRoot,
-    #[error("{tool} not found on PATH: install the Debian package {package} (scripts/setup.sh)")]
-    MissingTool { tool: String, package: String },
-    #[error("mirror {url} is unusable: {detail}")]
-    Mirror { url: String, detail: String },
-    #[error(
-        "not enough free space in {dir}: the build needs about {need_mib} MiB there, {have_mib} MiB are free ({detail})"
-    )]
-    NoSpace {
-        dir: PathBuf,
-        need_mib: u64,
-        have_mib: u64,
-        detail: String,
-    },
-    #[error("{path}: {message}")]
-    Input { path: PathBuf, message: String },
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("step {step}: `{command}` {status}; last lines of its output:\n{tail}")]
-    Command {
-        step: String,
-        command: String,
-        status: String,
-        tail: String,
-    },
-    #[error("boot loader: {0}")]
-    BootLoader(String),
-    #[error(
-        "disk_size_mib {disk_mib} is too small: the root file system takes {rootfs_mib} MiB (give at least {need_mib})"
-    )]
-    DiskTooSmall {
-        disk_mib: u64,
-        rootfs_mib: u64,
-        need_mib: u64,
-    },
-}
 
 /// What a finished build made.
 #[derive(Debug, Clone)]
@@ -217,7 +170,8 @@ impl Plan {
     }
 }
 
-/// Prints a step's start and end (with its duration) to stderr and records the duration.
+/// Reports a step's start and end (with its duration) as progress events (the binary writes
+/// them to stderr) and records the duration.
 struct Progress {
     steps: Vec<(String, Duration)>,
 }
@@ -229,16 +183,13 @@ impl Progress {
         detail: &str,
         f: impl FnOnce() -> Result<T, LocalError>,
     ) -> Result<T, LocalError> {
-        eprintln!("pilot-image: [{name}] {detail}");
+        info!("[{name}] {detail}");
         let start = Instant::now();
         let r = f();
         let took = start.elapsed();
         match &r {
-            Ok(_) => eprintln!("pilot-image: [{name}] done in {:.1}s", took.as_secs_f64()),
-            Err(_) => eprintln!(
-                "pilot-image: [{name}] FAILED after {:.1}s",
-                took.as_secs_f64()
-            ),
+            Ok(_) => info!("[{name}] done in {:.1}s", took.as_secs_f64()),
+            Err(_) => warn!("[{name}] FAILED after {:.1}s", took.as_secs_f64()),
         }
         self.steps.push((name.to_owned(), took));
         r
@@ -571,67 +522,8 @@ fn remove_stale_tmp_dirs(output_dir: &Path) {
         };
         let pid = rest.split('-').next().unwrap_or_default();
         if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
-            eprintln!("pilot-image: removing {name}, left by a build that was killed");
+            info!("removing {name}, left by a build that was killed");
             let _ = fs::remove_dir_all(entry.path());
         }
     }
-}
-
-pub(crate) fn spawn_error(step: &str, cmd: &Command, e: std::io::Error) -> LocalError {
-    LocalError::Io {
-        context: format!(
-            "step {step}: cannot run {}",
-            cmd.get_program().to_string_lossy()
-        ),
-        source: e,
-    }
-}
-
-fn command_line(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-pub(crate) fn check_status(
-    step: &str,
-    cmd: &Command,
-    status: ExitStatus,
-    log: &Path,
-) -> Result<(), LocalError> {
-    if status.success() {
-        return Ok(());
-    }
-    let mut text = String::new();
-    if let Ok(mut f) = File::open(log) {
-        let _ = f.read_to_string(&mut text);
-    }
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
-    Err(LocalError::Command {
-        step: step.to_owned(),
-        command: command_line(cmd),
-        status: status.to_string(),
-        tail,
-    })
-}
-
-/// Runs `cmd` with its output in `log`; on failure the error quotes the log's last lines.
-pub(crate) fn run_logged(step: &str, cmd: &mut Command, log: &Path) -> Result<(), LocalError> {
-    let out = File::create(log).map_err(|e| LocalError::Io {
-        context: format!("cannot create {}", log.display()),
-        source: e,
-    })?;
-    let err = out.try_clone().map_err(|e| LocalError::Io {
-        context: format!("cannot reopen {}", log.display()),
-        source: e,
-    })?;
-    let status = cmd
-        .stdout(out)
-        .stderr(err)
-        .status()
-        .map_err(|e| spawn_error(step, cmd, e))?;
-    check_status(step, cmd, status, log)
 }

@@ -8,7 +8,8 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 
 use super::definition::{Definition, FALLBACK_MIRROR};
-use super::{LocalError, run_logged};
+use super::error::LocalError;
+use super::run::run_logged;
 
 /// Bumped when the way a cached root file system is made changes, so old caches are not reused.
 const CACHE_FORMAT: &str = "pilot-image rootfs v1 mmdebstrap minbase";

@@ -1,0 +1,247 @@
+//! The EC2 client and what the build ([`super::build`]) and the clean-up ([`super::reap`])
+//! share: tags and filters, bounded waits, and the describe and delete calls both make. It
+//! uses neither of them, so imports run one way: build uses reap and ec2, reap uses ec2.
+
+use std::time::{Duration, Instant};
+
+use aws_config::BehaviorVersion;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::types::{
+    Filter, Image, Instance, ResourceType, Tag, TagSpecification, VolumeState,
+};
+use tracing::info;
+
+use super::args::AwsConnection;
+use super::error::{AwsError, Result, api};
+use super::id::BUILD_ID_TAG;
+
+/// The EC2 client plus the polling interval of waits.
+#[derive(Debug, Clone)]
+pub struct Ec2 {
+    pub client: Client,
+    pub poll: Duration,
+}
+
+impl Ec2 {
+    /// A client for `conn`; credentials from the SDK's default chain.
+    pub async fn connect(conn: &AwsConnection, poll: Duration) -> Result<Ec2> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
+            // Bounded calls: a hung connection must not hang the build or the clean-up.
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .operation_attempt_timeout(Duration::from_secs(60))
+                .operation_timeout(Duration::from_secs(180))
+                .build(),
+        );
+        if let Some(region) = &conn.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(url) = &conn.endpoint_url {
+            loader = loader.endpoint_url(url.clone());
+        }
+        let config = loader.load().await;
+        if config.region().is_none() {
+            return Err(AwsError::NoRegion);
+        }
+        Ok(Ec2 {
+            client: Client::new(&config),
+            poll,
+        })
+    }
+}
+
+/// A multi-threaded runtime is not needed: the build is one sequence of API calls.
+pub(super) fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// `tag:pilot:build-id = id`, for every Describe call of the clean-up.
+pub fn build_filter(build_id: &str) -> Filter {
+    filter(&format!("tag:{BUILD_ID_TAG}"), [build_id])
+}
+
+pub fn filter<'a>(name: &str, values: impl IntoIterator<Item = &'a str>) -> Filter {
+    let mut f = Filter::builder().name(name);
+    for v in values {
+        f = f.values(v);
+    }
+    f.build()
+}
+
+/// The tags of one resource type: the build id, a Name, and who made it.
+pub fn tag_spec(kind: ResourceType, build_id: &str, name: &str) -> TagSpecification {
+    let mut spec = TagSpecification::builder().resource_type(kind);
+    for t in tags(build_id, name) {
+        spec = spec.tags(t);
+    }
+    spec.build()
+}
+
+pub fn tags(build_id: &str, name: &str) -> Vec<Tag> {
+    [
+        (BUILD_ID_TAG, build_id),
+        ("Name", name),
+        ("pilot:created-by", "pilot-image"),
+    ]
+    .into_iter()
+    .map(|(k, v)| Tag::builder().key(k).value(v).build())
+    .collect()
+}
+
+/// A bounded wait: `expired` once `limit` has passed since `start`.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    start: Instant,
+    limit: Duration,
+}
+
+impl Deadline {
+    pub fn new(limit: Duration) -> Deadline {
+        Deadline {
+            start: Instant::now(),
+            limit,
+        }
+    }
+
+    /// Errors with [`AwsError::Timeout`] naming `what` and the last state seen.
+    pub fn check(&self, what: impl Into<String>, last: impl Into<String>) -> Result<()> {
+        if self.start.elapsed() >= self.limit {
+            return Err(AwsError::Timeout {
+                what: what.into(),
+                waited: self.limit,
+                last: last.into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn expired(&self) -> bool {
+        self.start.elapsed() >= self.limit
+    }
+}
+
+/// `1.23 s` for progress lines.
+pub fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// One instance, or None while EC2 does not know it yet (its API is eventually consistent:
+/// a fresh instance id can answer InvalidInstanceID.NotFound for a moment).
+pub async fn describe_instance(ec2: &Ec2, instance_id: &str) -> Result<Option<Instance>> {
+    match ec2
+        .client
+        .describe_instances()
+        .instance_ids(instance_id)
+        .send()
+        .await
+        .map_err(api("DescribeInstances"))
+    {
+        Ok(out) => Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find(|i| i.instance_id() == Some(instance_id))
+            .cloned()),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// One image, or None if EC2 does not know it (yet, or any more).
+pub async fn describe_image(ec2: &Ec2, image_id: &str) -> Result<Option<Image>> {
+    match ec2
+        .client
+        .describe_images()
+        .image_ids(image_id)
+        .send()
+        .await
+        .map_err(api("DescribeImages"))
+    {
+        Ok(out) => Ok(out
+            .images()
+            .iter()
+            .find(|i| i.image_id() == Some(image_id))
+            .cloned()),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The snapshot ids in an image's block-device mappings.
+pub fn image_snapshots(image: &Image) -> Vec<String> {
+    image
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Deletes a security group, retrying while EC2 still sees it in use: a terminated
+/// instance's network interface lingers for a while (DependencyViolation).
+pub async fn delete_security_group(ec2: &Ec2, sg: &str, deadline: Deadline) -> Result<()> {
+    let what = format!("security group {sg}");
+    delete_retrying(ec2, &what, "DependencyViolation", deadline, || async {
+        let sent = ec2.client.delete_security_group().group_id(sg).send().await;
+        sent.map(drop).map_err(api("DeleteSecurityGroup"))
+    })
+    .await
+}
+
+/// Deletes a volume, retrying while it is still being detached (VolumeInUse).
+pub async fn delete_volume(ec2: &Ec2, vol: &str, deadline: Deadline) -> Result<()> {
+    delete_retrying(ec2, vol, "VolumeInUse", deadline, || async {
+        let sent = ec2.client.delete_volume().volume_id(vol).send().await;
+        sent.map(drop).map_err(api("DeleteVolume"))
+    })
+    .await
+}
+
+/// Runs `delete` until it succeeds or EC2 no longer knows the resource, retrying while EC2
+/// answers `busy` (something it depends on is still going away) and the deadline allows.
+async fn delete_retrying<F, Fut>(
+    ec2: &Ec2,
+    what: &str,
+    busy: &str,
+    deadline: Deadline,
+    delete: F,
+) -> Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    loop {
+        match delete().await {
+            Ok(()) => {
+                info!("cleanup: deleted {what}");
+                return Ok(());
+            }
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) if e.code() == Some(busy) && !deadline.expired() => {
+                tokio::time::sleep(ec2.poll).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Deletes the build's volumes that are no longer attached (those attached to a live instance
+/// go with it: the builder's root volume is delete-on-termination).
+pub async fn delete_build_volumes(ec2: &Ec2, build_id: &str, deadline: Deadline) -> Result<()> {
+    let vols = ec2
+        .client
+        .describe_volumes()
+        .filters(build_filter(build_id))
+        .send()
+        .await
+        .map_err(api("DescribeVolumes"))?;
+    for v in vols.volumes() {
+        if let (Some(id), Some(VolumeState::Available)) = (v.volume_id(), v.state()) {
+            delete_volume(ec2, id, deadline).await?;
+        }
+    }
+    Ok(())
+}
