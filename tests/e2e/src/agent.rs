@@ -590,7 +590,7 @@ impl Agent {
         let p = self.status_path();
         let text =
             fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON: {text}", p.display()))
     }
 
     /// Starts `pilot-agent --config CONFIG run` inside the VM; its stdout and stderr (the log)
@@ -694,6 +694,44 @@ impl Drop for RunningAgent {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Agent {
+    /// Polls the agent's status.json until `want` holds (returning it), failing early when
+    /// `run` exits and after `timeout` naming `what`.
+    pub fn wait_status(
+        &self,
+        run: &mut RunningAgent,
+        timeout: Duration,
+        what: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        crate::poll(timeout, what, || {
+            if let Ok(Some(st)) = run.try_exit() {
+                return Err(format!("run exited ({st}): {}", run.log_tail(30)));
+            }
+            let v = self.status_json().map_err(|e| format!("{e:#}"))?;
+            if want(&v) {
+                Ok(Some(v))
+            } else {
+                Err(v.to_string())
+            }
+        })
+    }
+
+    /// [`Agent::wait_status`] until `run`'s first pass is done and healthy.
+    pub fn wait_first_pass(
+        &self,
+        run: &mut RunningAgent,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<serde_json::Value> {
+        self.wait_status(run, timeout, what, |v| {
+            v["status"] == "done"
+                && v["condition"] == "healthy"
+                && v["run"]["passes"].as_u64().is_some_and(|p| p >= 1)
+        })
     }
 }
 
@@ -913,6 +951,45 @@ pub struct RateLimit {
     pub window_secs: u64,
 }
 
+/// The `waypoint:` section: the server from `server_image` and `runners` runners from
+/// `runner_image`, loaded from the tarballs baked in `images_dir`, 30 s to become ready.
+pub fn waypoint_section(
+    server_image: &str,
+    runner_image: &str,
+    images_dir: &Path,
+    runners: u32,
+) -> String {
+    format!(
+        "waypoint:\n\
+         \x20 server_image: {server}\n\
+         \x20 runner_image: {runner}\n\
+         \x20 images_dir: {images}\n\
+         \x20 runners: {runners}\n\
+         \x20 ready_timeout_secs: 30\n",
+        server = yaml_str(server_image),
+        runner = yaml_str(runner_image),
+        images = yaml_str(&images_dir.display().to_string()),
+    )
+}
+
+/// The `database:` section: PostgreSQL `pg`, its superuser's password in
+/// `admin_password_file`, no TLS, a 2 s connect time-out.
+pub fn database_section(pg: &pilot_harness::Postgres, admin_password_file: &Path) -> String {
+    format!(
+        "database:\n\
+         \x20 host: {host}\n\
+         \x20 port: {port}\n\
+         \x20 admin_user: {user}\n\
+         \x20 admin_password_file: {pw}\n\
+         \x20 tls: disable\n\
+         \x20 connect_timeout_secs: 2\n",
+        host = pg.addr(),
+        port = pg.port(),
+        user = yaml_str(pg.superuser()),
+        pw = yaml_str(&admin_password_file.display().to_string()),
+    )
+}
+
 /// Configuration sections for `pilot-agent run` on a full Pilot host: `waypoint:` (server and
 /// one runner from `image`, baked in `images`), `database:` on `pg` (admin password in
 /// `admin_password_file`), `endpoint:` on [`ENDPOINT_PORT`] accepting `token`, and `service:`
@@ -925,36 +1002,18 @@ pub fn run_sections(
     token: &EndpointToken,
     rate_limit: RateLimit,
 ) -> String {
-    let q = |p: &Path| yaml_str(&p.display().to_string());
-    format!(
-        "waypoint:\n\
-         \x20 server_image: {image}\n\
-         \x20 runner_image: {image}\n\
-         \x20 images_dir: {images}\n\
-         \x20 runners: 1\n\
-         \x20 ready_timeout_secs: 30\n\
-         database:\n\
-         \x20 host: {pg_host}\n\
-         \x20 port: {pg_port}\n\
-         \x20 admin_user: {pg_user}\n\
-         \x20 admin_password_file: {pw}\n\
-         \x20 tls: disable\n\
-         \x20 connect_timeout_secs: 2\n\
-         endpoint:\n\
-         \x20 listen: 0.0.0.0:{ENDPOINT_PORT}\n\
-         \x20 token_sha256_file: {hash}\n\
-         \x20 rate_limit: {{ failures: {failures}, window_secs: {window} }}\n\
-         service:\n\
-         \x20 interval_secs: 300\n\
-         \x20 database_retry_max_secs: 10\n",
-        image = yaml_str(image),
-        images = q(images),
-        pg_host = pg.addr(),
-        pg_port = pg.port(),
-        pg_user = yaml_str(pg.superuser()),
-        pw = q(admin_password_file),
-        hash = q(&token.sha256_file),
-        failures = rate_limit.failures,
-        window = rate_limit.window_secs,
-    )
+    waypoint_section(image, image, images, 1)
+        + &database_section(pg, admin_password_file)
+        + &format!(
+            "endpoint:\n\
+             \x20 listen: 0.0.0.0:{ENDPOINT_PORT}\n\
+             \x20 token_sha256_file: {hash}\n\
+             \x20 rate_limit: {{ failures: {failures}, window_secs: {window} }}\n\
+             service:\n\
+             \x20 interval_secs: 300\n\
+             \x20 database_retry_max_secs: 10\n",
+            hash = yaml_str(&token.sha256_file.display().to_string()),
+            failures = rate_limit.failures,
+            window = rate_limit.window_secs,
+        )
 }

@@ -1,12 +1,15 @@
-//! Crash-safety helpers shared by the SIGKILL tests (tests/converge.rs, tests/reliability.rs):
-//! seeded kill points spread over a cold converge, the checks that a host is converged and
-//! that no file is torn (every JSON and PEM file parses, no temporary file left), a summary of
-//! what a killed run left behind, and the reset of a simulated VM to a cold host.
+//! Crash-safety helpers shared by the SIGKILL tests (tests/converge.rs, tests/reliability.rs,
+//! tests/waypoint.rs): seeded kill points spread over a cold converge, one kill of a command at
+//! such a point, the checks that a host is converged and that no file is torn (every JSON and
+//! PEM file parses, no temporary file left), a summary of what a killed run left behind, the
+//! reset of a simulated VM to a cold host, and [`Sigkill`], the whole campaign: a timed cold
+//! run, then for each kill point a killed run, a run that must converge, and the checks.
 
+use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use pilot_harness::Vm;
@@ -89,13 +92,6 @@ pub fn is_temp_file(name: &str) -> bool {
     name.contains(".pilot-agent-") && name.ends_with(".tmp")
 }
 
-/// The agent's status.json, parsed.
-pub fn status_json(agent: &Agent) -> Result<Value> {
-    let p = agent.status_path();
-    let text = fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not JSON: {text}", p.display()))
-}
-
 /// No file under `dir` is torn: no temporary file is left, every `*.json` parses as JSON,
 /// every `*.pem` parses (openssl) as the certificate or key it claims to be, and the
 /// `docker-applied` marker is a fingerprint. Returns how many files were checked.
@@ -143,7 +139,7 @@ pub fn check_no_torn_files(dir: &Path) -> Result<usize> {
 /// daemon.json asks for mutual TLS; the agent's table exists; the operator's `docker version`
 /// works.
 pub fn check_converged(vm: &Vm, agent: &Agent) -> Result<()> {
-    let status = status_json(agent)?;
+    let status = agent.status_json()?;
     ensure!(
         status["status"] == "done" && status["condition"] == "healthy",
         "status: {status}"
@@ -245,4 +241,209 @@ pub fn reset_cold(vm: &Vm, agent: &Agent, original_daemon_json: &[u8]) -> Result
     fs::write(vm.daemon_json(), original_daemon_json)?;
     vm.restart_dockerd()?;
     Ok(())
+}
+
+/// The steps status.json says are running (what a kill interrupted), by name.
+pub fn running_steps(status: &Value) -> Vec<String> {
+    status["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["state"] == "running")
+        .filter_map(|s| s["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Lets `child` run for `delay`, then SIGKILLs it if it still runs, and reaps it. Returns
+/// whether the kill landed (false: the child had finished by itself).
+pub fn kill_after(mut child: Child, delay: Duration) -> Result<bool> {
+    // The kill point itself: a deliberate random delay, not a wait for a condition.
+    std::thread::sleep(delay);
+    let killed = match child.try_wait()? {
+        Some(_) => false,
+        None => {
+            child.kill()?;
+            true
+        }
+    };
+    child.wait()?;
+    Ok(killed)
+}
+
+/// A seeded SIGKILL campaign against `pilot-agent ARGS` on a cold host. A cold run is timed
+/// (it must exit 0 and pass the checks) and the host reset; then [`kill_points`] spread over
+/// 1.1 times that run (the count from `count_var`, the seed from `seed_var`, both printed) are
+/// visited in turn (this part's share of them): the command is started and SIGKILLed at the
+/// point, then run again, and that run must exit 0, leave the host converged
+/// ([`check_converged`]), pass `check`, and keep every file under the `kept` directories of
+/// the state dir that the killed run left (every file is written whole, so whatever key or
+/// certificate it left is good and must not be regenerated); then the host is reset with
+/// `reset` (given the original daemon.json). At least one kill must land mid-run.
+pub struct Sigkill<'a> {
+    /// Prefix of every line printed ("converge", "reliability").
+    pub label: &'a str,
+    pub vm: &'a Vm,
+    pub agent: &'a Agent,
+    /// The agent's arguments, killed and then run again (`&["up"]`).
+    pub args: &'a [&'a str],
+    /// The environment variable whose value replays a run's seed.
+    pub seed_var: &'a str,
+    /// The environment variable with the number of kill points, and its default.
+    pub count_var: &'a str,
+    pub default_count: usize,
+    /// This run visits the points `i` with `i % parts == part` (a campaign split over VMs,
+    /// all parts drawing from one seed); `0` of `1` for all of them.
+    pub part: usize,
+    pub parts: usize,
+    /// Top-level directories of the state dir whose files (temporary ones aside) the next run
+    /// must keep byte for byte once a killed run wrote them.
+    pub kept: &'a [&'a str],
+    /// More checks of a converged host, after the cold run and after every recovery.
+    pub check: &'a dyn Fn() -> Result<()>,
+    /// Back to a cold host, given the original daemon.json.
+    pub reset: &'a dyn Fn(&[u8]) -> Result<()>,
+}
+
+impl Sigkill<'_> {
+    /// Runs the campaign; prints the plan, one line per kill and a summary.
+    pub fn run(&self) -> Result<()> {
+        let t0 = Instant::now();
+        let (vm, agent, label, seed_var) = (self.vm, self.agent, self.label, self.seed_var);
+        let cmd = self.args.join(" ");
+        let original = fs::read(vm.daemon_json())?;
+        let seed = seed_from_env(seed_var)?;
+        let total: usize = match std::env::var(self.count_var) {
+            Ok(s) => s
+                .parse()
+                .with_context(|| format!("{} must be a count", self.count_var))?,
+            Err(_) => self.default_count,
+        };
+        let parts = self.parts.max(1);
+        ensure!(
+            total >= parts,
+            "{} must be at least {parts}",
+            self.count_var
+        );
+        let part_note = if parts > 1 {
+            format!(" (part {} of {parts})", self.part)
+        } else {
+            String::new()
+        };
+
+        // A cold run, timed: the kill points are spread over it.
+        let (out, cold) = agent.run(vm, self.args)?;
+        ensure!(
+            out.status.success(),
+            "pilot-agent {cmd} exited {} after {cold:?}:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        check_converged(vm, agent)?;
+        (self.check)()?;
+        (self.reset)(&original)?;
+        let span = cold.mul_f64(1.1);
+        let mut rng = Rng(seed);
+        let mine: Vec<(usize, Duration)> = kill_points(&mut rng, total, span)
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % parts == self.part)
+            .collect();
+        eprintln!(
+            "{label}: cold {cmd} took {cold:?}; {} of {total} SIGKILLs at random points within \
+             {span:?}{part_note} (seed {seed}; replay with {seed_var}={seed})",
+            mine.len()
+        );
+
+        let mut landed = 0;
+        for &(i, delay) in &mine {
+            let log = vm
+                .dir()
+                .join(format!("killed-{}-{i}.log", self.args.join("-")));
+            let child = agent
+                .cmd(vm, self.args)
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(&log)?)
+                .spawn()
+                .with_context(|| format!("cannot start pilot-agent {cmd}"))?;
+            let killed = kill_after(child, delay)?;
+            landed += usize::from(killed);
+            let left = leftover_state(vm, agent, &original);
+            let running = agent
+                .status_json()
+                .map(|s| running_steps(&s))
+                .unwrap_or_default();
+            let context = || {
+                format!(
+                    "kill {i}: SIGKILL after {delay:?} (seed {seed}, replay with \
+                     {seed_var}={seed}); the killed run left: {left}; running: {running:?}"
+                )
+            };
+            let before = self.kept_files()?;
+
+            let (out, took) = agent.run(vm, self.args)?;
+            ensure!(
+                out.status.success(),
+                "{}\n{cmd} after the kill exited {}:\n{}",
+                context(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            check_converged(vm, agent).with_context(context)?;
+            (self.check)().with_context(context)?;
+            let state = agent.state_dir();
+            for (rel, content) in &before {
+                let now = fs::read(state.join(rel)).ok();
+                ensure!(
+                    now.as_deref() == Some(content.as_slice()),
+                    "{}\n{} was {} by the next {cmd}",
+                    context(),
+                    rel.display(),
+                    if now.is_some() { "replaced" } else { "removed" }
+                );
+            }
+            eprintln!(
+                "{label}: kill {i:>2} at {:>7.1} ms: {} (running: {running:?}) -> left {left}; \
+                 {} kept files unchanged; next {cmd} exit 0 in {took:.2?}, converged",
+                delay.as_secs_f64() * 1000.0,
+                if killed { "killed" } else { "had finished" },
+                before.len(),
+            );
+            (self.reset)(&original)?;
+        }
+        ensure!(
+            landed > 0,
+            "no SIGKILL landed while {cmd} was running (all {} runs had finished)",
+            mine.len()
+        );
+        eprintln!(
+            "{label}: {landed} of {} SIGKILLs landed mid-run{part_note}; every following {cmd} \
+             converged, passed the checks, kept the files it had to and left no torn file \
+             ({:?} in all)",
+            mine.len(),
+            t0.elapsed()
+        );
+        Ok(())
+    }
+
+    /// The files under the `kept` directories of the state dir (relative paths) and their
+    /// content, temporary files aside (a half-written one is the one thing the next run must
+    /// NOT keep: it is removed, and [`check_converged`] asserts none is left).
+    fn kept_files(&self) -> Result<BTreeMap<PathBuf, Vec<u8>>> {
+        let state = self.agent.state_dir();
+        if !state.exists() {
+            return Ok(BTreeMap::new());
+        }
+        Ok(snapshot(state, &[])?
+            .into_iter()
+            .filter_map(|(p, f)| {
+                let rel = p.strip_prefix(state).ok()?.to_path_buf();
+                let top = rel.components().next()?.as_os_str().to_str()?.to_string();
+                let temp = rel
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(is_temp_file);
+                (self.kept.contains(&top.as_str()) && !temp).then_some((rel, f.content))
+            })
+            .collect())
+    }
 }

@@ -90,59 +90,37 @@ pub fn container_floor(vm: &Vm, tarball: &Path, image: &str) -> Result<(Duration
         "floor-net",
     ])?;
     vm.docker_ok(["volume", "create", "floor-data"])?;
-    vm.docker_ok([
-        "run",
-        "-d",
-        "--name",
-        "floor-server",
-        "--network",
-        "floor-net",
-        "-v",
-        "floor-data:/data",
-        "-p",
-        "29701:9701",
-        "-p",
-        "29702:9702",
-        image,
-        "server",
-        "run",
-        "-accept-tos",
-        "-db=/data/data.db",
-        "-listen-grpc=0.0.0.0:9701",
-        "-listen-http=0.0.0.0:9702",
-    ])?;
+    vm.docker_ok(
+        [
+            "run",
+            "-d",
+            "--name",
+            "floor-server",
+            "--network",
+            "floor-net",
+            "-v",
+            "floor-data:/data",
+            "-p",
+            "29701:9701",
+            "-p",
+            "29702:9702",
+            image,
+        ]
+        .into_iter()
+        .chain(crate::WAYPOINT_SERVER_RUN),
+    )?;
     let ip = vm.docker_ok([
         "inspect",
         "-f",
         "{{(index .NetworkSettings.Networks \"floor-net\").IPAddress}}",
         "floor-server",
     ])?;
-    crate::poll(
+    crate::wait_https_200(
+        || vm.cmd("curl"),
+        &format!("https://{ip}:9702/"),
+        "1",
         Duration::from_secs(20),
         "the floor server to answer",
-        || {
-            let out = vm
-                .cmd("curl")
-                .args([
-                    "-k",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--max-time",
-                    "1",
-                ])
-                .arg(format!("https://{ip}:9702/"))
-                .output()
-                .map_err(|e| e.to_string())?;
-            let code = String::from_utf8_lossy(&out.stdout).to_string();
-            if code == "200" {
-                Ok(Some(()))
-            } else {
-                Err(code)
-            }
-        },
     )?;
     let token = vm.docker_ok([
         "run",

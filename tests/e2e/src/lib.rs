@@ -7,12 +7,46 @@ pub mod stack;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use pilot_harness::{Postgres, Vm};
+use anyhow::{Context, ensure};
+use pilot_harness::{Postgres, Sshd, SshdOptions, Vm, VmOptions, require_root};
 use serde_json::Value;
+
+use crate::agent::Agent;
+
+/// Runs phase `name` of a long test: an error gets `phase NAME` as its outermost context, and
+/// a panic is raised again as `phase NAME: MESSAGE`, so a failure names the phase it is in.
+pub fn phase<T>(name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result.with_context(|| format!("phase {name}")),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(a panic without a message)".to_string());
+            panic!("phase {name}: {message}");
+        }
+    }
+}
+
+/// Starts a simulated VM (needs root) and prints `SUITE: VM NAME (ADDR, hostname H) started
+/// in T`.
+pub fn start_vm(suite: &str) -> anyhow::Result<Vm> {
+    require_root()?;
+    let vm = Vm::start(VmOptions::default())?;
+    eprintln!(
+        "{suite}: VM {} ({}, hostname {}) started in {:?}",
+        vm.name(),
+        vm.addr(),
+        vm.hostname(),
+        vm.start_duration()
+    );
+    Ok(vm)
+}
 
 /// Polls `check` every 100 ms until it yields `Some`, or fails after `timeout` naming `what`
 /// and the last error `check` reported (an `Err` means "not yet, and this is why").
@@ -81,4 +115,150 @@ pub fn bootstrap_tokens(state: &Value) -> Vec<String> {
 pub fn standin_runner_status(vm: &Vm, name: &str) -> anyhow::Result<Value> {
     let text = vm.docker_ok(["exec", name, "cat", "/tmp/waypoint-runner-status.json"])?;
     serde_json::from_str(&text).with_context(|| format!("the status of {name}"))
+}
+
+/// The arguments of `waypoint server run` as the agent passes them (agent/src/waypoint/
+/// server.rs), for the floor and the smoke suite that start a server by hand: state in
+/// `/data/data.db`, gRPC on 9701, HTTP(S) on 9702.
+pub const WAYPOINT_SERVER_RUN: [&str; 6] = [
+    "server",
+    "run",
+    "-accept-tos",
+    "-db=/data/data.db",
+    "-listen-grpc=0.0.0.0:9701",
+    "-listen-http=0.0.0.0:9702",
+];
+
+/// Polls until `curl -k` (a fresh one from `curl` each time: `vm.cmd("curl")` inside the VM,
+/// `vm.outside_cmd("curl")` from outside) gets HTTP 200 from `url`, each try bounded by
+/// `max_time` seconds; fails after `timeout` naming `what` and the last answer.
+pub fn wait_https_200(
+    curl: impl Fn() -> Command,
+    url: &str,
+    max_time: &str,
+    timeout: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
+    poll(timeout, what, || {
+        let out = curl()
+            .args(["-k", "-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["--max-time", max_time])
+            .arg(url)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let code = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if code == "200" {
+            Ok(Some(()))
+        } else {
+            Err(format!("curl {}: HTTP {code:?}", out.status))
+        }
+    })
+}
+
+/// Makes a CA that did not sign anything of the agent's (`DIR/ca.pem`, key `DIR/key.pem`,
+/// P-256, one day), to show that a client trusting it is refused; returns the certificate.
+pub fn foreign_ca(dir: &Path) -> anyhow::Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let ca = dir.join("ca.pem");
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec"])
+        .args([
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args(["-subj", "/CN=not the agent's CA", "-keyout"])
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(&ca)
+        .output()
+        .context("cannot run openssl")?;
+    ensure!(
+        made.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    Ok(ca)
+}
+
+/// sshd in `vm` (key authentication, root) whose sessions find `pilot-agent` on PATH (a
+/// symlink to the built binary in `VM_DIR/bin`, as /usr/bin/pilot-agent on a real host) and
+/// its configuration (PILOT_AGENT_CONFIG); checks that a session runs inside the VM.
+pub fn start_operator_sshd(vm: &Vm, agent: &Agent) -> anyhow::Result<Sshd> {
+    let bin = vm.dir().join("bin");
+    fs::create_dir_all(&bin)?;
+    let link = bin.join("pilot-agent");
+    let _ = fs::remove_file(&link);
+    std::os::unix::fs::symlink(pilot_harness::target_bin("pilot-agent")?, &link)?;
+    let path = format!(
+        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        bin.display()
+    );
+    let sshd = Sshd::start(
+        vm,
+        SshdOptions {
+            env: vec![
+                ("PATH".into(), path),
+                (
+                    "PILOT_AGENT_CONFIG".into(),
+                    agent.config_path().display().to_string(),
+                ),
+            ],
+        },
+    )?;
+    // The session runs inside the VM: its hostname, not the machine's.
+    let out = sshd.ssh_output(vm, "hostname")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && stdout.trim() == vm.hostname(),
+        "ssh root@{} hostname: {} {}{}",
+        vm.addr(),
+        out.status,
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(sshd)
+}
+
+/// The state and detail of step `name` in a status.json.
+pub fn step_state(status: &Value, name: &str) -> anyhow::Result<(String, String)> {
+    let s = status["steps"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name))
+        .with_context(|| format!("no step {name} in {status}"))?;
+    Ok((
+        s["state"].as_str().unwrap_or_default().to_string(),
+        s["detail"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+/// Writes a benchmark's JSON report (pretty, with a final newline), making its directory.
+pub fn write_json_report(path: &Path, report: &Value) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(path, serde_json::to_string_pretty(report)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::phase;
+
+    #[test]
+    fn phase_names_the_phase_of_an_error_and_of_a_panic() {
+        let e = phase("two", || -> anyhow::Result<()> { anyhow::bail!("broke") }).unwrap_err();
+        assert_eq!(format!("{e:#}"), "phase two: broke");
+        let p = std::panic::catch_unwind(|| {
+            phase("three", || -> anyhow::Result<()> { panic!("boom {}", 3) })
+        })
+        .unwrap_err();
+        assert_eq!(
+            p.downcast_ref::<String>().map(String::as_str),
+            Some("phase three: boom 3")
+        );
+        assert_eq!(phase("four", || Ok(4)).unwrap(), 4);
+    }
 }

@@ -3,7 +3,9 @@
 //! load it), optionally PostgreSQL on its own database host, and the agent configured for the
 //! converge core plus `waypoint:` (and `database:`). Also what such a host is asked afterwards
 //! (containers by role, the server's bootstrap tokens, the application role's login) and the
-//! reset to a cold host between SIGKILL iterations.
+//! reset to a cold host between SIGKILL iterations. [`RunHost`]: the same host with PostgreSQL
+//! and the `endpoint:` and `service:` sections, for `pilot-agent run` (the service suite and
+//! bench-service).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,7 +13,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use pilot_harness::{Postgres, Vm, VmOptions, require_root};
 
-use crate::agent::Agent;
+use crate::agent::{
+    Agent, EndpointToken, RateLimit, database_section, run_sections, waypoint_section,
+};
 use crate::{bake_standin, write_admin_password};
 
 /// The image reference the agent's configuration names (Pilot's image name; the content is
@@ -40,30 +44,10 @@ impl Stack {
             None
         };
         let images = bake_standin(&vm, IMAGE)?;
-        let mut sections = format!(
-            "waypoint:\n\
-             \x20 server_image: {IMAGE}\n\
-             \x20 runner_image: {IMAGE}\n\
-             \x20 images_dir: {images}\n\
-             \x20 runners: {runners}\n\
-             \x20 ready_timeout_secs: 30\n",
-            images = serde_json::Value::String(images.display().to_string()),
-        );
+        let mut sections = waypoint_section(IMAGE, IMAGE, &images, runners);
         if let Some(pg) = &pg {
             let pw = write_admin_password(&vm, pg)?;
-            sections += &format!(
-                "database:\n\
-                 \x20 host: {host}\n\
-                 \x20 port: {port}\n\
-                 \x20 admin_user: {user}\n\
-                 \x20 admin_password_file: {pw}\n\
-                 \x20 tls: disable\n\
-                 \x20 connect_timeout_secs: 2\n",
-                host = pg.addr(),
-                port = pg.port(),
-                user = pg.superuser(),
-                pw = serde_json::Value::String(pw.display().to_string()),
-            );
+            sections += &database_section(pg, &pw);
         }
         let agent = Agent::with_sections(&vm, &sections)?;
         Ok(Stack {
@@ -197,21 +181,13 @@ impl Stack {
     /// Polls until the agent's server container answers `GET /` over HTTPS from inside the
     /// VM at its published port.
     pub fn wait_server(&self, timeout: Duration) -> Result<()> {
-        crate::poll(timeout, "the Waypoint server to answer", || {
-            let out = self
-                .vm
-                .cmd("curl")
-                .args(["-k", "-s", "-o", "/dev/null", "-w", "%{http_code}"])
-                .args(["--max-time", "1", "https://127.0.0.1:9702/"])
-                .output()
-                .map_err(|e| e.to_string())?;
-            let code = String::from_utf8_lossy(&out.stdout).to_string();
-            if code == "200" {
-                Ok(Some(()))
-            } else {
-                Err(code)
-            }
-        })
+        crate::wait_https_200(
+            || self.vm.cmd("curl"),
+            "https://127.0.0.1:9702/",
+            "1",
+            timeout,
+            "the Waypoint server to answer",
+        )
     }
 
     /// Stops PostgreSQL (if any) and removes the VM, reporting what could not be removed.
@@ -220,5 +196,36 @@ impl Stack {
             pg.cleanup()?;
         }
         self.vm.cleanup()
+    }
+}
+
+/// A full Pilot host for `pilot-agent run` (tests/service.rs, bench-service): a VM, PostgreSQL,
+/// the stand-in baked, an endpoint token, and the agent configured with [`run_sections`].
+pub struct RunHost {
+    pub token: EndpointToken,
+    pub agent: Agent,
+    /// Dropped before `vm` (fields drop in order): its link lives in the VM's namespace.
+    pub pg: Postgres,
+    pub vm: Vm,
+}
+
+impl RunHost {
+    /// Starts the VM and PostgreSQL, bakes the stand-in, writes the admin password, the
+    /// endpoint token and the configuration (`rate_limit` for the endpoint).
+    pub fn start(rate_limit: RateLimit) -> Result<RunHost> {
+        require_root()?;
+        let vm = Vm::start(VmOptions::default())?;
+        let pg = Postgres::start(&vm)?;
+        let images = bake_standin(&vm, IMAGE)?;
+        let pw = write_admin_password(&vm, &pg)?;
+        let token = EndpointToken::generate(&vm)?;
+        let sections = run_sections(IMAGE, &images, &pg, &pw, &token, rate_limit);
+        let agent = Agent::with_sections(&vm, &sections)?;
+        Ok(RunHost {
+            token,
+            agent,
+            pg,
+            vm,
+        })
     }
 }

@@ -37,7 +37,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use pilot_e2e::agent::{Agent, ENDPOINT_PORT, EndpointToken, RunningAgent};
+use pilot_e2e::agent::{Agent, ENDPOINT_PORT, EndpointToken};
 use pilot_e2e::{bake_standin, poll, standin_runner_status, standin_server_state};
 use pilot_harness::metadata::{Instance, MetadataOptions};
 use pilot_harness::standin::standin_binary;
@@ -59,15 +59,7 @@ fn text(out: &Output) -> String {
 
 /// `waypoint:` for the stand-in baked in `images`, with `extra` lines appended to it.
 fn waypoint_section(images: &Path, runners: u32, extra: &str) -> String {
-    format!(
-        "waypoint:\n\
-         \x20 server_image: {IMAGE}\n\
-         \x20 runner_image: {IMAGE}\n\
-         \x20 images_dir: {images}\n\
-         \x20 runners: {runners}\n\
-         \x20 ready_timeout_secs: 30\n{extra}",
-        images = Value::String(images.display().to_string()),
-    )
+    pilot_e2e::agent::waypoint_section(IMAGE, IMAGE, images, runners) + extra
 }
 
 /// What the stand-in entrypoint printed (its one JSON line) and the whole output.
@@ -238,27 +230,6 @@ fn step<'a>(status: &'a Value, name: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
-/// Polls `agent`'s status until `want` holds, failing early when `run` exits.
-fn wait_status(
-    agent: &Agent,
-    run: &mut RunningAgent,
-    timeout: Duration,
-    what: &str,
-    want: impl Fn(&Value) -> bool,
-) -> Result<Value> {
-    poll(timeout, what, || {
-        if let Ok(Some(st)) = run.try_exit() {
-            return Err(format!("run exited ({st}): {}", run.log_tail(30)));
-        }
-        let v = agent.status_json().map_err(|e| format!("{e:#}"))?;
-        if want(&v) {
-            Ok(Some(v))
-        } else {
-            Err(v.to_string())
-        }
-    })
-}
-
 fn healthy(v: &Value) -> bool {
     v["status"] == "done" && v["condition"] == "healthy"
 }
@@ -295,8 +266,7 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
         )),
     )?;
     let mut server_run = server.spawn_run(&server_vm, &server_vm.dir().join("agent-run.log"))?;
-    wait_status(
-        &server,
+    server.wait_status(
         &mut server_run,
         Duration::from_secs(150),
         "the server VM's first pass",
@@ -358,8 +328,7 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
     let runner = Agent::with_sections(&runner_vm, &runner_sections(&pin))?;
     let mut runner_run = runner.spawn_run(&runner_vm, &runner_vm.dir().join("agent-run.log"))?;
     let t0 = Instant::now();
-    let first = wait_status(
-        &runner,
+    let first = runner.wait_status(
         &mut runner_run,
         Duration::from_secs(150),
         "the runner VM's first pass",
@@ -406,8 +375,7 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
     // 3. Cut the link: both keep running; the runner VM is degraded, the server VM healthy.
     link.cut()?;
     let t_cut = Instant::now();
-    let degraded = wait_status(
-        &runner,
+    let degraded = runner.wait_status(
         &mut runner_run,
         Duration::from_secs(60),
         "the runner VM degraded after the cut",
@@ -440,8 +408,7 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
     // 4. Restore it: healthy again, same processes.
     link.restore()?;
     let t_restore = Instant::now();
-    wait_status(
-        &runner,
+    runner.wait_status(
         &mut runner_run,
         Duration::from_secs(60),
         "the runner VM healthy after the link returned",

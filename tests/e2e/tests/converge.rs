@@ -55,11 +55,9 @@ use pilot_e2e::agent::{
     AGENT_TABLE, Agent, NftMonitor, PLAIN_PORT, TLS_PORT, dockerd_pid, nft, nft_script, snapshot,
     snapshot_diff,
 };
-use pilot_e2e::crash::{
-    Rng, check_converged, is_temp_file, kill_points, leftover_state, reset_cold, seed_from_env,
-    status_json,
-};
-use pilot_harness::{Vm, VmOptions, require_root};
+use pilot_e2e::crash::{Sigkill, reset_cold};
+use pilot_e2e::{foreign_ca, phase};
+use pilot_harness::Vm;
 use serde_json::Value;
 
 /// A table the operator owns in the VM; the agent must never touch it.
@@ -71,15 +69,7 @@ const OPERATOR_TABLE: &str = "table inet operator_owned {\n\
     }\n";
 
 fn start_vm() -> Result<Vm> {
-    require_root()?;
-    let vm = Vm::start(VmOptions::default())?;
-    eprintln!(
-        "converge: VM {} ({}) started in {:?}",
-        vm.name(),
-        vm.addr(),
-        vm.start_duration()
-    );
-    Ok(vm)
+    pilot_e2e::start_vm("converge")
 }
 
 fn stderr(o: &Output) -> String {
@@ -441,24 +431,84 @@ fn check_diagnostics(
 #[test]
 fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
     let t_test = Instant::now();
+    let c = phase("setup", setup_first_vm)?;
+    phase("2375 answers before up", || plain_api_answers_before_up(&c))?;
+    let first = phase("first up under scan", || first_up_under_scan(&c))?;
+    phase("no answer after the lock", || {
+        check_scan(&first.scan, first.t_lock)
+    })?;
+    phase("2375 locked from outside", || plain_api_locked_after_up(&c))?;
+    phase("2376 mutual TLS only", || tls_api_needs_a_certificate(&c))?;
+    let kept = phase("second up changes nothing", || {
+        second_up_changes_nothing(&c)
+    })?;
+    phase("drift repaired, table re-created", || {
+        firewall_repairs_leave_other_tables(&c, &kept)
+    })?;
+    phase("bad configuration changes nothing", || {
+        bad_configuration_changes_nothing(&c)
+    })?;
+    let FirstVm { vm, monitor, .. } = c;
+    drop(monitor);
+    vm.cleanup()?;
+    eprintln!("converge: first VM's checks took {:?}", t_test.elapsed());
+    Ok(())
+}
+
+/// The first VM with a plain Docker API on 2375 (socat to dockerd's socket, predating the
+/// agent), the operator's table, and `nft monitor` watching every transaction.
+struct FirstVm {
+    agent: Agent,
+    /// The operator's table (`nft -a list`, handles included) before any `up`.
+    operator_before: String,
+    /// `inet pilot_agent`, as nft names the agent's table in its events.
+    table_ref: String,
+    /// Dropped before `vm`: it runs in the VM's namespace.
+    monitor: NftMonitor,
+    vm: Vm,
+}
+
+impl FirstVm {
+    /// `port` at the VM's address.
+    fn at(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.vm.addr(), port))
+    }
+
+    fn operator_table(&self) -> Result<String> {
+        nft(&self.vm, &["-a", "list", "table", "inet", "operator_owned"])
+    }
+
+    fn agent_table(&self) -> Result<String> {
+        nft(&self.vm, &["list", "table", "inet", AGENT_TABLE])
+    }
+}
+
+fn setup_first_vm() -> Result<FirstVm> {
     let vm = start_vm()?;
     let agent = Agent::new(&vm)?;
-    let addr = SocketAddr::from((vm.addr(), 0));
-    let at = |port| SocketAddr::new(addr.ip(), port);
-
     // The plain Docker API that must be locked, and the operator's own table.
     vm.start_socat(
         PLAIN_PORT,
         &format!("UNIX-CONNECT:{}", vm.docker_socket().display()),
     )?;
     nft_script(&vm, OPERATOR_TABLE)?;
-    let operator_table = || nft(&vm, &["-a", "list", "table", "inet", "operator_owned"]);
-    let operator_before = operator_table()?;
+    let (monitor, _) = NftMonitor::start(&vm)?;
+    let mut c = FirstVm {
+        agent,
+        operator_before: String::new(),
+        table_ref: format!("inet {AGENT_TABLE}"),
+        monitor,
+        vm,
+    };
+    c.operator_before = c.operator_table()?;
+    Ok(c)
+}
 
-    // 1. Before `up` the probe gets an answer: it can fail.
-    let (_, before) = vm.in_outside_ns(|| {
+/// (1) Before `up` the probe gets an answer: it can fail.
+fn plain_api_answers_before_up(c: &FirstVm) -> Result<()> {
+    let (_, before) = c.vm.in_outside_ns(|| {
         plain_ping(
-            at(PLAIN_PORT),
+            c.at(PLAIN_PORT),
             Duration::from_secs(1),
             Duration::from_secs(2),
         )
@@ -467,21 +517,33 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
     ensure!(
         before.contains("OK") && before.to_ascii_lowercase().contains("api-version:"),
         "before `up`, plain /_ping on {}:2375 from outside should answer; got {before:?}",
-        vm.addr()
+        c.vm.addr()
     );
     eprintln!("converge: before up, 2375 answered /_ping from outside (socat -> dockerd)");
+    Ok(())
+}
 
-    // 2. The first `up`, under an outside scanner and nft monitor.
-    let (monitor, m0) = NftMonitor::start(&vm)?;
-    let scan = up_under_scan(&vm, &agent)?;
-    let m1 = monitor.mark(&vm)?;
+/// The first `up` and what the scanner and the monitor saw of it.
+struct FirstUp {
+    scan: Scan,
+    /// When the monitor read the first event of the agent's one transaction (the lock).
+    t_lock: Instant,
+}
+
+/// (2) The first `up`, under an outside scanner and nft monitor: exit 0, done and healthy, one
+/// nft transaction, on the agent's table only.
+fn first_up_under_scan(c: &FirstVm) -> Result<FirstUp> {
+    let (vm, agent, monitor) = (&c.vm, &c.agent, &c.monitor);
+    let m0 = monitor.mark(vm)?;
+    let scan = up_under_scan(vm, agent)?;
+    let m1 = monitor.mark(vm)?;
     ensure!(
         scan.up.status.success(),
         "first `up` exited {}:\n{}",
         scan.up.status,
         stderr(&scan.up)
     );
-    let status = status_json(&agent)?;
+    let status = agent.status_json()?;
     ensure!(
         status["status"] == "done" && status["condition"] == "healthy",
         "status after the first up: {status}"
@@ -491,11 +553,14 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
         scan.up_took,
         step_states(&status)
     );
-
     let first_events = monitor.between(&m0, &m1)?;
-    let table_ref = format!("inet {AGENT_TABLE}");
-    let t_lock = only_agent_transaction("the first up", &first_events, &table_ref)?;
+    let t_lock = only_agent_transaction("the first up", &first_events, &c.table_ref)?;
+    Ok(FirstUp { scan, t_lock })
+}
 
+/// (2) What the scanner saw: each port probed during `up`; 2376 never answered; 2375 never
+/// answered a probe started after the lock; dockerd accepted TCP on 2376 only after it.
+fn check_scan(scan: &Scan, t_lock: Instant) -> Result<()> {
     let during = |p: &&Probe| p.started >= scan.up_start && p.started <= scan.up_end;
     let count = |port, kind| {
         scan.probes
@@ -576,11 +641,15 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
         first_2376.saturating_duration_since(scan.up_start),
         t_lock.saturating_duration_since(scan.up_start)
     );
+    Ok(())
+}
 
-    // 1. After `up`: 2375 locked from outside, open on loopback inside.
+/// (1) After `up`: 2375 locked from outside, open on loopback inside.
+fn plain_api_locked_after_up(c: &FirstVm) -> Result<()> {
+    let vm = &c.vm;
     let (outside_connected, outside) = vm.in_outside_ns(|| {
         plain_ping(
-            at(PLAIN_PORT),
+            c.at(PLAIN_PORT),
             Duration::from_secs(1),
             Duration::from_secs(1),
         )
@@ -606,10 +675,16 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
             "inside the VM, {inside_addr}:2375 (loopback) should still answer; got {inside:?}"
         );
     }
+    Ok(())
+}
 
+/// (1) 2376: no API answer without a certificate, none from a source outside
+/// `docker_api_sources`; the operator's mutual TLS works and does verify the server.
+fn tls_api_needs_a_certificate(c: &FirstVm) -> Result<()> {
+    let (vm, agent) = (&c.vm, &c.agent);
     // 2376 without a certificate: TCP connects (the outside address is an allowed source),
     // the TLS handshake is refused.
-    let (no_cert, curl_code) = tls_no_cert_probe(&vm, None, "2");
+    let (no_cert, curl_code) = tls_no_cert_probe(vm, None, "2");
     ensure!(
         no_cert.connected && no_cert.answer.is_none() && curl_code != 0,
         "2376 without a client certificate: connected {}, curl exit {curl_code}, answer {:?}",
@@ -648,7 +723,7 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
         status.success(),
         "cannot add {stranger} to the outside namespace"
     );
-    let (from_stranger, code) = tls_no_cert_probe(&vm, Some(stranger), "1");
+    let (from_stranger, code) = tls_no_cert_probe(vm, Some(stranger), "1");
     ensure!(
         !from_stranger.connected && from_stranger.answer.is_none(),
         "2376 accepted TCP from {stranger}, which is not in docker_api_sources (curl exit \
@@ -656,46 +731,35 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
     );
 
     // The operator's docker CLI over mutual TLS, verifying the server at the veth address.
-    let version = agent.operator_docker_version(&vm)?;
+    let version = agent.operator_docker_version(vm)?;
     eprintln!(
         "converge: operator `docker version` over mutual TLS at {}:{TLS_PORT}: {version}; \
          without a certificate: curl exit {curl_code}; from {stranger}: no TCP (curl exit {code})",
         vm.addr()
     );
     // ... and it does verify: a CA that did not sign dockerd's certificate is refused.
-    let foreign = vm.dir().join("foreign-ca");
-    fs::create_dir_all(&foreign)?;
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=not the agent's CA",
-            "-keyout",
-        ])
-        .arg(foreign.join("key.pem"))
-        .arg("-out")
-        .arg(foreign.join("ca.pem"))
-        .output()?;
-    ensure!(made.status.success(), "openssl req: {}", stderr(&made));
-    let refused = agent
-        .docker_with(&vm, &foreign.join("ca.pem"), &op, ["version"])
-        .output()?;
+    let foreign = foreign_ca(&vm.dir().join("foreign-ca"))?;
+    let refused = agent.docker_with(vm, &foreign, &op, ["version"]).output()?;
     ensure!(
         !refused.status.success() && stderr(&refused).contains("certificate"),
         "docker trusting a foreign CA should refuse dockerd's certificate: {} {}",
         refused.status,
         stderr(&refused)
     );
+    Ok(())
+}
 
-    // 3. A second `up` changes nothing.
+/// What the later phases compare against: dockerd's PID and the agent's table after the
+/// first `up`.
+struct Converged {
+    dockerd_pid: u32,
+    agent_table: String,
+}
+
+/// (3) A second `up` changes nothing: no nft transaction, no dockerd restart, no file
+/// rewritten (status.json aside), every step `ok`.
+fn second_up_changes_nothing(c: &FirstVm) -> Result<Converged> {
+    let (vm, agent, monitor) = (&c.vm, &c.agent, &c.monitor);
     let watched = [vm.daemon_json()];
     let status_path = agent.status_path();
     let without_status = |mut s: std::collections::BTreeMap<PathBuf, _>| {
@@ -703,12 +767,11 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
         s
     };
     let files_before = without_status(snapshot(agent.state_dir(), &watched)?);
-    let pid_before = dockerd_pid(&vm)?;
-    let agent_table = || nft(&vm, &["list", "table", "inet", AGENT_TABLE]);
-    let agent_table_before = agent_table()?;
-    let m2 = monitor.mark(&vm)?;
-    let (second, second_took) = agent.run(&vm, ["up"])?;
-    let m3 = monitor.mark(&vm)?;
+    let pid_before = dockerd_pid(vm)?;
+    let agent_table_before = c.agent_table()?;
+    let m2 = monitor.mark(vm)?;
+    let (second, second_took) = agent.run(vm, ["up"])?;
+    let m3 = monitor.mark(vm)?;
     ensure!(
         second.status.success(),
         "second up exited {}:\n{}",
@@ -725,7 +788,7 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let pid_after = dockerd_pid(&vm)?;
+    let pid_after = dockerd_pid(vm)?;
     ensure!(
         pid_before == pid_after,
         "the second up restarted dockerd (pid {pid_before} -> {pid_after})"
@@ -739,7 +802,7 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
         "the second up rewrote files:\n{}",
         diff.join("\n")
     );
-    let status = status_json(&agent)?;
+    let status = agent.status_json()?;
     let states = step_states(&status);
     ensure!(
         status["condition"] == "healthy" && states.iter().all(|s| s.ends_with("=ok")),
@@ -750,12 +813,20 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
          unchanged, no nft transaction",
         files_before.len()
     );
+    Ok(Converged {
+        dockerd_pid: pid_before,
+        agent_table: agent_table_before,
+    })
+}
 
-    // 6. Drift in the agent's table is repaired by `up`; a deleted table is re-created by
-    // `pilot-agent firewall`; each time in one transaction that touches only the agent's
-    // table, and the operator's table stays as it was (handles included).
+/// (6) Drift in the agent's table is repaired by `up`; a deleted table is re-created by
+/// `pilot-agent firewall`; each time in one transaction that touches only the agent's
+/// table, and the operator's table stays as it was (handles included).
+fn firewall_repairs_leave_other_tables(c: &FirstVm, kept: &Converged) -> Result<()> {
+    let (vm, agent, monitor) = (&c.vm, &c.agent, &c.monitor);
+    let table_ref = &c.table_ref;
     nft(
-        &vm,
+        vm,
         &[
             "add",
             "rule",
@@ -768,18 +839,18 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
             "accept",
         ],
     )?;
-    let m4 = monitor.mark(&vm)?;
-    let (repair, _) = agent.run(&vm, ["up"])?;
-    let m5 = monitor.mark(&vm)?;
+    let m4 = monitor.mark(vm)?;
+    let (repair, _) = agent.run(vm, ["up"])?;
+    let m5 = monitor.mark(vm)?;
     ensure!(
         repair.status.success(),
         "up after drift: {}",
         stderr(&repair)
     );
-    nft(&vm, &["delete", "table", "inet", AGENT_TABLE])?;
-    let m6 = monitor.mark(&vm)?;
-    let (reapply, _) = agent.run(&vm, ["firewall"])?;
-    let m7 = monitor.mark(&vm)?;
+    nft(vm, &["delete", "table", "inet", AGENT_TABLE])?;
+    let m6 = monitor.mark(vm)?;
+    let (reapply, _) = agent.run(vm, ["firewall"])?;
+    let m7 = monitor.mark(vm)?;
     ensure!(
         reapply.status.success(),
         "pilot-agent firewall: {}",
@@ -790,7 +861,7 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
         ("firewall after deletion", m6, m7),
     ] {
         let events = monitor.between(&a, &b)?;
-        only_agent_transaction(what, &events, &table_ref)?;
+        only_agent_transaction(what, &events, table_ref)?;
         ensure!(
             events
                 .iter()
@@ -802,21 +873,28 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
         );
     }
     ensure!(
-        agent_table()? == agent_table_before,
-        "the agent's table differs after repair and re-creation:\nbefore:\n{agent_table_before}\nafter:\n{}",
-        agent_table()?
+        c.agent_table()? == kept.agent_table,
+        "the agent's table differs after repair and re-creation:\nbefore:\n{}\nafter:\n{}",
+        kept.agent_table,
+        c.agent_table()?
     );
-    let operator_after = operator_table()?;
+    let operator_after = c.operator_table()?;
     ensure!(
-        operator_after == operator_before,
-        "the operator's table changed:\nbefore:\n{operator_before}\nafter:\n{operator_after}"
+        operator_after == c.operator_before,
+        "the operator's table changed:\nbefore:\n{}\nafter:\n{operator_after}",
+        c.operator_before
     );
     ensure!(
-        dockerd_pid(&vm)? == pid_before,
+        dockerd_pid(vm)? == kept.dockerd_pid,
         "repairing the firewall restarted dockerd"
     );
+    Ok(())
+}
 
-    // 5. A configuration with several errors changes nothing and names every error.
+/// (5) A configuration with several errors changes nothing and names every error.
+fn bad_configuration_changes_nothing(c: &FirstVm) -> Result<()> {
+    let (vm, agent) = (&c.vm, &c.agent);
+    let watched = [vm.daemon_json()];
     let bad = vm.dir().join("bad-agent.yaml");
     let bad_text = format!(
         "# four deliberate errors (converge suite)\n\
@@ -851,12 +929,12 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
         ),
         (position(&bad_text, "tabel", "tabel")?, "tabel"),
     ];
-    let ruleset = || nft(&vm, &["-s", "list", "ruleset"]);
+    let ruleset = || nft(vm, &["-s", "list", "ruleset"]);
     let ruleset_before = ruleset()?;
     let all_before = snapshot(agent.state_dir(), &watched)?;
 
     let (validate, _) = agent.run(
-        &vm,
+        vm,
         [
             OsStr::new("config"),
             OsStr::new("validate"),
@@ -873,7 +951,7 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
     check_diagnostics("config validate", &bad, &lines, &expected)?;
 
     let bad_agent = agent.with_config(&bad);
-    let (bad_up, _) = bad_agent.run(&vm, ["up"])?;
+    let (bad_up, _) = bad_agent.run(vm, ["up"])?;
     ensure!(
         bad_up.status.code() == Some(1),
         "up with a bad configuration exited {}:\n{}",
@@ -904,10 +982,6 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
         lines.join("\n  "),
         all_before.len() - 1
     );
-
-    drop(monitor);
-    vm.cleanup()?;
-    eprintln!("converge: first VM's checks took {:?}", t_test.elapsed());
     Ok(())
 }
 
@@ -916,109 +990,23 @@ fn up_locks_2375_serves_mutual_tls_and_changes_nothing_twice() -> Result<()> {
 
 #[test]
 fn sigkill_at_random_points_then_up_converges() -> Result<()> {
-    let t_test = Instant::now();
     let vm = start_vm()?;
     let agent = Agent::new(&vm)?;
-    let original = fs::read(vm.daemon_json())?;
-
-    // A cold converge, timed: the kill points are spread over it.
-    let cold = agent.up_ok(&vm)?;
-    check_converged(&vm, &agent)?;
-    reset_cold(&vm, &agent, &original)?;
-
-    let seed = seed_from_env("PILOT_E2E_SEED")?;
-    let kills: usize = match std::env::var("PILOT_E2E_KILLS") {
-        Ok(s) => s.parse().context("PILOT_E2E_KILLS must be a count")?,
-        Err(_) => 12,
-    };
-    ensure!(kills > 0, "PILOT_E2E_KILLS must be at least 1");
-    let mut rng = Rng(seed);
-    let span = cold.mul_f64(1.1);
-    let delays = kill_points(&mut rng, kills, span);
-    eprintln!(
-        "converge: cold up took {cold:?}; {kills} SIGKILLs at random points within {span:?} \
-         (seed {seed}; replay with PILOT_E2E_SEED={seed})"
-    );
-
-    let mut landed = 0;
-    for (i, delay) in delays.iter().enumerate() {
-        let log = vm.dir().join(format!("killed-up-{i}.log"));
-        let mut child = agent
-            .cmd(&vm, ["up"])
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("cannot start pilot-agent up")?;
-        // The kill point itself: a deliberate random delay, not a wait for a condition.
-        std::thread::sleep(*delay);
-        let killed = match child.try_wait()? {
-            Some(_) => false,
-            None => {
-                child.kill()?;
-                true
-            }
-        };
-        child.wait()?;
-        landed += usize::from(killed);
-        let left = leftover_state(&vm, &agent, &original);
-        let context = || {
-            format!(
-                "iteration {i}: SIGKILL after {delay:?} (seed {seed}, replay with \
-                 PILOT_E2E_SEED={seed}); the killed run left: {left}"
-            )
-        };
-        let pki_after_kill = if agent.pki_dir().exists() {
-            snapshot(&agent.pki_dir(), &[])?
-        } else {
-            Default::default()
-        };
-        let (out, took) = agent.run(&vm, ["up"])?;
-        ensure!(
-            out.status.success(),
-            "{}\nup after the kill exited {}:\n{}",
-            context(),
-            out.status,
-            stderr(&out)
-        );
-        check_converged(&vm, &agent).with_context(context)?;
-        // Every file is written whole (temp file, fsync, rename), so whatever key or
-        // certificate the killed run left is good and must be kept: no regenerated secrets.
-        let pki_now = snapshot(&agent.pki_dir(), &[])?;
-        for (path, f) in &pki_after_kill {
-            // A half-written temp file is the one thing the next run must NOT keep (it is
-            // removed; check_converged asserts none is left).
-            if path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(is_temp_file)
-            {
-                continue;
-            }
-            ensure!(
-                pki_now
-                    .get(path)
-                    .is_some_and(|now| now.content == f.content),
-                "{}\n{} was replaced by the next up",
-                context(),
-                path.display()
-            );
-        }
-        eprintln!(
-            "converge: kill {i:>2} at {:>7.1} ms: {} -> left {left}; next up exit 0 in {took:.2?}, \
-             converged",
-            delay.as_secs_f64() * 1000.0,
-            if killed { "killed" } else { "had finished" },
-        );
-        reset_cold(&vm, &agent, &original)?;
+    Sigkill {
+        label: "converge",
+        vm: &vm,
+        agent: &agent,
+        args: &["up"],
+        seed_var: "PILOT_E2E_SEED",
+        count_var: "PILOT_E2E_KILLS",
+        default_count: 12,
+        part: 0,
+        parts: 1,
+        // Every key and certificate the killed run left is good and must be kept.
+        kept: &["pki"],
+        check: &|| Ok(()),
+        reset: &|original| reset_cold(&vm, &agent, original),
     }
-    ensure!(
-        landed > 0,
-        "no SIGKILL landed while up was running (all {kills} runs had finished)"
-    );
-    eprintln!(
-        "converge: {landed} of {kills} SIGKILLs landed mid-run; every following up converged \
-         ({:?} in all)",
-        t_test.elapsed()
-    );
+    .run()?;
     vm.cleanup()
 }

@@ -56,11 +56,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use pilot_e2e::agent::{Agent, PLAIN_PORT, TLS_PORT, snapshot, snapshot_diff};
-use pilot_e2e::crash::{
-    Rng, check_converged, check_no_torn_files, is_temp_file, kill_points, leftover_state,
-    seed_from_env, status_json,
-};
+use pilot_e2e::crash::{Rng, Sigkill, check_converged, check_no_torn_files, seed_from_env};
 use pilot_e2e::stack::Stack;
+use pilot_e2e::{phase, step_state};
 use pilot_harness::{Vm, VmOptions, require_root, target_bin};
 use serde_json::{Value, json};
 
@@ -171,9 +169,10 @@ fn created_id(body: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The attack in plain HTTP (call from a thread in the attacker's namespace).
-fn plain_attack(addr: SocketAddr, body: &str) -> Outcome {
-    let (connected, code, api, reply) = http_exchange(addr, &post("/containers/create", body));
+/// The attack through `exchange(PATH, BODY) -> (connected, status, has Api-Version, body)`:
+/// the create request, then the start of what it created.
+fn attack(exchange: impl Fn(&str, &str) -> (bool, u16, bool, String), body: &str) -> Outcome {
+    let (connected, code, api, reply) = exchange("/containers/create", body);
     let mut o = Outcome {
         connected,
         api,
@@ -183,12 +182,16 @@ fn plain_attack(addr: SocketAddr, body: &str) -> Outcome {
         && let Some(id) = created_id(&reply)
     {
         o.created = true;
-        let (_, code, _, reply) =
-            http_exchange(addr, &post(&format!("/containers/{id}/start"), ""));
+        let (_, code, _, reply) = exchange(&format!("/containers/{id}/start"), "");
         o.started = code == 204;
         o.start_reply = Some((code, reply));
     }
     o
+}
+
+/// The attack in plain HTTP (call from a thread in the attacker's namespace).
+fn plain_attack(addr: SocketAddr, body: &str) -> Outcome {
+    attack(|path, body| http_exchange(addr, &post(path, body)), body)
 }
 
 /// One curl from the attacker's namespace: TLS without a client certificate, server not
@@ -222,21 +225,10 @@ fn curl_tls(vm: &Vm, url: &str, body: &str) -> (bool, u16, bool, String) {
 
 fn tls_attack(vm: &Vm, port: u16, body: &str) -> Outcome {
     let base = format!("https://{}:{port}", vm.addr());
-    let (connected, code, api, reply) = curl_tls(vm, &format!("{base}/containers/create"), body);
-    let mut o = Outcome {
-        connected,
-        api,
-        ..Outcome::default()
-    };
-    if code == 201
-        && let Some(id) = created_id(&reply)
-    {
-        o.created = true;
-        let (_, code, _, reply) = curl_tls(vm, &format!("{base}/containers/{id}/start"), "");
-        o.started = code == 204;
-        o.start_reply = Some((code, reply));
-    }
-    o
+    attack(
+        |path, body| curl_tls(vm, &format!("{base}{path}"), body),
+        body,
+    )
 }
 
 type Tallies = Mutex<BTreeMap<(&'static str, u16, Wire), Tally>>;
@@ -300,8 +292,38 @@ fn host_root_containers(vm: &Vm) -> Result<Vec<String>> {
     Ok(found)
 }
 
+/// The attack phases, in order (the tallies' first key).
+const ATTACK_PHASES: [&str; 4] = [
+    "1 before: nothing listens",
+    "2 before: firewall + rogue 2375",
+    "3 during up",
+    "4 after up",
+];
+
 #[test]
 fn teamtnt_attack_never_succeeds() -> Result<()> {
+    let t = phase("setup", setup_attack)?;
+    phase("control: the original Pilot's plain 2375", || {
+        control_attack_succeeds(&t)
+    })?;
+    let tallies = phase("attack before, during and after up", || attack_phases(&t))?;
+    phase("no attack succeeded", || {
+        check_no_attack_succeeded(&t, &tallies)
+    })?;
+    t.vm.cleanup()
+}
+
+/// A VM with the attacker's image, the marker the attack's container would write on the
+/// host, the attack's body and the original daemon.json.
+struct AttackVm {
+    agent: Agent,
+    marker: PathBuf,
+    body: String,
+    original: Vec<u8>,
+    vm: Vm,
+}
+
+fn setup_attack() -> Result<AttackVm> {
     require_root()?;
     let vm = Vm::start(VmOptions::default())?;
     let agent = Agent::new(&vm)?;
@@ -309,17 +331,28 @@ fn teamtnt_attack_never_succeeds() -> Result<()> {
     let marker = vm.dir().join("pwned-by-attacker");
     let body = attack_body(&marker);
     let original = fs::read(vm.daemon_json())?;
+    Ok(AttackVm {
+        agent,
+        marker,
+        body,
+        original,
+        vm,
+    })
+}
 
-    // Control: the original Pilot's cloud-init daemon.json (src/util/templates.ts of
-    // pilot-framework/pilot-cli): hosts tcp://0.0.0.0:2375 and the socket, then a restart.
-    let mut pilot: Value = serde_json::from_slice(&original)?;
+/// Control: the original Pilot's cloud-init daemon.json (src/util/templates.ts of
+/// pilot-framework/pilot-cli): hosts tcp://0.0.0.0:2375 and the socket, then a restart. The
+/// attack succeeds and its container writes the marker on the host; then the VM is put back.
+fn control_attack_succeeds(t: &AttackVm) -> Result<()> {
+    let (vm, marker, body) = (&t.vm, &t.marker, &t.body);
+    let mut pilot: Value = serde_json::from_slice(&t.original)?;
     pilot["hosts"] = json!([vm.docker_host(), format!("tcp://0.0.0.0:{PLAIN_PORT}")]);
     pilot["log-driver"] = json!("json-file");
     pilot["log-opts"] = json!({"max-size": "200m", "max-file": "3"});
     vm.write_daemon_json(&pilot)?;
     vm.restart_dockerd()?;
     let plain_2375 = SocketAddr::from((vm.addr(), PLAIN_PORT));
-    let control = vm.in_outside_ns(|| plain_attack(plain_2375, &body))?;
+    let control = vm.in_outside_ns(|| plain_attack(plain_2375, body))?;
     ensure!(
         control.api && control.created,
         "control: the original Pilot's plain 2375 should accept the attack: {control:?}"
@@ -331,7 +364,7 @@ fn teamtnt_attack_never_succeeds() -> Result<()> {
     let mut how = "privileged";
     if !control.started {
         how = "unprivileged: this machine refuses a privileged container's capabilities";
-        let unprivileged = attack_body_with(&marker, false);
+        let unprivileged = attack_body_with(marker, false);
         let second = vm.in_outside_ns(|| plain_attack(plain_2375, &unprivileged))?;
         ensure!(
             second.api && second.created && second.started,
@@ -340,15 +373,15 @@ fn teamtnt_attack_never_succeeds() -> Result<()> {
         );
     }
     let wrote = pilot_e2e::poll(Duration::from_secs(10), "the control's marker", || {
-        Ok(fs::read_to_string(&marker)
+        Ok(fs::read_to_string(marker)
             .ok()
             .filter(|t| t.contains("pwned")))
     })?;
     ensure!(wrote.lines().count() == 1, "control marker: {wrote:?}");
-    for id in host_root_containers(&vm)? {
+    for id in host_root_containers(vm)? {
         vm.docker_ok(["rm", "-f", &id])?;
     }
-    fs::write(vm.daemon_json(), &original)?;
+    fs::write(vm.daemon_json(), &t.original)?;
     vm.restart_dockerd()?;
     eprintln!(
         "reliability: control: against the original Pilot's daemon.json (plain 2375) the attack \
@@ -356,36 +389,32 @@ fn teamtnt_attack_never_succeeds() -> Result<()> {
          the host",
         marker.display()
     );
+    Ok(())
+}
 
+/// The attack in each of [`ATTACK_PHASES`]: as a Pilot VM boots (dockerd on its unix socket
+/// only); after the boot unit `pilot-agent firewall` and with a rogue plain listener on 2375;
+/// during a cold `up`; after it.
+fn attack_phases(t: &AttackVm) -> Result<BTreeMap<(&'static str, u16, Wire), Tally>> {
+    let (vm, agent, body) = (&t.vm, &t.agent, &t.body);
+    let [before, rogue, during, after] = ATTACK_PHASES;
     let tallies: Tallies = Mutex::new(BTreeMap::new());
     // Before, as a Pilot VM boots: dockerd on its unix socket only.
-    attack_for(
-        &vm,
-        "1 before: nothing listens",
-        &body,
-        Duration::from_secs(1),
-        &tallies,
-    );
+    attack_for(vm, before, body, Duration::from_secs(1), &tallies);
     // The boot unit, then a rogue plain listener on 2375.
-    let (fw, _) = agent.run(&vm, ["firewall"])?;
+    let (fw, _) = agent.run(vm, ["firewall"])?;
     ensure!(fw.status.success(), "pilot-agent firewall: {}", stderr(&fw));
     vm.start_socat(
         PLAIN_PORT,
         &format!("UNIX-CONNECT:{}", vm.docker_socket().display()),
     )?;
-    attack_for(
-        &vm,
-        "2 before: firewall + rogue 2375",
-        &body,
-        Duration::from_secs(1),
-        &tallies,
-    );
+    attack_for(vm, rogue, body, Duration::from_secs(1), &tallies);
 
     // During a cold `up`.
     let stop = AtomicBool::new(false);
     let up = std::thread::scope(|s| {
-        s.spawn(|| attack_until(&vm, "3 during up", &body, &stop, &tallies));
-        let up = agent.run(&vm, ["up"]);
+        s.spawn(|| attack_until(vm, during, body, &stop, &tallies));
+        let up = agent.run(vm, ["up"]);
         stop.store(true, Ordering::Relaxed);
         up
     })?;
@@ -395,12 +424,21 @@ fn teamtnt_attack_never_succeeds() -> Result<()> {
         up.0.status,
         stderr(&up.0)
     );
-    attack_for(&vm, "4 after up", &body, Duration::from_secs(1), &tallies);
-    check_converged(&vm, &agent)?;
-
-    let tallies = tallies
+    attack_for(vm, after, body, Duration::from_secs(1), &tallies);
+    check_converged(vm, agent)?;
+    tallies
         .into_inner()
-        .map_err(|_| anyhow::anyhow!("tally poisoned"))?;
+        .map_err(|_| anyhow::anyhow!("tally poisoned"))
+}
+
+/// Zero API answers, creations and starts in every phase (each port and wire attempted); no
+/// container with the host's root bound; the control's marker written exactly once; the rogue
+/// listener still answering on loopback.
+fn check_no_attack_succeeded(
+    t: &AttackVm,
+    tallies: &BTreeMap<(&'static str, u16, Wire), Tally>,
+) -> Result<()> {
+    let vm = &t.vm;
     eprintln!(
         "reliability: TeamTNT replay from {} (outside namespace):",
         vm.outside_addr()
@@ -411,44 +449,39 @@ fn teamtnt_attack_never_succeeds() -> Result<()> {
     );
     let mut attempts = 0;
     let mut successes = 0;
-    for ((phase, port, wire), t) in &tallies {
+    for ((phase, port, wire), tally) in tallies {
         eprintln!(
             "  {phase:<34} {port:>5} {:<10} {:>8} {:>9} {:>4} {:>7} {:>7}",
             format!("{wire:?}"),
-            t.attempts,
-            t.connected,
-            t.api,
-            t.created,
-            t.started
+            tally.attempts,
+            tally.connected,
+            tally.api,
+            tally.created,
+            tally.started
         );
-        attempts += t.attempts;
-        successes += t.successes();
+        attempts += tally.attempts;
+        successes += tally.successes();
     }
     eprintln!("reliability: {attempts} attack attempts, {successes} successes");
-    for phase in [
-        "1 before: nothing listens",
-        "2 before: firewall + rogue 2375",
-        "3 during up",
-        "4 after up",
-    ] {
+    for phase in ATTACK_PHASES {
         for port in [PLAIN_PORT, TLS_PORT] {
             for wire in [Wire::Plain, Wire::TlsNoCert] {
                 ensure!(
                     tallies
                         .get(&(phase, port, wire))
-                        .is_some_and(|t| t.attempts > 0),
+                        .is_some_and(|tally| tally.attempts > 0),
                     "no {wire:?} attempt on {port} in phase {phase:?}"
                 );
             }
         }
     }
     ensure!(successes == 0, "the attack succeeded: {tallies:#?}");
-    let left = host_root_containers(&vm)?;
+    let left = host_root_containers(vm)?;
     ensure!(
         left.is_empty(),
         "containers with the host's root bound: {left:?}"
     );
-    let marks = fs::read_to_string(&marker)?;
+    let marks = fs::read_to_string(&t.marker)?;
     ensure!(
         marks.lines().count() == 1,
         "the marker was written again after the control: {marks:?}"
@@ -465,7 +498,7 @@ fn teamtnt_attack_never_succeeds() -> Result<()> {
         code == 200 && api,
         "the rogue listener does not answer on loopback ({code})"
     );
-    vm.cleanup()
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -474,149 +507,36 @@ fn teamtnt_attack_never_succeeds() -> Result<()> {
 /// Waypoint runners in the kill test.
 const KILL_RUNNERS: u32 = 1;
 
-/// Files whose content must survive the next `up` unchanged once a killed run wrote them:
-/// every key and certificate, the Waypoint tokens, the database password.
-fn is_kept(rel: &Path) -> bool {
-    let first = rel
-        .components()
-        .next()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned());
-    matches!(first.as_deref(), Some("pki" | "waypoint" | "database"))
-        && !rel
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(is_temp_file)
-}
-
-/// Kills `points[part]` (of `parts`) of PILOT_REL_KILLS points; both parts draw from one seed.
+/// Kills the points `i % parts == part` of PILOT_REL_KILLS points; all parts draw from one seed.
 fn sigkill_part(part: usize, parts: usize) -> Result<()> {
-    let t_test = Instant::now();
     let stack = Stack::start(true, KILL_RUNNERS)?;
-    let (vm, agent) = (&stack.vm, &stack.agent);
-    let original = fs::read(vm.daemon_json())?;
-
-    let seed = seed_from_env("PILOT_REL_SEED")?;
-    let total: usize = match std::env::var("PILOT_REL_KILLS") {
-        Ok(s) => s.parse().context("PILOT_REL_KILLS must be a count")?,
-        Err(_) => 30,
-    };
-    ensure!(total >= parts, "PILOT_REL_KILLS must be at least {parts}");
-    // A cold converge, timed: the kill points are spread over it.
-    let cold = agent.up_ok(vm)?;
-    stack.check_containers()?;
-    stack.reset_cold(&original)?;
-    let span = cold.mul_f64(1.1);
-    let mut rng = Rng(seed);
-    let all = kill_points(&mut rng, total, span);
-    let mine: Vec<(usize, Duration)> = all
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|(i, _)| i % parts == part)
-        .collect();
-    eprintln!(
-        "reliability: kill part {part}: cold up took {cold:?}; {} of {total} SIGKILLs within \
-         {span:?} (seed {seed}; replay with PILOT_REL_SEED={seed})",
-        mine.len()
-    );
-
-    let mut landed = 0;
-    for (i, delay) in &mine {
-        let log = vm.dir().join(format!("killed-up-{i}.log"));
-        let mut child = agent
-            .cmd(vm, ["up"])
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("cannot start pilot-agent up")?;
-        // The kill point itself: a deliberate random delay, not a wait for a condition.
-        std::thread::sleep(*delay);
-        let killed = match child.try_wait()? {
-            Some(_) => false,
-            None => {
-                child.kill()?;
-                true
-            }
-        };
-        child.wait()?;
-        landed += usize::from(killed);
-        let left = leftover_state(vm, agent, &original);
-        let running: Vec<String> = status_json(agent)
-            .ok()
-            .and_then(|s| s["steps"].as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .filter(|s| s["state"] == "running")
-            .filter_map(|s| s["name"].as_str().map(str::to_string))
-            .collect();
-        let context = || {
-            format!(
-                "kill {i}: SIGKILL after {delay:?} (seed {seed}, replay with \
-                 PILOT_REL_SEED={seed}); the killed run left: {left}; running: {running:?}"
-            )
-        };
-        let state = agent.state_dir();
-        let before: BTreeMap<PathBuf, Vec<u8>> = if state.exists() {
-            snapshot(state, &[])?
-                .into_iter()
-                .filter_map(|(p, f)| {
-                    let rel = p.strip_prefix(state).ok()?.to_path_buf();
-                    is_kept(&rel).then_some((rel, f.content))
-                })
-                .collect()
-        } else {
-            BTreeMap::new()
-        };
-
-        let (out, took) = agent.run(vm, ["up"])?;
-        ensure!(
-            out.status.success(),
-            "{}\nup after the kill exited {}:\n{}",
-            context(),
-            out.status,
-            stderr(&out)
-        );
-        check_converged(vm, agent).with_context(context)?;
-        stack.check_containers().with_context(context)?;
-        for (rel, content) in &before {
-            let now = fs::read(state.join(rel)).ok();
-            ensure!(
-                now.as_deref() == Some(content.as_slice()),
-                "{}\n{} was {} by the next up",
-                context(),
-                rel.display(),
-                if now.is_some() { "replaced" } else { "removed" }
-            );
-        }
-        let stored = stack
-            .read_secret("waypoint/bootstrap-token")
-            .with_context(context)?;
-        let issued = stack.bootstrap_tokens().with_context(context)?;
+    let check = || -> Result<()> {
+        stack.check_containers()?;
+        let stored = stack.read_secret("waypoint/bootstrap-token")?;
+        let issued = stack.bootstrap_tokens()?;
         ensure!(
             issued == vec![stored],
-            "{}\nthe server issued {} bootstrap token(s), or the stored one is not its",
-            context(),
+            "the server issued {} bootstrap token(s), or the stored one is not its",
             issued.len()
         );
-        stack.app_login().with_context(context)?;
-        eprintln!(
-            "reliability: kill {i:>2} at {:>7.1} ms: {} (running: {running:?}) -> left {left}; \
-             {} kept secrets/certs unchanged; next up exit 0 in {took:.2?}, converged",
-            delay.as_secs_f64() * 1000.0,
-            if killed { "killed" } else { "had finished" },
-            before.len(),
-        );
-        stack.reset_cold(&original)?;
+        stack.app_login()
+    };
+    Sigkill {
+        label: "reliability",
+        vm: &stack.vm,
+        agent: &stack.agent,
+        args: &["up"],
+        seed_var: "PILOT_REL_SEED",
+        count_var: "PILOT_REL_KILLS",
+        default_count: 30,
+        part,
+        parts,
+        // Every key and certificate, the Waypoint tokens, the database password.
+        kept: &["pki", "waypoint", "database"],
+        check: &check,
+        reset: &|original| stack.reset_cold(original),
     }
-    ensure!(landed > 0, "no SIGKILL landed while up was running");
-    eprintln!(
-        "reliability: kill part {part}: {landed} of {} SIGKILLs landed mid-run; {} of {} \
-         following ups converged with no duplicates, no changed secret, no torn file ({:?})",
-        mine.len(),
-        mine.len(),
-        mine.len(),
-        t_test.elapsed()
-    );
+    .run()?;
     stack.cleanup()
 }
 
@@ -640,17 +560,6 @@ fn sigkill_30_points_c() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Database outage at boot, dockerd restarted between runs
 
-fn step(status: &Value, name: &str) -> Result<(String, String)> {
-    let s = status["steps"]
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["name"] == name))
-        .with_context(|| format!("no step {name} in {status}"))?;
-    Ok((
-        s["state"].as_str().unwrap_or_default().to_string(),
-        s["detail"].as_str().unwrap_or_default().to_string(),
-    ))
-}
-
 #[test]
 fn database_outage_at_boot_then_dockerd_restart() -> Result<()> {
     let stack = Stack::start(true, 1)?;
@@ -664,8 +573,8 @@ fn database_outage_at_boot_then_dockerd_restart() -> Result<()> {
         out.status,
         stderr(&out)
     );
-    let status = status_json(agent)?;
-    let (state, detail) = step(&status, "database")?;
+    let status = agent.status_json()?;
+    let (state, detail) = step_state(&status, "database")?;
     let target = format!("{}:{}", pg.addr(), pg.port());
     ensure!(
         status["status"] == "done"
@@ -699,7 +608,7 @@ fn database_outage_at_boot_then_dockerd_restart() -> Result<()> {
     stack.check_containers()?;
     stack.wait_server(Duration::from_secs(20))?;
     stack.app_login()?;
-    let (state, detail) = step(&status_json(agent)?, "database")?;
+    let (state, detail) = step_state(&agent.status_json()?, "database")?;
     ensure!(state == "changed", "database: {state}: {detail}");
     let (st, _) = agent.run(vm, ["status"])?;
     ensure!(st.status.success(), "status exited {} (want 0)", st.status);
@@ -994,37 +903,94 @@ fn mutate(rng: &mut Rng, text: &str) -> Vec<u8> {
 
 #[test]
 fn malformed_configs_and_status_files_never_panic() -> Result<()> {
-    let bin = target_bin("pilot-agent")?;
-    let tmp = TempDir::new("pilot-rel-malformed")?;
-    let dir = tmp.0.clone();
-    let example_path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../agent/examples/agent.yaml");
-    let example = fs::read_to_string(&example_path)
-        .with_context(|| format!("cannot read {}", example_path.display()))?;
-    let seed = seed_from_env("PILOT_REL_SEED")?;
+    let mut m = phase("setup", Malformed::new)?;
+    phase("random mutations of the example", || {
+        random_mutations(&mut m)
+    })?;
+    phase("hand-made bad configurations", || {
+        bad_configurations(&mut m)
+    })?;
+    phase("malformed status files", || malformed_status_files(&mut m))?;
+    drop(m);
+    Ok(())
+}
+
+/// The agent binary run outside any VM on files in a temporary directory, with one seeded
+/// generator for every random input.
+struct Malformed {
+    bin: PathBuf,
+    /// agent/examples/agent.yaml, the text the mutations start from.
+    example: String,
+    seed: u64,
+    rng: Rng,
+    /// How long one run of the binary may take.
+    limit: Duration,
+    /// The configuration file each case writes.
+    cfg: PathBuf,
+    dir: PathBuf,
+    /// Removes `dir` when dropped.
+    _tmp: TempDir,
+}
+
+impl Malformed {
+    fn new() -> Result<Malformed> {
+        let bin = target_bin("pilot-agent")?;
+        let tmp = TempDir::new("pilot-rel-malformed")?;
+        let dir = tmp.0.clone();
+        let example_path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../agent/examples/agent.yaml");
+        let example = fs::read_to_string(&example_path)
+            .with_context(|| format!("cannot read {}", example_path.display()))?;
+        let seed = seed_from_env("PILOT_REL_SEED")?;
+        Ok(Malformed {
+            bin,
+            example,
+            seed,
+            rng: Rng(seed),
+            limit: Duration::from_secs(20),
+            cfg: dir.join("agent.yaml"),
+            dir,
+            _tmp: tmp,
+        })
+    }
+
+    /// `pilot-agent config validate FILE`.
+    fn validate(&self, file: &Path) -> Result<Output> {
+        run_bounded(
+            Command::new(&self.bin)
+                .args(["config", "validate"])
+                .arg(file),
+            self.limit,
+        )
+    }
+
+    /// `pilot-agent --config CFG ARGS`.
+    fn with_config(&self, args: &[&str]) -> Result<Output> {
+        run_bounded(
+            Command::new(&self.bin)
+                .arg("--config")
+                .arg(&self.cfg)
+                .args(args),
+            self.limit,
+        )
+    }
+}
+
+/// (1) Random mutations: validate never panics; an invalid file is named with line:col.
+fn random_mutations(m: &mut Malformed) -> Result<()> {
     let mutations: usize = match std::env::var("PILOT_REL_MUTATIONS") {
         Ok(s) => s.parse().context("PILOT_REL_MUTATIONS must be a count")?,
         Err(_) => 400,
     };
-    let mut rng = Rng(seed);
-    let limit = Duration::from_secs(20);
-    let validate = |file: &Path| -> Result<Output> {
-        run_bounded(
-            Command::new(&bin).args(["config", "validate"]).arg(file),
-            limit,
-        )
-    };
-    let cfg = dir.join("agent.yaml");
-
-    // 1. Random mutations: validate never panics; an invalid file is named with line:col.
+    let (seed, cfg) = (m.seed, m.cfg.clone());
     let mut counts: BTreeMap<i32, usize> = BTreeMap::new();
     for i in 0..mutations {
-        let mut text = example.clone().into_bytes();
-        for _ in 0..1 + rng.below(3) {
-            text = mutate(&mut rng, &String::from_utf8_lossy(&text));
+        let mut text = m.example.clone().into_bytes();
+        for _ in 0..1 + m.rng.below(3) {
+            text = mutate(&mut m.rng, &String::from_utf8_lossy(&text));
         }
         fs::write(&cfg, &text)?;
-        let out = validate(&cfg)?;
+        let out = m.validate(&cfg)?;
         let what = format!("mutation {i} (seed {seed}, replay with PILOT_REL_SEED={seed})");
         let code = no_panic(&what, &out)?;
         *counts.entry(code).or_default() += 1;
@@ -1041,11 +1007,14 @@ fn malformed_configs_and_status_files_never_panic() -> Result<()> {
         "reliability: {mutations} mutations of agent/examples/agent.yaml (seed {seed}): \
          `config validate` exit codes {counts:?}, no panic"
     );
+    Ok(())
+}
 
-    // 2. Hand-made bad files: invalid by construction, for validate, up and status.
+/// Configurations invalid by construction (but the truncated examples, which may be valid).
+fn bad_configuration_cases(m: &mut Malformed) -> Vec<(&'static str, Vec<u8>)> {
     let mut garbage = vec![0u8; 4096];
     for b in garbage.iter_mut() {
-        *b = rng.next_u64() as u8;
+        *b = m.rng.next_u64() as u8;
     }
     let mut cases: Vec<(&str, Vec<u8>)> = vec![
         ("binary garbage", garbage),
@@ -1088,16 +1057,24 @@ fn malformed_configs_and_status_files_never_panic() -> Result<()> {
         ),
     ];
     for cut in [1, 7, 100, 500, 1000, 2000] {
-        let b = example.as_bytes();
+        let b = m.example.as_bytes();
         if cut < b.len() {
             cases.push(("truncated example", b[..cut].to_vec()));
         }
     }
+    cases
+}
+
+/// (2) Hand-made bad files: invalid by construction, for validate, up and status; and a
+/// configuration that is a directory, or missing.
+fn bad_configurations(m: &mut Malformed) -> Result<()> {
+    let cases = bad_configuration_cases(m);
+    let cfg = &m.cfg;
     let mut rows = Vec::new();
     for (name, bytes) in &cases {
-        fs::write(&cfg, bytes)?;
+        fs::write(cfg, bytes)?;
         let t0 = Instant::now();
-        let out = validate(&cfg)?;
+        let out = m.validate(cfg)?;
         let code = no_panic(&format!("validate: {name}"), &out)?;
         let took = t0.elapsed();
         let all = String::from_utf8_lossy(&out.stdout).into_owned() + &stderr(&out);
@@ -1115,19 +1092,13 @@ fn malformed_configs_and_status_files_never_panic() -> Result<()> {
                 "validate: {name}: the error does not name the file:\n{all}"
             );
             // Invalid by construction, so `up` stops at loading it, before touching anything.
-            let up = run_bounded(
-                Command::new(&bin).arg("--config").arg(&cfg).arg("up"),
-                limit,
-            )?;
+            let up = m.with_config(&["up"])?;
             ensure!(
                 no_panic(&format!("up: {name}"), &up)? == 1,
                 "up: {name}: exit {} (want 1)",
                 up.status
             );
-            let st = run_bounded(
-                Command::new(&bin).arg("--config").arg(&cfg).arg("status"),
-                limit,
-            )?;
+            let st = m.with_config(&["status"])?;
             ensure!(
                 no_panic(&format!("status: {name}"), &st)? == 1,
                 "status --config with {name}: exit {} (want 1)",
@@ -1141,10 +1112,10 @@ fn malformed_configs_and_status_files_never_panic() -> Result<()> {
     }
     // A configuration that is a directory, or missing.
     for (name, path) in [
-        ("directory", dir.clone()),
-        ("missing", dir.join("absent.yaml")),
+        ("directory", m.dir.clone()),
+        ("missing", m.dir.join("absent.yaml")),
     ] {
-        let out = validate(&path)?;
+        let out = m.validate(&path)?;
         let code = no_panic(&format!("validate: {name}"), &out)?;
         ensure!(code == 1, "validate of a {name} path: exit {code}");
         rows.push(format!("{name:<22} {:>11}  exit {code}", "-"));
@@ -1153,12 +1124,11 @@ fn malformed_configs_and_status_files_never_panic() -> Result<()> {
         "reliability: hand-made bad configurations:\n  {}",
         rows.join("\n  ")
     );
+    Ok(())
+}
 
-    // 3. Malformed status files, read by `status` through a valid configuration.
-    let state = dir.join("state");
-    fs::create_dir_all(&state)?;
-    fs::write(&cfg, format!("state_dir: {}\n", state.display()))?;
-    let status_path = state.join("status.json");
+/// Malformed status.json files: (name, content, whether `status` must fail with exit 1).
+fn malformed_status_cases(rng: &mut Rng) -> Result<Vec<(String, Vec<u8>, bool)>> {
     let good = json!({
         "schema": 1, "status": "done", "condition": "healthy", "pid": 1, "version": "0.1.0",
         "command": "up", "started_at": "2026-01-01T00:00:00Z",
@@ -1261,6 +1231,16 @@ fn malformed_configs_and_status_files_never_panic() -> Result<()> {
             true,
         ));
     }
+    Ok(bad)
+}
+
+/// (3) Malformed status files, read by `status` through a valid configuration.
+fn malformed_status_files(m: &mut Malformed) -> Result<()> {
+    let state = m.dir.join("state");
+    fs::create_dir_all(&state)?;
+    fs::write(&m.cfg, format!("state_dir: {}\n", state.display()))?;
+    let status_path = state.join("status.json");
+    let bad = malformed_status_cases(&mut m.rng)?;
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     for (name, bytes, must_fail) in &bad {
         fs::write(&status_path, bytes)?;
@@ -1270,10 +1250,7 @@ fn malformed_configs_and_status_files_never_panic() -> Result<()> {
             &["status", "--long"][..],
             &["status", "--wait", "--timeout", "1"][..],
         ] {
-            let out = run_bounded(
-                Command::new(&bin).arg("--config").arg(&cfg).args(args),
-                limit,
-            )?;
+            let out = m.with_config(args)?;
             let what = format!("{} with status.json {name}", args.join(" "));
             let code = no_panic(&what, &out)?;
             if *must_fail {
@@ -1292,10 +1269,7 @@ fn malformed_configs_and_status_files_never_panic() -> Result<()> {
     // status.json a directory.
     fs::remove_file(&status_path)?;
     fs::create_dir(&status_path)?;
-    let out = run_bounded(
-        Command::new(&bin).arg("--config").arg(&cfg).arg("status"),
-        limit,
-    )?;
+    let out = m.with_config(&["status"])?;
     ensure!(
         no_panic("status.json a directory", &out)? == 1,
         "status.json a directory: {}",
@@ -1305,7 +1279,6 @@ fn malformed_configs_and_status_files_never_panic() -> Result<()> {
         "reliability: {} malformed status files x 4 invocations (+1 directory): {tally:?}, no panic",
         bad.len()
     );
-    drop(tmp);
     Ok(())
 }
 

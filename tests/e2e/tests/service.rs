@@ -41,21 +41,20 @@
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use pilot_e2e::agent::{
-    Agent, ENDPOINT_PORT, EndpointToken, HttpResponse, HttpsClient, RateLimit, run_sections,
+    Agent, ENDPOINT_PORT, EndpointToken, HttpResponse, HttpsClient, RateLimit, RunningAgent,
     sha256_hex,
 };
-use pilot_e2e::{bake_standin, poll, write_admin_password};
-use pilot_harness::{Postgres, Sshd, SshdOptions, Vm, VmOptions, leftovers, require_root};
+use pilot_e2e::stack::RunHost;
+use pilot_e2e::{foreign_ca, phase, poll, start_operator_sshd};
+use pilot_harness::{Postgres, Sshd, Vm, VmOptions, leftovers, require_root};
 use serde_json::Value;
 
-/// The image reference the agent's configuration names (the content is the Waypoint stand-in).
-const IMAGE: &str = "pilot/waypoint:0.11.4";
 /// `endpoint.rate_limit` in the run test: short window, so the test can see it pass.
 const RL_FAILURES: u32 = 10;
 const RL_WINDOW_SECS: u64 = 5;
@@ -67,48 +66,6 @@ fn stdout(o: &Output) -> String {
 }
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A directory with `pilot-agent` (a symlink to the built binary), so that the operator's
-/// session finds it on PATH as it would /usr/bin/pilot-agent on a real host.
-fn operator_path(vm: &Vm, agent_bin: &Path) -> Result<String> {
-    let bin = vm.dir().join("bin");
-    fs::create_dir_all(&bin)?;
-    let link = bin.join("pilot-agent");
-    let _ = fs::remove_file(&link);
-    std::os::unix::fs::symlink(agent_bin, &link)?;
-    Ok(format!(
-        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        bin.display()
-    ))
-}
-
-/// sshd in `vm` whose sessions find `pilot-agent` and its configuration (PILOT_AGENT_CONFIG).
-fn start_sshd(vm: &Vm, agent: &Agent) -> Result<Sshd> {
-    let path = operator_path(vm, &pilot_harness::target_bin("pilot-agent")?)?;
-    let sshd = Sshd::start(
-        vm,
-        SshdOptions {
-            env: vec![
-                ("PATH".into(), path),
-                (
-                    "PILOT_AGENT_CONFIG".into(),
-                    agent.config_path().display().to_string(),
-                ),
-            ],
-        },
-    )?;
-    // The session runs inside the VM: its hostname, not the machine's.
-    let out = sshd.ssh_output(vm, "hostname")?;
-    ensure!(
-        out.status.success() && stdout(&out).trim() == vm.hostname(),
-        "ssh root@{} hostname: {} {}{}",
-        vm.addr(),
-        out.status,
-        stdout(&out),
-        stderr(&out)
-    );
-    Ok(sshd)
 }
 
 /// Replaces the service manager's restart command by one that waits until `gate` exists
@@ -298,18 +255,68 @@ fn assert_no_secrets(secrets: &[(String, String)], places: &[(String, String)]) 
     Ok(())
 }
 
+/// Stops sshd, removes the VM and checks that nothing of it is left on the machine.
+fn cleanup_checked(sshd: Sshd, vm: Vm) -> Result<()> {
+    sshd.stop()?;
+    let name = vm.name().to_string();
+    vm.cleanup()?;
+    let left = leftovers(&[name]);
+    ensure!(left.is_empty(), "leftovers: {left:#?}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// `status` over SSH
+
 #[test]
 fn operator_reads_status_over_ssh() -> Result<()> {
+    let mut s = phase("setup", setup_status_vm)?;
+    phase("status before any run", || status_before_any_run(&s))?;
+    let mut up = phase("status while up is held", || {
+        status_while_up_is_held(&mut s)
+    })?;
+    phase("status after up", || status_after_up(&mut s, &mut up))?;
+    phase("no key material in any output", || {
+        s.outputs.push(("up's log".into(), up.log()?));
+        s.outputs.push((
+            "status.json".into(),
+            fs::read_to_string(s.agent.status_path())?,
+        ));
+        assert_no_secrets(&private_key_lines(&s.agent.pki_dir())?, &s.outputs)
+    })?;
+    drop(up);
+    cleanup_checked(s.sshd, s.vm)
+}
+
+/// A VM (converge core only) whose dockerd restarts wait for `gate`, sshd for the operator,
+/// and every output collected for the secret grep.
+struct StatusVm {
+    agent: Agent,
+    gate: PathBuf,
+    outputs: Vec<(String, String)>,
+    sshd: Sshd,
+    vm: Vm,
+}
+
+fn setup_status_vm() -> Result<StatusVm> {
     require_root()?;
     let vm = Vm::start(VmOptions::default())?;
     let agent = Agent::new(&vm)?;
     let gate = vm.dir().join("restart-gate");
     gate_restarts(&vm, &agent, &gate)?;
-    let sshd = start_sshd(&vm, &agent)?;
-    let mut outputs: Vec<(String, String)> = Vec::new();
+    let sshd = start_operator_sshd(&vm, &agent)?;
+    Ok(StatusVm {
+        agent,
+        gate,
+        outputs: Vec::new(),
+        sshd,
+        vm,
+    })
+}
 
-    // 1. Never ran: a plain answer, exit 1.
-    let out = sshd.ssh_output(&vm, "pilot-agent status")?;
+/// (1) Never ran: a plain answer, exit 1.
+fn status_before_any_run(s: &StatusVm) -> Result<()> {
+    let out = s.sshd.ssh_output(&s.vm, "pilot-agent status")?;
     ensure!(
         out.status.code() == Some(1)
             && stdout(&out).contains("not-started")
@@ -319,16 +326,20 @@ fn operator_reads_status_over_ssh() -> Result<()> {
         stdout(&out),
         stderr(&out)
     );
-    let out = sshd.ssh_output(&vm, "pilot-agent status --json")?;
+    let out = s.sshd.ssh_output(&s.vm, "pilot-agent status --json")?;
     let v: Value = serde_json::from_str(&stdout(&out)).context("status --json")?;
     ensure!(
         out.status.code() == Some(1) && v["status"] == "not-started" && v["condition"] == "error",
         "status --json before any run: {v}"
     );
+    Ok(())
+}
 
-    // 2. `up` held in dockerd's restart: the host is still converging.
+/// (2) `up` held in dockerd's restart: the host is still converging; returns the held `up`.
+fn status_while_up_is_held(s: &mut StatusVm) -> Result<RunningAgent> {
+    let (vm, agent, sshd) = (&s.vm, &s.agent, &s.sshd);
     let log = vm.dir().join("agent-up.log");
-    let mut up = agent.spawn_run_args(&vm, &["up"], &log)?;
+    let mut up = agent.spawn_run_args(vm, &["up"], &log)?;
     poll(
         Duration::from_secs(60),
         "up to reach the docker-tls step",
@@ -349,7 +360,7 @@ fn operator_reads_status_over_ssh() -> Result<()> {
             }
         },
     )?;
-    let out = sshd.ssh_output(&vm, "pilot-agent status")?;
+    let out = sshd.ssh_output(vm, "pilot-agent status")?;
     ensure!(
         stdout(&out)
             .lines()
@@ -358,9 +369,10 @@ fn operator_reads_status_over_ssh() -> Result<()> {
         stdout(&out),
         stderr(&out)
     );
-    outputs.push(("status during up".into(), stdout(&out) + &stderr(&out)));
+    s.outputs
+        .push(("status during up".into(), stdout(&out) + &stderr(&out)));
     let t0 = Instant::now();
-    let out = sshd.ssh_output(&vm, "pilot-agent status --wait --timeout 5")?;
+    let out = sshd.ssh_output(vm, "pilot-agent status --wait --timeout 5")?;
     let waited = t0.elapsed();
     eprintln!(
         "service: `ssh root@VM pilot-agent status --wait --timeout 5` on a converging host \
@@ -379,15 +391,21 @@ fn operator_reads_status_over_ssh() -> Result<()> {
         "status --wait --timeout 5 took {waited:?}"
     );
     ensure!(up.try_exit()?.is_none(), "up ended while held");
-    outputs.push(("status --wait".into(), stdout(&out) + &stderr(&out)));
+    s.outputs
+        .push(("status --wait".into(), stdout(&out) + &stderr(&out)));
+    Ok(up)
+}
 
-    // 3. Let the restart go; `up` converges.
-    fs::write(&gate, "")?;
+/// (3) Let the restart go; `up` converges; `status` (table, `--json`, `--long`, `--long
+/// --json`) shows it.
+fn status_after_up(s: &mut StatusVm, up: &mut RunningAgent) -> Result<()> {
+    let (vm, sshd) = (&s.vm, &s.sshd);
+    fs::write(&s.gate, "")?;
     let st = poll(Duration::from_secs(90), "up to finish", || {
         up.try_exit().map_err(|e| format!("{e:#}"))
     })?;
     ensure!(st.success(), "up exited {st}:\n{}", up.log_tail(40));
-    let out = sshd.ssh_output(&vm, "pilot-agent status --wait --timeout 30")?;
+    let out = sshd.ssh_output(vm, "pilot-agent status --wait --timeout 30")?;
     ensure!(
         out.status.code() == Some(0),
         "status after up: {} {}{}",
@@ -395,7 +413,7 @@ fn operator_reads_status_over_ssh() -> Result<()> {
         stdout(&out),
         stderr(&out)
     );
-    let out_json = sshd.ssh_output(&vm, "pilot-agent status --json")?;
+    let out_json = sshd.ssh_output(vm, "pilot-agent status --json")?;
     ensure!(
         out_json.status.code() == Some(0),
         "status --json: {}",
@@ -403,14 +421,14 @@ fn operator_reads_status_over_ssh() -> Result<()> {
     );
     let v: Value = serde_json::from_str(&stdout(&out_json)).context("status --json")?;
     check_status_json(&v, "up")?;
-    let out_table = sshd.ssh_output(&vm, "pilot-agent status")?;
+    let out_table = sshd.ssh_output(vm, "pilot-agent status")?;
     ensure!(
         out_table.status.code() == Some(0),
         "status: {}",
         stderr(&out_table)
     );
     check_status_table(&stdout(&out_table), &v)?;
-    let out_long = sshd.ssh_output(&vm, "pilot-agent status --long")?;
+    let out_long = sshd.ssh_output(vm, "pilot-agent status --long")?;
     ensure!(
         out_long.status.code() == Some(0),
         "status --long: {}",
@@ -430,7 +448,7 @@ fn operator_reads_status_over_ssh() -> Result<()> {
             "status --long lacks {needle:?}:\n{long}"
         );
     }
-    let out_long_json = sshd.ssh_output(&vm, "pilot-agent status --long --json")?;
+    let out_long_json = sshd.ssh_output(vm, "pilot-agent status --long --json")?;
     let lj: Value =
         serde_json::from_str(&stdout(&out_long_json)).context("status --long --json")?;
     ensure!(
@@ -450,27 +468,16 @@ fn operator_reads_status_over_ssh() -> Result<()> {
         ("status --long", &out_long),
         ("status --long --json", &out_long_json),
     ] {
-        outputs.push((name.to_string(), stdout(o) + &stderr(o)));
+        s.outputs.push((name.to_string(), stdout(o) + &stderr(o)));
     }
-    outputs.push(("up's log".into(), up.log()?));
-    outputs.push((
-        "status.json".into(),
-        fs::read_to_string(agent.status_path())?,
-    ));
-    assert_no_secrets(&private_key_lines(&agent.pki_dir())?, &outputs)?;
-
-    drop(up);
-    sshd.stop()?;
-    let name = vm.name().to_string();
-    vm.cleanup()?;
-    let left = leftovers(&[name]);
-    ensure!(left.is_empty(), "leftovers: {left:#?}");
     Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
 // `run`, the endpoint and repairs
 
+/// The full host ([`RunHost`]: Waypoint stand-in, PostgreSQL, endpoint and service sections)
+/// with sshd for the operator.
 struct RunSetup {
     token: EndpointToken,
     agent: Agent,
@@ -480,25 +487,16 @@ struct RunSetup {
 }
 
 fn run_setup() -> Result<RunSetup> {
-    require_root()?;
-    let vm = Vm::start(VmOptions::default())?;
-    let pg = Postgres::start(&vm)?;
-    let images = bake_standin(&vm, IMAGE)?;
-    let pw = write_admin_password(&vm, &pg)?;
-    let token = EndpointToken::generate(&vm)?;
-    let sections = run_sections(
-        IMAGE,
-        &images,
-        &pg,
-        &pw,
-        &token,
-        RateLimit {
-            failures: RL_FAILURES,
-            window_secs: RL_WINDOW_SECS,
-        },
-    );
-    let agent = Agent::with_sections(&vm, &sections)?;
-    let sshd = start_sshd(&vm, &agent)?;
+    let RunHost {
+        token,
+        agent,
+        pg,
+        vm,
+    } = RunHost::start(RateLimit {
+        failures: RL_FAILURES,
+        window_secs: RL_WINDOW_SECS,
+    })?;
+    let sshd = start_operator_sshd(&vm, &agent)?;
     Ok(RunSetup {
         token,
         agent,
@@ -558,6 +556,11 @@ impl RunSetup {
             .trim()
             .to_string())
     }
+
+    /// The `Authorization` header with the right token.
+    fn bearer(&self) -> String {
+        format!("Bearer {}", self.token.token)
+    }
 }
 
 fn run_repairs(v: &Value) -> (u64, u64) {
@@ -569,31 +572,51 @@ fn run_repairs(v: &Value) -> (u64, u64) {
 
 #[test]
 fn run_serves_endpoint_and_repairs() -> Result<()> {
-    let s = run_setup()?;
+    let s = phase("setup", run_setup)?;
     let vm = &s.vm;
-    let log = vm.dir().join("agent-run.log");
     let t0 = Instant::now();
-    let mut run = s.agent.spawn_run(vm, &log)?;
+    let mut run = s.agent.spawn_run(vm, &vm.dir().join("agent-run.log"))?;
     let mut outputs: Vec<(String, String)> = Vec::new();
+    phase("first pass", || first_pass(&s, &mut run, t0))?;
+    let ssh_json = phase("status over ssh", || status_over_ssh(&s, &mut outputs))?;
+    let client = phase("endpoint verified against the agent CA", || {
+        endpoint_verified(&s, &mut outputs)
+    })?;
+    phase("status and metrics over the endpoint", || {
+        endpoint_status_and_metrics(&s, &client, &ssh_json, &mut outputs)
+    })?;
+    let creds = phase("credentials work", || credentials_work(&s, &client))?;
+    phase("rate limit", || {
+        rate_limit_engages(&s, &client, &run, &mut outputs)
+    })?;
+    let killed = phase("repair of a killed server", || {
+        repair_killed_server(&s, &client)
+    })?;
+    phase("repair after dockerd's restart", || {
+        repair_after_dockerd_restart(&s, &client, &mut run, killed, &mut outputs)
+    })?;
+    phase("no secret outside /v1/credentials", || {
+        no_secret_leaks(&s, &run, &creds, &mut outputs)
+    })?;
+    phase("SIGTERM", || {
+        // 6. SIGTERM: a clean exit.
+        let pid = run.pid();
+        let st = run.terminate(Duration::from_secs(20))?;
+        ensure!(st.success(), "run (pid {pid}) exited {st} on SIGTERM");
+        Ok(())
+    })?;
 
-    // The first pass: done, healthy, with the run object.
-    let first = poll(
+    let RunSetup { sshd, pg, vm, .. } = s;
+    pg.cleanup()?;
+    cleanup_checked(sshd, vm)
+}
+
+/// The first pass: done, healthy, with the run object.
+fn first_pass(s: &RunSetup, run: &mut RunningAgent, t0: Instant) -> Result<()> {
+    let first = s.agent.wait_first_pass(
+        run,
         Duration::from_secs(150),
         "run's first pass to converge",
-        || {
-            if let Ok(Some(st)) = run.try_exit() {
-                return Err(format!("run exited ({st}): {}", run.log_tail(30)));
-            }
-            let v = s.agent.status_json().map_err(|e| format!("{e:#}"))?;
-            let done = v["status"] == "done"
-                && v["condition"] == "healthy"
-                && v["run"]["passes"].as_u64().is_some_and(|p| p >= 1);
-            if done {
-                Ok(Some(v))
-            } else {
-                Err(v.to_string())
-            }
-        },
     )?;
     eprintln!(
         "service: run's first pass converged after {:.2?}",
@@ -610,8 +633,13 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
         first["run"]["pid"],
         run.pid()
     );
+    Ok(())
+}
 
-    // 1. The operator over SSH.
+/// (1) The operator over SSH: `status --json` with the run object, the table, `--long`;
+/// returns the JSON.
+fn status_over_ssh(s: &RunSetup, outputs: &mut Vec<(String, String)>) -> Result<Value> {
+    let vm = &s.vm;
     let out = s.sshd.ssh_output(vm, "pilot-agent status --json")?;
     ensure!(
         out.status.code() == Some(0),
@@ -641,35 +669,17 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
     outputs.push(("ssh status".into(), stdout(&out) + &stderr(&out)));
     let out = s.sshd.ssh_output(vm, "pilot-agent status --long")?;
     outputs.push(("ssh status --long".into(), stdout(&out) + &stderr(&out)));
+    Ok(ssh_json)
+}
 
-    // 2. The endpoint, verified against the agent CA at the VM's address.
+/// (2) The endpoint, verified against the agent CA at the VM's address (a foreign CA fails the
+/// handshake); `/healthz` without a token carries only status and condition. Returns a
+/// client trusting the agent CA.
+fn endpoint_verified(s: &RunSetup, outputs: &mut Vec<(String, String)>) -> Result<HttpsClient> {
+    let vm = &s.vm;
     vm.wait_tcp_from_outside(ENDPOINT_PORT, Duration::from_secs(30))?;
     let client = HttpsClient::new(&s.agent.ca_cert())?;
-    let foreign_ca = vm.dir().join("foreign-ca.pem");
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args([
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=not the agent CA",
-            "-keyout",
-        ])
-        .arg(vm.dir().join("foreign-ca-key.pem"))
-        .arg("-out")
-        .arg(&foreign_ca)
-        .output()
-        .context("cannot run openssl")?;
-    ensure!(made.status.success(), "openssl req: {}", stderr(&made));
-    let foreign = HttpsClient::new(&foreign_ca)?;
+    let foreign = HttpsClient::new(&foreign_ca(&vm.dir().join("foreign-ca"))?)?;
     match s.get_outside(&foreign, "/healthz", None) {
         Ok(r) => bail!(
             "a client trusting a foreign CA got an answer: {} {}",
@@ -705,20 +715,29 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
         "/healthz carries more than status and condition: {extra:?}"
     );
     outputs.push(("/healthz".into(), health.body.clone()));
+    Ok(client)
+}
 
-    let bearer = format!("Bearer {}", s.token.token);
-    let st = s.get_outside(&client, "/v1/status", Some(&bearer))?;
+/// (2) `/v1/status` matches `status --json`; `/metrics`; `/v1/credentials` needs the token.
+fn endpoint_status_and_metrics(
+    s: &RunSetup,
+    client: &HttpsClient,
+    ssh_json: &Value,
+    outputs: &mut Vec<(String, String)>,
+) -> Result<()> {
+    let bearer = s.bearer();
+    let st = s.get_outside(client, "/v1/status", Some(&bearer))?;
     ensure!(st.code == 200, "/v1/status: {} {}", st.code, st.body);
     let sv = st.json()?;
     ensure!(
         sv["status"] == ssh_json["status"]
             && sv["condition"] == ssh_json["condition"]
-            && step_names(&sv) == step_names(&ssh_json)
+            && step_names(&sv) == step_names(ssh_json)
             && sv["run"]["mode"] == "run",
         "/v1/status {sv} differs from `status --json` {ssh_json}"
     );
     outputs.push(("/v1/status".into(), st.body.clone()));
-    let metrics = s.get_outside(&client, "/metrics", Some(&bearer))?;
+    let metrics = s.get_outside(client, "/metrics", Some(&bearer))?;
     ensure!(
         metrics.code == 200 && metrics.body.contains("# TYPE"),
         "/metrics: {} {}",
@@ -726,14 +745,27 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
         metrics.body
     );
     outputs.push(("/metrics".into(), metrics.body.clone()));
-    let unauth = s.get_outside(&client, "/v1/credentials", None)?;
+    let unauth = s.get_outside(client, "/v1/credentials", None)?;
     ensure!(
         unauth.code == 401,
         "/v1/credentials without a token: {}",
         unauth.code
     );
+    Ok(())
+}
 
-    let cr = s.get_outside(&client, "/v1/credentials", Some(&bearer))?;
+/// What `/v1/credentials` answered (the one answer that must carry secrets).
+struct Credentials {
+    body: String,
+    db_pw: String,
+    wp_token: String,
+}
+
+/// (2) `/v1/credentials` gives a database login that works (psql in the VM) and a Waypoint
+/// token that the stand-in server accepts (`GET /v1/whoami`, while a wrong token gets 401).
+fn credentials_work(s: &RunSetup, client: &HttpsClient) -> Result<Credentials> {
+    let vm = &s.vm;
+    let cr = s.get_outside(client, "/v1/credentials", Some(&s.bearer()))?;
     ensure!(cr.code == 200, "/v1/credentials: {} {}", cr.code, cr.body);
     let c = cr.json()?;
     let ca_text = fs::read_to_string(s.agent.ca_cert())?;
@@ -806,8 +838,24 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
         "the stand-in accepts any token ({code}): the check proves nothing"
     );
     eprintln!("service: credentials work: psql login as {db_user}, Waypoint /v1/whoami: {body}");
+    Ok(Credentials {
+        body: cr.body.clone(),
+        db_pw: db_pw.to_string(),
+        wp_token: wp_token.to_string(),
+    })
+}
 
-    // 3. The flood: missing, wrong and malformed tokens from one source.
+/// (3) The flood: missing, wrong and malformed tokens from one source get 401 (at most
+/// `rate_limit.failures` of them) or 429; then even the right token gets 429 from there,
+/// while loopback is served; once the window passes it works again; the log names the source.
+fn rate_limit_engages(
+    s: &RunSetup,
+    client: &HttpsClient,
+    run: &RunningAgent,
+    outputs: &mut Vec<(String, String)>,
+) -> Result<()> {
+    let vm = &s.vm;
+    let bearer = s.bearer();
     let wrong_last = {
         let mut t = s.token.token.clone();
         let last = if t.ends_with('0') { '1' } else { '0' };
@@ -876,19 +924,19 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
         n401 >= 1 && n401 <= RL_FAILURES as usize && n429 == FLOOD - n401,
         "the rate limit did not engage as configured: {n401} x 401, {n429} x 429"
     );
-    let limited = s.get_outside(&client, "/v1/status", Some(&bearer))?;
+    let limited = s.get_outside(client, "/v1/status", Some(&bearer))?;
     ensure!(
         limited.code == 429,
         "the right token from a rate-limited source: {} (want 429)",
         limited.code
     );
-    s.status_loopback(&client)
+    s.status_loopback(client)
         .context("loopback is limited with the outside source")?;
     let t_wait = Instant::now();
     poll(
         Duration::from_secs(RL_WINDOW_SECS * 4 + 10),
         "the rate limit window to pass",
-        || match s.get_outside(&client, "/v1/status", Some(&bearer)) {
+        || match s.get_outside(client, "/v1/status", Some(&bearer)) {
             Ok(r) if r.code == 200 => Ok(Some(())),
             Ok(r) => Err(format!("{}", r.code)),
             Err(e) => Err(format!("{e:#}")),
@@ -904,18 +952,22 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
         "the agent's log does not name the failing source {}",
         vm.outside_addr()
     );
+    Ok(())
+}
 
-    // 4. Repairs without an operator.
-    let before = s.status_loopback(&client)?;
+/// (4) `docker kill waypoint-server`: `run` starts it again (the same container) and
+/// `/v1/status` shows the repair; returns `run.repairs` and `run.passes` after it.
+fn repair_killed_server(s: &RunSetup, client: &HttpsClient) -> Result<(u64, u64)> {
+    let before = s.status_loopback(client)?;
     let (r0, p0) = run_repairs(&before);
     let (_, server_id) = s.container("waypoint-server")?;
-    vm.docker_ok(["kill", "waypoint-server"])?;
+    s.vm.docker_ok(["kill", "waypoint-server"])?;
     let t_kill = Instant::now();
     let after_kill = poll(
         Duration::from_secs(60),
         "run to repair the killed server",
         || {
-            let v = s.status_loopback(&client).map_err(|e| format!("{e:#}"))?;
+            let v = s.status_loopback(client).map_err(|e| format!("{e:#}"))?;
             let (running, _) = s
                 .container("waypoint-server")
                 .map_err(|e| format!("{e:#}"))?;
@@ -942,12 +994,24 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
         s.container("waypoint-server")?.1 == server_id,
         "the killed server was replaced instead of started"
     );
+    Ok((r1, p1))
+}
 
-    // dockerd brings the `unless-stopped` containers back itself when it restarts, so whether
-    // `run` has anything left to change depends on who is first. Either counts: a repair by
-    // `run`, or `run` reconnecting to the new dockerd and verifying the whole host (a pass
-    // triggered by `docker-reconnected`, which only a broken event stream produces).
-    let p_pre = run_repairs(&s.status_loopback(&client)?).1;
+/// (4) A restart of the VM's dockerd: `run` reconnects, the containers run again and the
+/// status shows a repair or a reconnection pass. dockerd brings the `unless-stopped`
+/// containers back itself when it restarts, so whether `run` has anything left to change
+/// depends on who is first. Either counts: a repair by `run`, or `run` reconnecting to the
+/// new dockerd and verifying the whole host (a pass triggered by `docker-reconnected`, which
+/// only a broken event stream produces).
+fn repair_after_dockerd_restart(
+    s: &RunSetup,
+    client: &HttpsClient,
+    run: &mut RunningAgent,
+    (r1, p1): (u64, u64),
+    outputs: &mut Vec<(String, String)>,
+) -> Result<()> {
+    let vm = &s.vm;
+    let p_pre = run_repairs(&s.status_loopback(client)?).1;
     let restart = vm.restart_dockerd()?;
     let t_restart = Instant::now();
     let after_restart = poll(
@@ -955,7 +1019,7 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
         "run to repair after dockerd's restart",
         || {
             run.ensure_running().map_err(|e| format!("{e:#}"))?;
-            let v = s.status_loopback(&client).map_err(|e| format!("{e:#}"))?;
+            let v = s.status_loopback(client).map_err(|e| format!("{e:#}"))?;
             let server = s
                 .container("waypoint-server")
                 .map_err(|e| format!("{e:#}"))?
@@ -1002,12 +1066,24 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
         "status --json lags /v1/status: {}",
         v["run"]
     );
+    Ok(())
+}
 
-    // 5. No secret anywhere but /v1/credentials.
+/// (5) No secret anywhere but /v1/credentials: database and admin passwords, Waypoint
+/// bootstrap and runner tokens, the endpoint token and its hash, private key material.
+fn no_secret_leaks(
+    s: &RunSetup,
+    run: &RunningAgent,
+    creds: &Credentials,
+    outputs: &mut Vec<(String, String)>,
+) -> Result<()> {
     let mut secrets = vec![
-        ("database password".to_string(), db_pw.to_string()),
+        ("database password".to_string(), creds.db_pw.clone()),
         ("admin password".to_string(), s.pg.password().to_string()),
-        ("Waypoint bootstrap token".to_string(), wp_token.to_string()),
+        (
+            "Waypoint bootstrap token".to_string(),
+            creds.wp_token.clone(),
+        ),
         (
             "Waypoint runner token".to_string(),
             s.secret_file("waypoint/runner-1-token")?,
@@ -1019,7 +1095,7 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
         ),
     ];
     ensure!(
-        s.secret_file("database/password")? == db_pw,
+        s.secret_file("database/password")? == creds.db_pw,
         "the returned password is not the stored one"
     );
     secrets.extend(private_key_lines(&s.agent.pki_dir())?);
@@ -1027,7 +1103,7 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
     ensure!(
         assert_no_secrets(
             &secrets[..3],
-            &[("/v1/credentials".into(), cr.body.clone())]
+            &[("/v1/credentials".into(), creds.body.clone())]
         )
         .is_err(),
         "the secret grep does not find the secrets in /v1/credentials"
@@ -1037,19 +1113,5 @@ fn run_serves_endpoint_and_repairs() -> Result<()> {
         "status.json".into(),
         fs::read_to_string(s.agent.status_path())?,
     ));
-    assert_no_secrets(&secrets, &outputs)?;
-
-    // 6. SIGTERM: a clean exit.
-    let pid = run.pid();
-    let st = run.terminate(Duration::from_secs(20))?;
-    ensure!(st.success(), "run (pid {pid}) exited {st} on SIGTERM");
-
-    let RunSetup { sshd, pg, vm, .. } = s;
-    sshd.stop()?;
-    pg.cleanup()?;
-    let name = vm.name().to_string();
-    vm.cleanup()?;
-    let left = leftovers(&[name]);
-    ensure!(left.is_empty(), "leftovers: {left:#?}");
-    Ok(())
+    assert_no_secrets(&secrets, outputs)
 }

@@ -13,22 +13,13 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use pilot_e2e::poll;
+use pilot_e2e::{poll, wait_https_200};
 use pilot_harness::moto::VENV_PYTHON;
-use pilot_harness::{Moto, Postgres, Vm, VmOptions, leftovers, require_root};
+use pilot_harness::{Moto, Postgres, Vm, leftovers, require_root};
 use serde_json::json;
 
 fn start_vm() -> Result<Vm> {
-    require_root()?;
-    let vm = Vm::start(VmOptions::default())?;
-    eprintln!(
-        "smoke: VM {} ({}, hostname {}) started in {:?} (namespaces + dockerd answering)",
-        vm.name(),
-        vm.addr(),
-        vm.hostname(),
-        vm.start_duration()
-    );
-    Ok(vm)
+    pilot_e2e::start_vm("smoke")
 }
 
 fn stdout(o: &Output) -> String {
@@ -92,52 +83,30 @@ fn standin_waypoint_server_answers_https_from_outside() -> Result<()> {
     let t0 = Instant::now();
     vm.import_standin("hashicorp/waypoint:latest")?;
     eprintln!("smoke: stand-in image imported in {:?}", t0.elapsed());
-    vm.docker_ok([
-        "run",
-        "-d",
-        "--name",
-        "waypoint-server",
-        "-p",
-        "9701:9701",
-        "-p",
-        "9702:9702",
-        "-v",
-        "waypoint-server:/data",
-        "hashicorp/waypoint:latest",
-        "server",
-        "run",
-        "-accept-tos",
-        "-db=/data/data.db",
-        "-listen-grpc=0.0.0.0:9701",
-        "-listen-http=0.0.0.0:9702",
-    ])?;
+    vm.docker_ok(
+        [
+            "run",
+            "-d",
+            "--name",
+            "waypoint-server",
+            "-p",
+            "9701:9701",
+            "-p",
+            "9702:9702",
+            "-v",
+            "waypoint-server:/data",
+            "hashicorp/waypoint:latest",
+        ]
+        .into_iter()
+        .chain(pilot_e2e::WAYPOINT_SERVER_RUN),
+    )?;
     let url = format!("https://{}:9702/", vm.addr());
-    let waited = poll(
+    let waited = wait_https_200(
+        || vm.outside_cmd("curl"),
+        &url,
+        "2",
         Duration::from_secs(30),
         "HTTP 200 from the stand-in on 9702",
-        || {
-            let out = vm
-                .outside_cmd("curl")
-                .args([
-                    "-k",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--max-time",
-                    "2",
-                ])
-                .arg(&url)
-                .output()
-                .map_err(|e| e.to_string())?;
-            let code = stdout(&out);
-            if code == "200" {
-                Ok(Some(()))
-            } else {
-                Err(format!("curl {}: HTTP {code:?}", out.status))
-            }
-        },
     );
     if let Err(e) = waited {
         let logs = vm.docker(["logs", "waypoint-server"])?;

@@ -20,9 +20,11 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use pilot_e2e::agent::{database_section, waypoint_section};
+use pilot_e2e::crash::{Rng, kill_after, running_steps, seed_from_env};
 use pilot_e2e::floor::container_floor;
 use pilot_e2e::{
-    bake_standin, bootstrap_tokens, poll, standin_runner_status, standin_server_state,
+    bake_standin, bootstrap_tokens, poll, standin_runner_status, standin_server_state, step_state,
     write_admin_password,
 };
 use pilot_harness::{Postgres, Vm, VmOptions, require_root, target_bin};
@@ -74,30 +76,13 @@ impl Setup {
              \x20 service:\n\
              \x20   manager: command\n\
              \x20   restart_command: [{ctl}, restart]\n\
-             \x20 ready_timeout_secs: 30\n\
-             waypoint:\n\
-             \x20 server_image: {IMAGE}\n\
-             \x20 runner_image: {runner_image}\n\
-             \x20 images_dir: {images}\n\
-             \x20 runners: {runners}\n\
-             \x20 ready_timeout_secs: 30\n\
-             database:\n\
-             \x20 host: {pg_host}\n\
-             \x20 port: {pg_port}\n\
-             \x20 admin_user: {pg_user}\n\
-             \x20 admin_password_file: {pw}\n\
-             \x20 tls: disable\n\
-             \x20 connect_timeout_secs: 2\n",
+             \x20 ready_timeout_secs: 30\n",
             state = self.state.display(),
             sock = self.vm.docker_socket().display(),
             daemon = self.vm.daemon_json().display(),
             ctl = self.vm.dockerd_ctl().display(),
-            images = self.images.display(),
-            pg_host = self.pg.addr(),
-            pg_port = self.pg.port(),
-            pg_user = self.pg.superuser(),
-            pw = d.join("pg-admin-password").display(),
-        );
+        ) + &waypoint_section(IMAGE, runner_image, &self.images, runners)
+            + &database_section(&self.pg, &d.join("pg-admin-password"));
         fs::write(&self.config, text)?;
         Ok(())
     }
@@ -146,15 +131,7 @@ impl Setup {
     }
 
     fn step(&self, name: &str) -> Result<(String, String)> {
-        let s = self.status()?;
-        let step = s["steps"]
-            .as_array()
-            .and_then(|a| a.iter().find(|st| st["name"] == name))
-            .with_context(|| format!("no step {name} in status: {s}"))?;
-        Ok((
-            step["state"].as_str().unwrap_or_default().to_string(),
-            step["detail"].as_str().unwrap_or_default().to_string(),
-        ))
+        step_state(&self.status()?, name)
     }
 
     /// The agent's containers: name -> (ID, created time), running or not.
@@ -623,33 +600,11 @@ fn database_outage_fails_open() -> Result<()> {
     s.vm.cleanup()
 }
 
-/// A small deterministic generator (xorshift64*), seeded from the clock and printed, so a
-/// failing run can be repeated with `WAYPOINT_KILL_SEED`.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
-
 #[test]
 fn sigkill_at_random_points_never_duplicates() -> Result<()> {
     let s = setup()?;
     s.write_config(2, IMAGE)?;
-    let seed = std::env::var("WAYPOINT_KILL_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-                | 1
-        });
+    let seed = seed_from_env("WAYPOINT_KILL_SEED")?;
     eprintln!("waypoint: kill test seed {seed} (set WAYPOINT_KILL_SEED to repeat)");
     let mut rng = Rng(seed);
 
@@ -666,8 +621,8 @@ fn sigkill_at_random_points_never_duplicates() -> Result<()> {
     for i in 0..points {
         reset(&s)?;
         // One point in each eighth of the phase, so the kills spread over all of it.
-        let at = Duration::from_micros(i * slot + rng.next() % slot);
-        let mut child =
+        let at = Duration::from_micros(i * slot + rng.next_u64() % slot);
+        let child =
             s.vm.cmd(&s.agent)
                 .arg("--config")
                 .arg(&s.config)
@@ -675,19 +630,8 @@ fn sigkill_at_random_points_never_duplicates() -> Result<()> {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()?;
-        // A fixed sleep on purpose: the kill point is random, not a readiness wait.
-        std::thread::sleep(at);
-        let _ = child.kill();
-        let _ = child.wait();
-        let running: Vec<String> = s
-            .status()
-            .ok()
-            .and_then(|st| st["steps"].as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .filter(|st| st["state"] == "running")
-            .filter_map(|st| st["name"].as_str().map(str::to_string))
-            .collect();
+        kill_after(child, at)?;
+        let running = s.status().map(|st| running_steps(&st)).unwrap_or_default();
         let (code, stderr, _) = s.up(&[])?;
         ensure!(
             code == 0,

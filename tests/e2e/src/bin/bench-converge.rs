@@ -150,11 +150,7 @@ fn main() -> Result<()> {
             "warm_steps": r.warm_steps,
         })).collect::<Vec<_>>(),
     });
-    if let Some(dir) = args.json.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    fs::write(&args.json, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("cannot write {}", args.json.display()))?;
+    pilot_e2e::write_json_report(&args.json, &report)?;
     println!("\nJSON: {}", args.json.display());
     Ok(())
 }

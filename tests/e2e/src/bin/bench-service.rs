@@ -25,14 +25,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use pilot_e2e::agent::{Agent, ENDPOINT_PORT, EndpointToken, RateLimit, run_sections};
-use pilot_e2e::{bake_standin, poll, write_admin_password};
-use pilot_harness::{Postgres, Sshd, SshdOptions, Vm, VmOptions, require_root, target_dir};
+use pilot_e2e::agent::{ENDPOINT_PORT, RateLimit};
+use pilot_e2e::stack::RunHost;
+use pilot_e2e::{start_operator_sshd, write_json_report};
+use pilot_harness::{require_root, target_dir};
 use serde_json::{Value, json};
 
 const USAGE: &str = "usage: bench-service [--status-runs N] [--idle-secs S] [--wrk-secs S] \
                      [--wrk-connections C] [--wrk-threads T] [--json PATH]";
-const IMAGE: &str = "pilot/waypoint:0.11.4";
 
 struct Args {
     status_runs: usize,
@@ -91,39 +91,18 @@ fn main() -> Result<()> {
     );
 
     // The host: VM, database, baked stand-in, agent with endpoint and service sections.
-    let vm = Vm::start(VmOptions::default())?;
-    let pg = Postgres::start(&vm)?;
-    let images = bake_standin(&vm, IMAGE)?;
-    let pw = write_admin_password(&vm, &pg)?;
-    let token = EndpointToken::generate(&vm)?;
-    let sections = run_sections(
-        IMAGE,
-        &images,
-        &pg,
-        &pw,
-        &token,
-        RateLimit {
-            failures: 10,
-            window_secs: 60,
-        },
-    );
-    let agent = Agent::with_sections(&vm, &sections)?;
+    let RunHost {
+        token,
+        agent,
+        pg,
+        vm,
+    } = RunHost::start(RateLimit {
+        failures: 10,
+        window_secs: 60,
+    })?;
     let t0 = Instant::now();
     let mut run = agent.spawn_run(&vm, &vm.dir().join("agent-run.log"))?;
-    poll(Duration::from_secs(150), "run's first pass", || {
-        if let Ok(Some(st)) = run.try_exit() {
-            return Err(format!("run exited ({st}): {}", run.log_tail(30)));
-        }
-        let v = agent.status_json().map_err(|e| format!("{e:#}"))?;
-        let done = v["status"] == "done"
-            && v["condition"] == "healthy"
-            && v["run"]["passes"].as_u64().is_some_and(|p| p >= 1);
-        if done {
-            Ok(Some(()))
-        } else {
-            Err(v.to_string())
-        }
-    })?;
+    agent.wait_first_pass(&mut run, Duration::from_secs(150), "run's first pass")?;
     let converged = t0.elapsed();
     vm.wait_tcp_from_outside(ENDPOINT_PORT, Duration::from_secs(30))?;
     println!(
@@ -178,24 +157,7 @@ fn main() -> Result<()> {
     let status_json = time_status(true)?;
 
     // ... and over SSH from the outside namespace, for scale.
-    let bin_dir = vm.dir().join("bin");
-    fs::create_dir_all(&bin_dir)?;
-    std::os::unix::fs::symlink(&bin, bin_dir.join("pilot-agent"))?;
-    let sshd = Sshd::start(
-        &vm,
-        SshdOptions {
-            env: vec![
-                (
-                    "PATH".into(),
-                    format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin_dir.display()),
-                ),
-                (
-                    "PILOT_AGENT_CONFIG".into(),
-                    agent.config_path().display().to_string(),
-                ),
-            ],
-        },
-    )?;
+    let sshd = start_operator_sshd(&vm, &agent)?;
     let mut status_ssh = Vec::new();
     for _ in 0..(args.status_runs / 10).max(3) {
         let t = Instant::now();
@@ -331,11 +293,7 @@ fn main() -> Result<()> {
         },
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     });
-    if let Some(dir) = args.json.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    fs::write(&args.json, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("cannot write {}", args.json.display()))?;
+    write_json_report(&args.json, &report)?;
     println!("\nJSON: {}", args.json.display());
 
     let code = run.terminate(Duration::from_secs(20))?;

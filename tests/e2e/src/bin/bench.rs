@@ -242,11 +242,7 @@ fn main() -> Result<()> {
             Err(e) => println!("\nno service figures ({}: {e})", p.display()),
         }
     }
-    if let Some(dir) = args.out.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    pilot_e2e::write_json_report(&args.out, &report)?;
     println!("JSON: {}", args.out.display());
     Ok(())
 }
