@@ -255,7 +255,7 @@ fn run_notifies_systemd_pings_the_watchdog_and_stops_cleanly_on_sigterm() {
         m.iter().filter(|l| *l == "WATCHDOG=1").count() >= 4
     });
 
-    // Resident memory of the idle agent (issue 5's target: 10 MiB), for the report.
+    // Resident memory of the idle agent (the target: 10 MiB), for the report.
     let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id()))
         .unwrap()
         .lines()

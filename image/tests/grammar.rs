@@ -5,23 +5,15 @@
 //! verdicts. (Both programs take the rules from `pilot-values`; this shows it holds end to
 //! end, through clap, the YAML the image renders and the agent's loader.)
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_pilot-image");
+mod support;
+
+use support::{BIN, agent_bin};
+
 const TOKEN_SHA256: &str = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881";
 const CA_PIN: &str = "3F:9A:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:01:23:45:67:89:AB:CD:EF:10:32:54:76:98:BA";
-
-/// The agent binary built next to this one (`cargo build --release --workspace`).
-fn agent_bin() -> PathBuf {
-    let bin = Path::new(BIN).with_file_name("pilot-agent");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build --release --workspace` first",
-        bin.display()
-    );
-    bin
-}
 
 /// A key of the agent's configuration and the `pilot-image user-data` flag that sets it.
 struct Key {

@@ -9,7 +9,10 @@ use std::process::{Command, Output};
 
 use saphyr::{LoadableYamlNode, Yaml};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pilot-image");
+mod support;
+
+use support::{BIN, agent_bin};
+
 const TOKEN_SHA256: &str = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881";
 /// The server VM's CA pin as `openssl x509 -fingerprint -sha256` prints it, lowercased.
 const CA_PIN: &str = "3f:9a:00:11:22:33:44:55:66:77:88:99:aa:bb:cc:dd:\
@@ -21,17 +24,6 @@ fn repo() -> PathBuf {
         .parent()
         .unwrap()
         .to_owned()
-}
-
-/// The agent binary built next to this one by `cargo build --release --workspace`.
-fn agent_bin() -> PathBuf {
-    let bin = Path::new(BIN).with_file_name("pilot-agent");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build --release --workspace` first",
-        bin.display()
-    );
-    bin
 }
 
 /// `cloud-init schema --config-file FILE`: Ok on exit 0, Err(output) otherwise.

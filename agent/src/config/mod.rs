@@ -5,7 +5,7 @@
 //! checks the whole file and reports every problem with its line and column
 //! ([`ConfigError::Invalid`]); nothing on the host is touched before a configuration loaded.
 //!
-//! Adding a section (issue 4's `waypoint:`, `database:`; issue 5's `endpoint:`): write
+//! Adding a section (as `waypoint:`, `database:` and `endpoint:` were added): write
 //! `config/<section>.rs` with the typed struct, its `Default` and a `read` function like
 //! [`docker::read`], add the key to [`TOP_LEVEL_KEYS`] and one line to [`Config::from_yaml`].
 

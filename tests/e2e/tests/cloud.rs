@@ -1,4 +1,4 @@
-//! A Pilot VM on a cloud (issue 8, "Done when"), end to end in simulated VMs.
+//! A Pilot VM on a cloud, end to end in simulated VMs.
 //!
 //! - `advertise_address_from_imds_reaches_applications_on_the_list_only`: an EC2 metadata
 //!   service (IMDSv2, token required) at 169.254.169.254 inside the VM's namespace names the

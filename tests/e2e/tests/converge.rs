@@ -1,4 +1,4 @@
-//! The converge core end to end (issue 3, "Done when"), in a simulated VM whose dockerd also
+//! The converge core end to end, in a simulated VM whose dockerd also
 //! has a plain, unauthenticated Docker API on 2375: a socat listener in front of its unix
 //! socket, started before the agent runs, which the agent's firewall must lock.
 //!

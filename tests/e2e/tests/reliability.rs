@@ -1,4 +1,4 @@
-//! Reliability suite (issue 7): attack, crash, outage, full disk and bad input, each with
+//! Reliability suite: attack, crash, outage, full disk and bad input, each with
 //! counts printed (`--no-capture` shows them). Every test needs root and a machine prepared by
 //! scripts/setup.sh, and FAILS without them.
 //!

@@ -1,4 +1,4 @@
-//! pilot-agent as a service (issue 5, "Done when"), end to end in simulated VMs with a real
+//! pilot-agent as a service, end to end in simulated VMs with a real
 //! sshd (key authentication, root only) that an operator in the outside namespace logs in to.
 //!
 //! - `operator_reads_status_over_ssh` (converge core only, `up`):

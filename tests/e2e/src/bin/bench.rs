@@ -1,5 +1,5 @@
 //! `bench [--runs N] [--out PATH] [--service-json PATH]`: the project's figures side by side in
-//! one run (issue 7). Run through `scripts/bench` (which builds first and adds the service
+//! one run. Run through `scripts/bench` (which builds first and adds the service
 //! figures of `bench-service`). Needs root. A benchmark, not a test: it asserts nothing about
 //! times and fails only when a run itself fails.
 //!
