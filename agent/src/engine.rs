@@ -437,4 +437,3 @@ struct Tasks {
     set: JoinSet<(usize, StepResult)>,
     step_of: HashMap<tokio::task::Id, usize>,
 }
-

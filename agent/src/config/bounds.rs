@@ -129,7 +129,10 @@ impl Scan {
     ) -> Result<(), Diagnostic> {
         let mut prev = ' ';
         let mut key_seen = false;
-        let mut chars = rest[start..].char_indices().map(|(i, c)| (start + i, c)).peekable();
+        let mut chars = rest[start..]
+            .char_indices()
+            .map(|(i, c)| (start + i, c))
+            .peekable();
         while let Some((i, c)) = chars.next() {
             let next = chars.peek().map_or(' ', |&(_, n)| n);
             if let Some(q) = self.quote {
@@ -217,7 +220,12 @@ mod tests {
         let deep = format!("a: {}{}\n", "{x: ".repeat(100), "}".repeat(100));
         assert_eq!(depth_error(&deep).map(|p| p.0), Some(1));
         // Brackets inside quotes or comments are text.
-        check(&format!("a: \"{}\"\nb: 1 # {}\n", "[".repeat(200), "{".repeat(200))).unwrap();
+        check(&format!(
+            "a: \"{}\"\nb: 1 # {}\n",
+            "[".repeat(200),
+            "{".repeat(200)
+        ))
+        .unwrap();
     }
 
     #[test]
