@@ -112,6 +112,11 @@ if ! cargo deb --version >/dev/null 2>&1; then
   log "installing cargo-deb"
   cargo install --locked --quiet cargo-deb
 fi
+# The fuzz targets (scripts/fuzz, scripts/fuzz --ci).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "installing cargo-fuzz"
+  cargo install --locked --quiet cargo-fuzz
+fi
 # Only what the demo runs (scripts/demo.sh): the agent, the Waypoint stand-in and the demo
 # driver. pilot-image and its AWS SDK, the largest part of the workspace to compile, are
 # built by scripts/test.sh (or `cargo build --release -p pilot-image`) when they are needed.

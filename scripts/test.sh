@@ -19,6 +19,8 @@ bash scripts/harness-clean
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+# fuzz/ is its own workspace (cargo-fuzz), outside --all.
+(cd fuzz && cargo fmt -- --check)
 
 step "cargo clippy"
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
@@ -31,6 +33,11 @@ step "cargo nextest"
 # Each test runs in its own process (a panicking suite cannot leave another's VM behind), with
 # the timeouts in .config/nextest.toml.
 cargo nextest run --release --workspace --profile ci "$@"
+
+# Every committed seed and kept crash replayed, then a few seconds of fuzzing per target:
+# a regression on a known crash fails here (docs/reliability.md#fuzzing).
+step "fuzz --ci"
+bash scripts/fuzz --ci
 
 step "harness-clean (after)"
 bash scripts/harness-clean --check

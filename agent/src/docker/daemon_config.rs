@@ -212,6 +212,26 @@ mod tests {
     }
 
     #[test]
+    fn foreign_numbers_keep_their_value() {
+        // Found by fuzz target daemon_json (fuzz/artifacts/daemon_json/
+        // crash-float-roundtrip-20-digits): serde_json's default, approximate float parsing
+        // read this number as 9.9999999999993e19 and the file written back as
+        // 9.999999999999299e19, another number than the operator's.
+        let current = br#"{"":99999999999992999924, "f": 0.1000000000000000055511151231257827}"#;
+        let out = merge(Path::new("d.json"), Some(current), &settings())
+            .unwrap()
+            .unwrap();
+        let before: Value = serde_json::from_slice(current).unwrap();
+        let after: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(after[""], before[""]);
+        assert_eq!(after["f"], before["f"]);
+        assert_eq!(
+            merge(Path::new("d.json"), Some(&out), &settings()).unwrap(),
+            None
+        );
+    }
+
+    #[test]
     fn ensure_writes_once_and_keeps_mtime() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("etc/docker/daemon.json");

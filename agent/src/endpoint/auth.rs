@@ -73,7 +73,8 @@ pub fn load_token_hash(source: &TokenSource) -> Result<TokenHash, EndpointError>
 }
 
 /// The first word of the file: 64 hex digits (so `sha256sum` output, `HASH  -`, works too).
-fn parse_hash_file(text: &str) -> Option<TokenHash> {
+/// Public for the fuzz targets and tests.
+pub fn parse_hash_file(text: &str) -> Option<TokenHash> {
     let word = text.split_whitespace().next()?;
     if text.lines().filter(|l| !l.trim().is_empty()).count() != 1 {
         return None;

@@ -71,7 +71,7 @@ pub const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// How long [`Endpoint::shutdown`] lets requests in flight finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// hyper's read buffer (its minimum is 8 KiB): bounds the request head.
-const MAX_BUF: usize = 16 * 1024;
+pub const MAX_BUF: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -371,11 +371,7 @@ async fn connection<G: Send + 'static>(
         let state = state.clone();
         async move { Ok::<_, Infallible>(handle(&state, source, req).await) }
     });
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_BUF)
-        .serve_connection(TokioIo::new(tls), service);
+    let conn = http_builder().serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -392,10 +388,63 @@ async fn connection<G: Send + 'static>(
     let _ = conn.await;
 }
 
+/// The HTTP/1 server settings of every connection: the request head's deadline
+/// ([`HEADER_READ_TIMEOUT`]) and size ([`MAX_BUF`]). Public for the fuzz targets and tests,
+/// which serve requests with exactly these settings.
+pub fn http_builder() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_BUF);
+    builder
+}
+
+/// What a request asks for, decided by its method and path alone (see [`route`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Neither GET nor HEAD: 405, before anything else.
+    MethodNotAllowed,
+    /// `/healthz`: answered without authentication.
+    Healthz,
+    /// `/v1/status`.
+    Status,
+    /// `/v1/credentials`.
+    Credentials,
+    /// `/metrics`.
+    Metrics,
+    /// Any other path: 404, but only after authentication.
+    NotFound,
+}
+
+impl Route {
+    /// Whether the bearer token is checked before this route is answered: every route but
+    /// `/healthz` and a refused method (an unknown path too, so that a 404 tells a scanner
+    /// nothing).
+    pub fn needs_auth(self) -> bool {
+        !matches!(self, Route::MethodNotAllowed | Route::Healthz)
+    }
+}
+
+/// The route of a request with `method` and (URI) `path`. Pure: public for the fuzz targets
+/// and tests; [`Endpoint`] answers every request by it.
+pub fn route(method: &Method, path: &str) -> Route {
+    if method != Method::GET && method != Method::HEAD {
+        return Route::MethodNotAllowed;
+    }
+    match path {
+        "/healthz" => Route::Healthz,
+        "/v1/status" => Route::Status,
+        "/v1/credentials" => Route::Credentials,
+        "/metrics" => Route::Metrics,
+        _ => Route::NotFound,
+    }
+}
+
 type Resp = Response<Full<Bytes>>;
 
 async fn handle(state: &State, source: IpAddr, req: Request<Incoming>) -> Resp {
-    let resp = route(state, source, &req).await;
+    let resp = respond(state, source, &req).await;
     let r = &state.telemetry.requests;
     let counter = match resp.status() {
         StatusCode::OK => &r.ok,
@@ -408,25 +457,27 @@ async fn handle(state: &State, source: IpAddr, req: Request<Incoming>) -> Resp {
     resp
 }
 
-async fn route(state: &State, source: IpAddr, req: &Request<Incoming>) -> Resp {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+async fn respond(state: &State, source: IpAddr, req: &Request<Incoming>) -> Resp {
+    let route = route(req.method(), req.uri().path());
+    if route == Route::MethodNotAllowed {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
     }
-    let path = req.uri().path();
-    if path == "/healthz" {
+    if route == Route::Healthz {
         return healthz(state).await;
     }
     if let Some(r) = authenticate(state, source, req) {
         return r;
     }
-    match path {
-        "/v1/status" => v1_status(state).await,
-        "/v1/credentials" => v1_credentials(state).await,
-        "/metrics" => metrics_text(state).await,
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    match route {
+        Route::Status => v1_status(state).await,
+        Route::Credentials => v1_credentials(state).await,
+        Route::Metrics => metrics_text(state).await,
+        Route::MethodNotAllowed | Route::Healthz | Route::NotFound => {
+            text(StatusCode::NOT_FOUND, "not found\n")
+        }
     }
 }
 
@@ -598,4 +649,24 @@ fn internal_error() -> Resp {
         StatusCode::INTERNAL_SERVER_ERROR,
         "internal error (see the agent's log)\n",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_by_method_and_path() {
+        assert_eq!(route(&Method::GET, "/healthz"), Route::Healthz);
+        assert_eq!(route(&Method::HEAD, "/v1/status"), Route::Status);
+        assert_eq!(route(&Method::GET, "/v1/credentials"), Route::Credentials);
+        assert_eq!(route(&Method::GET, "/metrics"), Route::Metrics);
+        assert_eq!(route(&Method::GET, "/metrics/"), Route::NotFound);
+        assert_eq!(route(&Method::GET, "/HEALTHZ"), Route::NotFound);
+        assert_eq!(route(&Method::POST, "/healthz"), Route::MethodNotAllowed);
+        assert!(!Route::Healthz.needs_auth());
+        assert!(!Route::MethodNotAllowed.needs_auth());
+        assert!(Route::NotFound.needs_auth());
+        assert!(Route::Credentials.needs_auth());
+    }
 }

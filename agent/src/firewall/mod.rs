@@ -90,12 +90,7 @@ impl Nft {
                 stderr,
             });
         }
-        serde_json::from_slice(&out.stdout)
-            .map(Some)
-            .map_err(|source| FirewallError::Parse {
-                command: text,
-                source,
-            })
+        parse_listing(&text, &out.stdout).map(Some)
     }
 
     /// Applies a batch in one transaction (`nft -j -f -`).
@@ -138,6 +133,15 @@ impl Nft {
             })
         }
     }
+}
+
+/// Parses what `command` (`nft -j list table ...`) printed. Pure: public for the fuzz targets
+/// and tests (compare the result with [`Ruleset::matches`]).
+pub fn parse_listing(command: &str, stdout: &[u8]) -> Result<Nftables<'static>, FirewallError> {
+    serde_json::from_slice(stdout).map_err(|source| FirewallError::Parse {
+        command: command.to_string(),
+        source,
+    })
 }
 
 /// What [`converge`] found.

@@ -393,8 +393,9 @@ fn handshake_error(
 }
 
 /// Takes what the runner host needs from the answer (the documented JSON of `pilot-agent
-/// credentials --json`) and checks its CA against the pin.
-fn parse_credentials(
+/// credentials --json`) and checks its CA against the pin. `endpoint` names the server in
+/// errors. Pure: public for the fuzz targets and tests.
+pub fn parse_credentials(
     endpoint: &str,
     pin: &Fingerprint,
     mut value: Value,

@@ -155,11 +155,48 @@ pub async fn ensure(docker: &Docker, plan: &WaypointPlan) -> Result<Bootstrap, W
         .and_then(|s| s.exit_code);
     let (stdout, stderr) = containers::logs(docker, BOOTSTRAP_NAME).await?;
 
+    match outcome(plan, exit_code, &stdout, &stderr) {
+        Outcome::Token(token) => {
+            // Persisted before anything else happens with it, including removing the
+            // container whose log is its only other copy.
+            write_token(&token_path, &token)?;
+            tracing::info!(path = %token_path.display(), "stored the waypoint bootstrap token");
+            containers::remove(docker, BOOTSTRAP_NAME).await?;
+            Ok(Bootstrap::Bootstrapped {
+                took: start.elapsed(),
+            })
+        }
+        Outcome::Unrecognised(e) => Err(e),
+        Outcome::Failed(e) => {
+            containers::remove(docker, BOOTSTRAP_NAME).await?;
+            Err(e)
+        }
+    }
+}
+
+/// What the bootstrap container's exit code and output mean (see [`outcome`]).
+#[derive(Debug)]
+pub enum Outcome {
+    /// It printed the token: store it, then remove the container.
+    Token(String),
+    /// It exited 0 but no token is recognised in its output: the container is kept, its log
+    /// being the only copy of a token printed in a form not understood here. The error shows
+    /// none of the output.
+    Unrecognised(WaypointError),
+    /// It failed (having printed no token): remove the container, then report the error.
+    Failed(WaypointError),
+}
+
+/// Reads the finished bootstrap container's exit code and logs. Pure: public for the fuzz
+/// targets and tests.
+pub fn outcome(plan: &WaypointPlan, exit_code: Option<i64>, stdout: &str, stderr: &str) -> Outcome {
+    let token_path = plan.bootstrap_token_path();
     if exit_code == Some(0) {
-        let Some(token) = token_from_output(&stdout) else {
+        return match token_from_output(stdout) {
+            Some(token) => Outcome::Token(token),
             // Kept: if the output has the token in a form not understood here, `docker logs`
             // on this container is the only copy an operator can still recover it from.
-            return Err(WaypointError::Command {
+            None => Outcome::Unrecognised(WaypointError::Command {
                 container: BOOTSTRAP_NAME.into(),
                 command: "waypoint server bootstrap".into(),
                 status: "exit 0".into(),
@@ -169,27 +206,17 @@ pub async fn ensure(docker: &Docker, plan: &WaypointPlan) -> Result<Bootstrap, W
                      run `pilot-agent up` again",
                     token_path.display()
                 ),
-            });
+            }),
         };
-        // Persisted before anything else happens with it, including removing the container
-        // whose log is its only other copy.
-        write_token(&token_path, &token)?;
-        tracing::info!(path = %token_path.display(), "stored the waypoint bootstrap token");
-        containers::remove(docker, BOOTSTRAP_NAME).await?;
-        return Ok(Bootstrap::Bootstrapped {
-            took: start.elapsed(),
-        });
     }
-
-    containers::remove(docker, BOOTSTRAP_NAME).await?;
     if stderr.contains(ALREADY_BOOTSTRAPPED) || stdout.contains(ALREADY_BOOTSTRAPPED) {
-        return Err(WaypointError::TokenLost {
+        return Outcome::Failed(WaypointError::TokenLost {
             token_file: token_path,
             server: SERVER_NAME,
             volume: plan.config.volume.clone(),
         });
     }
-    Err(WaypointError::Command {
+    Outcome::Failed(WaypointError::Command {
         container: BOOTSTRAP_NAME.into(),
         command: "waypoint server bootstrap".into(),
         status: exit_code.map_or("no exit code".into(), |c| format!("exit {c}")),
@@ -224,4 +251,47 @@ async fn wait_exit(docker: &Docker) -> Result<(), WaypointError> {
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, WaypointConfig};
+
+    fn plan() -> WaypointPlan {
+        WaypointPlan::from_config(&Config {
+            waypoint: Some(WaypointConfig::default()),
+            ..Config::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn outcomes_of_the_bootstrap_container() {
+        let p = plan();
+        let token = "s.b4d8e0f1a2c3d4e5f6071829";
+        match outcome(&p, Some(0), &format!("Bootstrapping...\n{token}\n"), "") {
+            Outcome::Token(t) => assert_eq!(t, token),
+            other => panic!("{other:?}"),
+        }
+        // Exit 0 without a recognisable token: kept, and the output (maybe a token) not shown.
+        let Outcome::Unrecognised(e) = outcome(&p, Some(0), "token is abc def ghi jkl mno", "")
+        else {
+            panic!("not kept");
+        };
+        assert!(!e.to_string().contains("abc def"), "{e}");
+        // A token printed by a failed command is no token.
+        assert!(matches!(
+            outcome(&p, Some(1), &format!("{token}\n"), ""),
+            Outcome::Failed(WaypointError::Command { .. })
+        ));
+        assert!(matches!(
+            outcome(&p, Some(1), "", "server is already bootstrapped"),
+            Outcome::Failed(WaypointError::TokenLost { .. })
+        ));
+        let Outcome::Failed(e) = outcome(&p, None, "1\n2\n3\n4\n5\n6\n7", "") else {
+            panic!("not failed");
+        };
+        assert!(e.to_string().contains("3 | 4 | 5 | 6 | 7"), "{e}");
+    }
 }

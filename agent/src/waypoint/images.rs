@@ -257,12 +257,24 @@ fn find_tarball(dir: &Path, wanted: &str) -> Result<(Option<PathBuf>, Vec<String
 
 /// The `RepoTags` of every image in a `docker save` tarball (from its `manifest.json`).
 pub fn repo_tags(path: &Path) -> Result<Vec<String>, WaypointError> {
+    let file = std::fs::File::open(path).map_err(|source| WaypointError::Tarball {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    repo_tags_from(file, path)
+}
+
+/// [`repo_tags`] of a tarball already open (`path` names it in errors). Public for the fuzz
+/// targets and tests, which read tarballs from memory.
+pub fn repo_tags_from<R: Read + std::io::Seek>(
+    tarball: R,
+    path: &Path,
+) -> Result<Vec<String>, WaypointError> {
     let err = |source: std::io::Error| WaypointError::Tarball {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(err)?;
-    let mut archive = tar::Archive::new(file);
+    let mut archive = tar::Archive::new(tarball);
     // Seeks over the layers instead of reading them: a large image costs a few header reads.
     for entry in archive.entries_with_seek().map_err(err)? {
         let mut entry = entry.map_err(err)?;

@@ -537,7 +537,8 @@ pub(crate) fn write_token(path: &Path, token: &str) -> Result<(), WaypointError>
 
 /// A token as a command printed it: the last non-empty line of its stdout, which must look
 /// like a token (no spaces), so a changed CLI output is an error rather than a stored banner.
-pub(crate) fn token_from_output(stdout: &str) -> Option<String> {
+/// Public for the fuzz targets and tests.
+pub fn token_from_output(stdout: &str) -> Option<String> {
     let line = stdout.lines().map(str::trim).rfind(|l| !l.is_empty())?;
     (line.len() >= 16 && !line.contains(char::is_whitespace)).then(|| line.to_string())
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bollard::Docker;
 
-use super::containers::{self, Action};
+use super::containers::{self, Action, ExecOutput};
 use super::spec::ContainerSpec;
 use super::{
     GRPC_PORT, MINT_NAME, RUNNER_CERT_PATH, RUNNER_PREFIX, Role, SERVER_NAME, ServerRef,
@@ -168,12 +168,8 @@ pub async fn ensure(
 /// host). Authenticated with the server's token, passed in the environment of that one
 /// command, never on its command line.
 async fn mint(docker: &Docker, plan: &WaypointPlan) -> Result<String, WaypointError> {
-    let (bootstrap_path, out, container) = match plan.server {
-        ServerRef::Local => {
-            let path = plan.bootstrap_token_path();
-            let out = super::server_cli(docker, plan, &["token", "new"], MINT_LIMIT).await?;
-            (path, out, SERVER_NAME.to_string())
-        }
+    let out = match plan.server {
+        ServerRef::Local => super::server_cli(docker, plan, &["token", "new"], MINT_LIMIT).await?,
         ServerRef::Remote => {
             let (address, token) = super::remote_server(plan)?;
             let image_id = images::image_id(docker, &plan.config.runner_image)
@@ -196,13 +192,25 @@ async fn mint(docker: &Docker, plan: &WaypointPlan) -> Result<String, WaypointEr
                 network_mode: plan.config.network.name.clone(),
                 restart_unless_stopped: false,
             };
-            let out = containers::run_once(docker, &spec, MINT_LIMIT).await?;
-            (plan.remote_token_path(), out, MINT_NAME.to_string())
+            containers::run_once(docker, &spec, MINT_LIMIT).await?
         }
+    };
+    let token = mint_outcome(plan, &out)?;
+    tracing::info!("minted a waypoint runner token");
+    Ok(token)
+}
+
+/// What `waypoint token new` (run as [`mint`] runs it for `plan`) printed and how it ended:
+/// the new token, or the error to report. A successful command's output is never shown (it
+/// may hold a token in a form not understood here). Pure: public for the fuzz targets and
+/// tests.
+pub fn mint_outcome(plan: &WaypointPlan, out: &ExecOutput) -> Result<String, WaypointError> {
+    let (bootstrap_path, container) = match plan.server {
+        ServerRef::Local => (plan.bootstrap_token_path(), SERVER_NAME.to_string()),
+        ServerRef::Remote => (plan.remote_token_path(), MINT_NAME.to_string()),
     };
     if out.exit_code == Some(0) {
         if let Some(token) = token_from_output(&out.stdout) {
-            tracing::info!("minted a waypoint runner token");
             return Ok(token);
         }
         // Its stdout may hold a token in a form not understood here: never shown.
@@ -241,4 +249,39 @@ async fn mint(docker: &Docker, plan: &WaypointPlan) -> Result<String, WaypointEr
             .map_or("no exit code".into(), |c| format!("exit {c}")),
         output: output.trim().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, WaypointConfig};
+
+    fn out(exit_code: Option<i64>, stdout: &str, stderr: &str) -> ExecOutput {
+        ExecOutput {
+            exit_code,
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+        }
+    }
+
+    #[test]
+    fn mint_outcomes() {
+        let plan = WaypointPlan::from_config(&Config {
+            waypoint: Some(WaypointConfig::default()),
+            ..Config::default()
+        })
+        .unwrap();
+        let token = "tok_0123456789abcdef";
+        assert_eq!(
+            mint_outcome(&plan, &out(Some(0), &format!("{token}\n"), "")).unwrap(),
+            token
+        );
+        // Exit 0 but no token: the output is never shown.
+        let e = mint_outcome(&plan, &out(Some(0), "a secret maybe", "")).unwrap_err();
+        assert!(!e.to_string().contains("secret"), "{e}");
+        let e = mint_outcome(&plan, &out(Some(1), "", "rpc error: Unauthorized")).unwrap_err();
+        assert!(matches!(e, WaypointError::TokenRejected { .. }), "{e}");
+        let e = mint_outcome(&plan, &out(Some(2), "", "server unavailable")).unwrap_err();
+        assert!(e.to_string().contains("server unavailable"), "{e}");
+    }
 }

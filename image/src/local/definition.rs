@@ -169,17 +169,27 @@ pub struct Definition {
 impl Definition {
     /// Embedded defaults, then `file` (if any), then `overrides`; validated.
     pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Definition, LocalError> {
-        let defaults = Layer::parse(DEFAULT_DEFINITION, "<embedded image/defaults/local.yaml>")?;
-        let from_file = match file {
+        match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| LocalError::Definition {
                     origin: path.display().to_string(),
                     message: format!("cannot read it: {e}"),
                 })?;
-                Layer::parse(&text, &path.display().to_string())?
+                Definition::from_yaml(&text, &path.display().to_string(), overrides)
             }
-            None => Layer::default(),
-        };
+            None => Definition::from_yaml("", "<no definition file>", overrides),
+        }
+    }
+
+    /// [`Definition::load`] of a definition file's text; `origin` names it in errors. Pure:
+    /// public for the fuzz targets and tests.
+    pub fn from_yaml(
+        text: &str,
+        origin: &str,
+        overrides: Overrides,
+    ) -> Result<Definition, LocalError> {
+        let defaults = Layer::parse(DEFAULT_DEFINITION, "<embedded image/defaults/local.yaml>")?;
+        let from_file = Layer::parse(text, origin)?;
         let layer = overrides.into_layer().over(from_file.over(defaults));
         Definition::complete(layer)?.validated()
     }

@@ -144,7 +144,13 @@ impl UserDataInput {
             path: path.to_owned(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|source| UserDataError::ParseFrom {
+        UserDataInput::from_json(&text, path)
+    }
+
+    /// [`UserDataInput::from_file`] of the file's text (`path` names it in errors). Pure:
+    /// public for the fuzz targets and tests.
+    pub fn from_json(text: &str, path: &Path) -> Result<UserDataInput, UserDataError> {
+        serde_json::from_str(text).map_err(|source| UserDataError::ParseFrom {
             path: path.to_owned(),
             source,
         })
