@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
 use crate::engine::{Engine, EngineError};
-use crate::fsutil::{self, FsError, MODE_PUBLIC_DIR};
+use crate::fsutil::{self, FsError, MODE_PRIVATE_DIR};
 use crate::plan::{self, Ctx, UpOptions};
 use crate::status_file::Status;
 
@@ -29,7 +29,7 @@ pub enum UpError {
 
 /// Converges the host once with a loaded configuration.
 pub async fn converge_once(config: Config, options: UpOptions) -> Result<Status, UpError> {
-    fsutil::ensure_dir(&config.state_dir, MODE_PUBLIC_DIR)?;
+    fsutil::ensure_dir(&config.state_dir, MODE_PRIVATE_DIR)?;
     let lock_path = config.state().lock();
     let Some(_lock) = fsutil::try_lock(&lock_path)? else {
         return Err(UpError::Locked { path: lock_path });

@@ -2,11 +2,13 @@
 //! `/var/lib/pilot-agent`), named in one place.
 //!
 //! ```text
-//! STATE_DIR/                         0755 (the package installs it 0700)
+//! STATE_DIR/                         0700 (as the package installs it)
 //!   lock                             one converge at a time (`up`, `run`): an flock, no content
 //!   status.json                      what `pilot-agent status` reads; no secret (0644)
 //!   instance-id                      the clone marker: the instance this state belongs to
 //!   identity.json                    the last identity the metadata service gave (0644)
+//!   firewall.json                    the agent's nftables rules as nft listed them after the
+//!                                    last apply: what rules changed in place are found by
 //!   pki/                             0700, see PkiLayout
 //!     ca/ca.pem, ca/ca-key.pem       the agent's CA (key 0600)
 //!     server/{ca,cert,key}.pem       the server certificate of dockerd and of the HTTPS endpoint
@@ -64,6 +66,11 @@ impl StateLayout {
     /// The identity the metadata service gave last, standing in when it gives none.
     pub fn remembered_identity(&self) -> PathBuf {
         self.root.join("identity.json")
+    }
+
+    /// The record of the firewall table's rules as nft listed them after the last apply.
+    pub fn firewall_listing(&self) -> PathBuf {
+        self.root.join("firewall.json")
     }
 
     /// The certificates and keys.

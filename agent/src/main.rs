@@ -68,7 +68,19 @@ fn run(cli: Cli, config_explicit: bool) -> anyhow::Result<u8> {
                     tracing::info!("{}", report.summary());
                     Ok(0)
                 }
-                Err(commands::firewall::FirewallCommandError::Config(e)) => Err(config_error(e)),
+                Err(commands::firewall::FirewallCommandError::Config { error, applied }) => {
+                    match applied {
+                        Ok(report) => tracing::warn!(
+                            "the configuration does not load: fail-closed {}",
+                            report.summary()
+                        ),
+                        Err(e) => tracing::error!(
+                            "the configuration does not load, and the fail-closed table \
+                             could not be applied either: {e}"
+                        ),
+                    }
+                    Err(config_error(error))
+                }
                 Err(e) => Err(e.into()),
             }
         }
@@ -88,7 +100,13 @@ fn run(cli: Cli, config_explicit: bool) -> anyhow::Result<u8> {
             for note in &report.notes {
                 eprintln!("pilot-agent: {note}");
             }
-            Ok(report.exit_code)
+            // A configuration that does not load: no agent can run on it, so the host is in
+            // error whatever the last status file says.
+            Ok(if target.warning.is_some() {
+                1
+            } else {
+                report.exit_code
+            })
         }
         Command::Credentials(args) => match commands::credentials::render(&cli.config, args.json) {
             Ok(out) => {

@@ -45,6 +45,7 @@ use crate::engine::{Outcome, Step, StepError, StepResult};
 use crate::firewall::{self, FirewallSpec, Nft};
 use crate::fsutil;
 use crate::identity::{self, Resolution, marker};
+use crate::layout::StateLayout;
 use crate::pki::{self, LeafSpec, PkiLayout, Policy};
 use crate::waypoint::{self, WaypointPlan};
 
@@ -140,7 +141,8 @@ impl Ctx {
 pub fn firewall_step() -> Step<Ctx> {
     Step::new(FIREWALL, |ctx: Arc<Ctx>| async move {
         let spec = FirewallSpec::from_config(&ctx.config);
-        let report = firewall::converge(&spec, &ctx.nft).await?;
+        let record = StateLayout::new(&ctx.config.state_dir).firewall_listing();
+        let report = firewall::converge(&spec, &ctx.nft, Some(&record)).await?;
         Ok(outcome(report.changed, report.summary()))
     })
 }

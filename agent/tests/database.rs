@@ -8,11 +8,13 @@ mod database {
     use std::error::Error;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::path::{Path, PathBuf};
+    use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
     use pilot_agent::database::{
         DatabaseError, DatabaseSettings, Provisioned, Secret, TlsMode, provision, read_password,
     };
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio_postgres::error::SqlState;
 
     use crate::support::pg::{self, PostgresOptions, SUPERUSER, TestCluster};
@@ -699,5 +701,519 @@ mod database {
         let err = provision(&s, &st.secret, false).await.unwrap_err();
         assert!(matches!(err, DatabaseError::Tls { .. }), "{err:?}");
         assert!(err.to_string().contains("ca.pem"), "{err}");
+    }
+
+    // ---- The password guard: no password to a server whose identity was not verified ----
+
+    /// A password that must never leave the agent in these tests.
+    const ADMIN_PW: &str = "admin-pw-Qx7-never-on-the-wire";
+
+    /// AuthenticationCleartextPassword and AuthenticationMD5Password (with a salt).
+    const ASK_CLEARTEXT: &[u8] = b"R\0\0\0\x08\0\0\0\x03";
+    const ASK_MD5: &[u8] = b"R\0\0\0\x0c\0\0\0\x05salt";
+
+    /// A fake PostgreSQL server for one connection: answers an SSLRequest with `S` and a TLS
+    /// handshake (certificate self-signed for a name nobody configured) when `tls` is given,
+    /// reads the StartupMessage, sends `ask`, and records everything the client sends after
+    /// TLS until it hangs up. The recording is the join handle's result.
+    async fn fake_server(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        ask: &'static [u8],
+    ) -> (u16, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind((pg::HOST, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut first = [0u8; 8];
+            tcp.read_exact(&mut first).await.unwrap();
+            // SSLRequest: length 8, code 80877103.
+            let ssl_request = first == [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+            match (ssl_request, tls) {
+                (true, Some(config)) => {
+                    tcp.write_all(b"S").await.unwrap();
+                    let tls = tokio_rustls::TlsAcceptor::from(config)
+                        .accept(tcp)
+                        .await
+                        .unwrap();
+                    serve(tls, Vec::new(), ask).await
+                }
+                (true, None) => {
+                    tcp.write_all(b"N").await.unwrap();
+                    serve(tcp, Vec::new(), ask).await
+                }
+                // No SSLRequest (`tls: disable`): these 8 bytes began the StartupMessage.
+                (false, _) => serve(tcp, first.to_vec(), ask).await,
+            }
+        });
+        (port, served)
+    }
+
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        mut s: S,
+        mut seen: Vec<u8>,
+        ask: &[u8],
+    ) -> Vec<u8> {
+        while seen.len() < 4 {
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.unwrap();
+            seen.push(b[0]);
+        }
+        let len = u32::from_be_bytes(seen[..4].try_into().unwrap()) as usize;
+        let mut rest = vec![0u8; len - seen.len()];
+        s.read_exact(&mut rest).await.unwrap();
+        seen.extend(rest);
+        s.write_all(ask).await.unwrap();
+        s.flush().await.unwrap();
+        // Whatever comes next, until the client hangs up (or 5 s: then it is still waiting,
+        // which the test reports as a failure of provision, not here).
+        let mut buf = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        seen
+    }
+
+    /// A TLS server configuration whose certificate is self-signed for `elsewhere.invalid`:
+    /// it verifies for no configured name and no CA.
+    fn unverifiable_tls() -> Arc<rustls::ServerConfig> {
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["elsewhere.invalid".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+        Arc::new(config)
+    }
+
+    /// The typed frontend messages after the StartupMessage (type byte, length, body).
+    fn frontend_types_after_startup(seen: &[u8]) -> Vec<u8> {
+        let startup = u32::from_be_bytes(seen[..4].try_into().unwrap()) as usize;
+        let mut rest = &seen[startup..];
+        let mut types = Vec::new();
+        while rest.len() >= 5 {
+            types.push(rest[0]);
+            let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+            rest = &rest[(1 + len).min(rest.len())..];
+        }
+        types
+    }
+
+    /// The fake server asked for the admin password in a readable form; the agent must have
+    /// refused with UnverifiedServer and sent nothing but its StartupMessage.
+    async fn assert_refused_and_nothing_sent(
+        s: &DatabaseSettings,
+        served: tokio::task::JoinHandle<Vec<u8>>,
+        method: &str,
+        reason: &str,
+    ) {
+        let st = state();
+        let err = tokio::time::timeout(Duration::from_secs(10), provision(s, &st.secret, false))
+            .await
+            .expect("provision hung on the fake server")
+            .unwrap_err();
+        let seen = served.await.unwrap();
+        // The recording is real: the fake server got the decrypted StartupMessage.
+        assert!(
+            seen.windows(13).any(|w| w == b"user\0postgres"),
+            "no StartupMessage recorded: {seen:?}"
+        );
+        assert!(
+            !seen
+                .windows(ADMIN_PW.len())
+                .any(|w| w == ADMIN_PW.as_bytes()),
+            "the password reached the fake server"
+        );
+        assert_eq!(
+            frontend_types_after_startup(&seen),
+            Vec::<u8>::new(),
+            "the agent answered the {method} request"
+        );
+        match &err {
+            DatabaseError::UnverifiedServer {
+                host,
+                port,
+                user,
+                method: m,
+                reason: r,
+            } => {
+                assert_eq!((host.as_str(), *port), (pg::HOST, s.port));
+                assert_eq!((user.as_str(), *m, *r), (SUPERUSER, method, reason));
+            }
+            other => panic!("expected UnverifiedServer, got {other:?}"),
+        }
+        assert!(!err.is_transient());
+        let printed = everything_printed(&err);
+        for part in [
+            format!("{}:{}", pg::HOST, s.port),
+            method.to_string(),
+            "tls: verify-full".to_string(),
+            "ca_file".to_string(),
+            "scram-sha-256".to_string(),
+            "sent no password".to_string(),
+        ] {
+            assert!(printed.contains(&part), "{part:?} missing from: {printed}");
+        }
+        assert!(!printed.contains(ADMIN_PW), "{printed}");
+    }
+
+    fn fake_settings(port: u16, tls: TlsMode) -> DatabaseSettings {
+        let mut s = DatabaseSettings::new(pg::HOST, SUPERUSER);
+        s.port = port;
+        s.tls = tls;
+        s.admin_password = Some(Secret::new(ADMIN_PW));
+        s.connect_timeout_secs = 5;
+        s
+    }
+
+    /// The issue's case: `tls: require` (the default) accepts any certificate, so whoever
+    /// answers on the path can ask for the password in clear or as MD5. Refused, unsent.
+    #[tokio::test]
+    async fn unverified_tls_server_asking_for_cleartext_or_md5_gets_no_password() {
+        assert_eq!(TlsMode::default(), TlsMode::Require);
+        for (ask, method) in [
+            (ASK_CLEARTEXT, "cleartext password"),
+            (ASK_MD5, "MD5 password"),
+        ] {
+            let (port, served) = fake_server(Some(unverifiable_tls()), ask).await;
+            let s = fake_settings(port, TlsMode::Require);
+            assert_refused_and_nothing_sent(
+                &s,
+                served,
+                method,
+                "tls: require without ca_file checks no certificate",
+            )
+            .await;
+        }
+    }
+
+    /// Without TLS nobody is verified either: the same rule (SCRAM still works there, see
+    /// `scram_logins_use_channel_binding_when_tls_is_on`).
+    #[tokio::test]
+    async fn plaintext_server_asking_for_cleartext_or_md5_gets_no_password() {
+        for (ask, method) in [
+            (ASK_CLEARTEXT, "cleartext password"),
+            (ASK_MD5, "MD5 password"),
+        ] {
+            let (port, served) = fake_server(None, ask).await;
+            let s = fake_settings(port, TlsMode::Disable);
+            assert_refused_and_nothing_sent(&s, served, method, "tls: disable, no TLS at all")
+                .await;
+        }
+    }
+
+    /// A TLS cluster whose pg_hba.conf asks every TCP client for a cleartext password.
+    async fn cluster_asking_for_cleartext(pki: &TestPki) -> TestCluster {
+        let c = TestCluster::start_with(PostgresOptions {
+            tls: Some((pki.server_cert_pem.clone(), pki.server_key_pem.clone())),
+        })
+        .unwrap();
+        let hba = c.data_dir().join("pg_hba.conf");
+        let text = std::fs::read_to_string(&hba).unwrap();
+        // First match wins: this line comes before initdb's scram-sha-256 ones.
+        std::fs::write(&hba, format!("host all all 127.0.0.1/32 password\n{text}")).unwrap();
+        let admin = c.superuser().await.unwrap();
+        admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+        // Observed, not assumed: a new connection is asked for a cleartext password (the
+        // postmaster reloads the rules on SIGHUP, asynchronously).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !c
+            .log_text()
+            .contains("identity=\"postgres\" method=password")
+        {
+            assert!(Instant::now() < deadline, "pg_hba.conf not reloaded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(c.superuser().await.unwrap());
+        }
+        c
+    }
+
+    /// A real server asking for a cleartext password gets it once its certificate verified
+    /// (verify-full, or require with the CA), and not otherwise.
+    #[tokio::test]
+    async fn cleartext_password_goes_only_to_a_verified_server() {
+        let pki = test_pki();
+        let c = cluster_asking_for_cleartext(&pki).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+        let cases = [
+            (
+                "verify-full",
+                TlsMode::VerifyFull,
+                Some(&ca_file),
+                "localhost",
+                None,
+            ),
+            (
+                "require + CA",
+                TlsMode::Require,
+                Some(&ca_file),
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "require, no CA",
+                TlsMode::Require,
+                None,
+                "127.0.0.1",
+                Some("tls: require without ca_file checks no certificate"),
+            ),
+            (
+                "disable",
+                TlsMode::Disable,
+                None,
+                "127.0.0.1",
+                Some("tls: disable, no TLS at all"),
+            ),
+        ];
+        for (i, (name, mode, ca, host, refused)) in cases.into_iter().enumerate() {
+            let st = state();
+            let mut s = settings(&c);
+            s.tls = mode;
+            s.ca_file = ca.cloned();
+            s.host = host.into();
+            s.app_role = format!("app_{i}");
+            s.app_database = format!("db_{i}");
+            let result = provision(&s, &st.secret, false).await;
+            match (result, refused) {
+                (Ok(out), None) => assert!(out.role_created, "{name}"),
+                (Err(DatabaseError::UnverifiedServer { method, reason, .. }), Some(why)) => {
+                    assert_eq!((method, reason), ("cleartext password", why), "{name}");
+                }
+                (other, _) => panic!("{name}: unexpected {other:?}"),
+            }
+        }
+        // The server really asked for (and got) cleartext passwords, over TLS.
+        let log = c.log_text();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("user=app_0 database=db_0") && l.contains("SSL enabled")),
+            "no TLS login of app_0: {log}"
+        );
+        for role in ["app_0", "app_1"] {
+            assert!(
+                log.contains(&format!("identity=\"{role}\" method=password")),
+                "no cleartext password login of {role} in the server log"
+            );
+        }
+    }
+
+    /// Log lines of the agent, captured (the tests run on one thread: `#[tokio::test]`).
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Capture {
+        fn take(&self) -> String {
+            String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap()
+        }
+    }
+
+    /// The logins' methods as the agent logged them: `(user, method)`.
+    fn logins(log: &str) -> Vec<(String, String)> {
+        log.lines()
+            .filter(|l| l.contains("logged in to the database server"))
+            .map(|l| {
+                let field = |k: &str| {
+                    let at = l.find(&format!(" {k}=")).expect(k) + k.len() + 2;
+                    let v = &l[at..];
+                    let v = v.strip_prefix('"').map_or_else(
+                        || v.split(' ').next().unwrap(),
+                        |q| q.split('"').next().unwrap(),
+                    );
+                    v.to_string()
+                };
+                (field("user"), field("method"))
+            })
+            .collect()
+    }
+
+    /// SCRAM is answered in every mode (it never shows the password); with TLS on, the agent
+    /// binds it to the channel (SCRAM-SHA-256-PLUS), observed on the wire by the guard.
+    #[tokio::test]
+    async fn scram_logins_use_channel_binding_when_tls_is_on() {
+        let cap = Capture::default();
+        let writer = cap.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        // With a single scoped subscriber, tracing caches a callsite's interest from whichever
+        // thread hits it first: another test's thread (no subscriber) would switch the agent's
+        // debug line off for this one. A second registered dispatcher makes every callsite
+        // ask the current thread's subscriber.
+        let _second = tracing::Dispatch::new(tracing_subscriber::registry());
+        tracing::callsite::rebuild_interest_cache();
+
+        let pki = test_pki();
+        let c = TestCluster::start_with(PostgresOptions {
+            tls: Some((pki.server_cert_pem.clone(), pki.server_key_pem.clone())),
+        })
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+        let cases = [
+            (
+                TlsMode::VerifyFull,
+                Some(&ca_file),
+                "localhost",
+                "SCRAM-SHA-256-PLUS",
+            ),
+            (TlsMode::Require, None, "127.0.0.1", "SCRAM-SHA-256-PLUS"),
+            (TlsMode::Disable, None, "127.0.0.1", "SCRAM-SHA-256"),
+        ];
+        for (i, (mode, ca, host, want)) in cases.into_iter().enumerate() {
+            let st = state();
+            let mut s = settings(&c);
+            s.tls = mode;
+            s.ca_file = ca.cloned();
+            s.host = host.into();
+            s.app_role = format!("app_{i}");
+            s.app_database = format!("db_{i}");
+            provision(&s, &st.secret, false).await.unwrap();
+            let log = cap.take();
+            let seen = logins(&log);
+            // The admin, then the new role twice (the password check, then CREATE access).
+            assert!(seen.len() >= 2, "{mode}: {log}");
+            assert!(seen.iter().any(|(u, _)| u == SUPERUSER), "{mode}: {log}");
+            assert!(seen.iter().any(|(u, _)| *u == s.app_role), "{mode}: {log}");
+            for (user, method) in &seen {
+                assert_eq!(method, want, "{mode}, {user}: {log}");
+            }
+            assert!(!log.contains(c.password()), "admin password in the log");
+            let stored = read_password(&st.secret).unwrap();
+            assert!(!log.contains(stored.expose()), "app password in the log");
+        }
+    }
+
+    /// Relays a TLS connection: terminates the client's TLS with `front` (any certificate will
+    /// do under `tls: require`), opens its own TLS to the real server (verified with the
+    /// fixture's CA) and copies the protocol both ways: a man in the middle on the path.
+    async fn tls_relay(front: Arc<rustls::ServerConfig>, server_port: u16, ca_pem: &str) -> u16 {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let back = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let listener = tokio::net::TcpListener::bind((pg::HOST, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (front, back) = (front.clone(), back.clone());
+                tokio::spawn(async move {
+                    let mut ssl_request = [0u8; 8];
+                    client.read_exact(&mut ssl_request).await?;
+                    client.write_all(b"S").await?;
+                    let mut client = tokio_rustls::TlsAcceptor::from(front)
+                        .accept(client)
+                        .await?;
+                    let mut server =
+                        tokio::net::TcpStream::connect((pg::HOST, server_port)).await?;
+                    server.write_all(&ssl_request).await?;
+                    let mut answer = [0u8; 1];
+                    server.read_exact(&mut answer).await?;
+                    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                    let mut server = tokio_rustls::TlsConnector::from(back)
+                        .connect(name, server)
+                        .await?;
+                    tokio::io::copy_bidirectional(&mut client, &mut server).await?;
+                    Ok::<_, std::io::Error>(())
+                });
+            }
+        });
+        port
+    }
+
+    /// Channel binding, observed at the server: under `tls: require` (no certificate check) a
+    /// relay that terminates TLS can put itself on the path, but the SCRAM-SHA-256-PLUS login
+    /// the agent makes is bound to the relay's certificate, so the real server refuses to let
+    /// it through. The same relay passes an unbound login (the control), so the relay works
+    /// and channel binding is what stopped it.
+    #[tokio::test]
+    async fn a_tls_relay_cannot_pass_the_scram_login_on() {
+        let pki = test_pki();
+        let c = TestCluster::start_with(PostgresOptions {
+            tls: Some((pki.server_cert_pem.clone(), pki.server_key_pem.clone())),
+        })
+        .unwrap();
+        let relay = tls_relay(unverifiable_tls(), c.port(), &pki.ca_pem).await;
+
+        // Control: tokio-postgres without channel binding logs in through the relay.
+        let provider = pilot_agent::tls::provider();
+        let any_cert = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(pilot_agent::tls::SignaturesOnly::new(
+                &provider,
+            )))
+            .with_no_client_auth();
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(pg::HOST)
+            .port(relay)
+            .user(SUPERUSER)
+            .password(c.password())
+            .dbname("postgres")
+            .ssl_mode(tokio_postgres::config::SslMode::Require)
+            .channel_binding(tokio_postgres::config::ChannelBinding::Disable);
+        let (client, connection) = config
+            .connect(tokio_postgres_rustls::MakeRustlsConnect::new(any_cert))
+            .await
+            .expect("an unbound login passes through the relay");
+        tokio::spawn(connection);
+        client.simple_query("SELECT 1").await.unwrap();
+        drop(client);
+
+        // The agent, with the default `tls: require`, through the same relay.
+        let st = state();
+        let mut s = settings(&c);
+        s.port = relay;
+        s.tls = TlsMode::Require;
+        let err = provision(&s, &st.secret, false).await.unwrap_err();
+        assert!(
+            matches!(&err, DatabaseError::Auth { user, .. } if user == SUPERUSER),
+            "{err:?}"
+        );
+        let printed = everything_printed(&err);
+        assert!(printed.contains("channel binding"), "{printed}");
+        assert!(!printed.contains(c.password()), "{printed}");
+        assert!(
+            c.log_text().contains("SCRAM channel binding check failed"),
+            "the server did not see a bound login"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! The client against the real endpoint on loopback (a state directory with the pki module's
 //! CA and server certificate), a leaf-only TLS server, and plain TCP listeners that refuse or
-//! stall.
+//! stall; and the runner host's path with a `runner`-scope token: refused the credentials,
+//! linked by `/healthz`, each runner's token minted by `POST /v1/runner-token` and stored
+//! 0600, and no bootstrap token or database password anywhere in its state directory.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -14,17 +16,23 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 use pilot_agent::addresses::San;
-use pilot_agent::config::endpoint::{RateLimit, TokenHash, TokenSource};
-use pilot_agent::config::{Config, EndpointConfig, PkiConfig, WaypointConfig};
+use pilot_agent::config::endpoint::{EndpointToken, RateLimit, Scope, TokenHash, TokenSource};
+use pilot_agent::config::{Config, EndpointConfig, PkiConfig, Role, ServerLink, WaypointConfig};
 use pilot_agent::endpoint::{Endpoint, Telemetry};
 use pilot_agent::pki::{self, LeafSpec, PkiLayout, Policy};
 use pilot_agent::remote::{
     DEFAULT_PORT, Fingerprint, FingerprintError, RemoteError, ServerEndpoint, fetch_credentials,
+    mint_runner_token,
 };
 use pilot_agent::waypoint::WaypointPlan;
+use pilot_agent::waypoint::link::{self, LinkState};
+use pilot_agent::waypoint::runners::RunnerId;
 use pilot_values::Secret;
 
 const TOKEN: &str = "tok-remote-0123456789-very-secret";
+const RUNNER_TOKEN: &str = "tok-runner-scope-0123456789-secret";
+const DB_PASSWORD: &str = "pw-database-0123456789-very-secret";
+const MINTED: &str = "wp-runner-minted-0123456789-secret";
 const WAYPOINT_TOKEN: &str = "wp-bootstrap-9876543210-very-secret";
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -38,19 +46,34 @@ struct ServerVm {
 impl ServerVm {
     fn new(sans: &[&str], bootstrapped: bool, rate_limit: RateLimit) -> ServerVm {
         let dir = tempfile::tempdir().unwrap();
-        let hash: String = Sha256::digest(TOKEN.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hash = |t: &str| -> TokenHash {
+            let hex: String = Sha256::digest(t.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            TokenHash::from_hex(&hex).unwrap()
+        };
         let mut config = Config {
             state_dir: dir.path().join("state"),
             waypoint: Some(WaypointConfig::default()),
             endpoint: Some(EndpointConfig {
                 listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
-                token: TokenSource::Inline(TokenHash::from_hex(&hash).unwrap()),
+                tokens: vec![
+                    EndpointToken::default_admin(TokenSource::Inline(hash(TOKEN))),
+                    EndpointToken {
+                        name: "runner-pool".into(),
+                        scope: Scope::Runner,
+                        source: TokenSource::Inline(hash(RUNNER_TOKEN)),
+                    },
+                ],
                 sources: Vec::new(),
                 rate_limit,
             }),
+            // No dockerd there: the endpoint cannot mint (503).
+            docker: pilot_agent::config::DockerConfig {
+                socket: dir.path().join("no-dockerd.sock"),
+                ..Default::default()
+            },
             ..Config::default()
         };
         config.host.extra_names = vec!["pilot.example.com".into()];
@@ -67,6 +90,9 @@ impl ServerVm {
             let plan = WaypointPlan::from_config(&config).unwrap();
             std::fs::create_dir_all(&plan.tokens_dir).unwrap();
             std::fs::write(plan.bootstrap_token_path(), format!("{WAYPOINT_TOKEN}\n")).unwrap();
+            let pw = config.state_dir.join("database/password");
+            std::fs::create_dir_all(pw.parent().unwrap()).unwrap();
+            std::fs::write(&pw, DB_PASSWORD).unwrap();
         }
         ServerVm {
             _dir: dir,
@@ -100,14 +126,240 @@ fn token() -> Secret {
     Secret::new(TOKEN)
 }
 
-/// No error text may carry either token.
+/// No error text may carry any token.
 fn assert_no_token(e: &RemoteError) {
     for text in [e.to_string(), format!("{e:?}")] {
-        assert!(
-            !text.contains(TOKEN) && !text.contains(WAYPOINT_TOKEN),
-            "{text}"
-        );
+        for secret in [TOKEN, WAYPOINT_TOKEN, RUNNER_TOKEN, MINTED, DB_PASSWORD] {
+            assert!(!text.contains(secret), "{text}");
+        }
     }
+}
+
+#[tokio::test]
+async fn runner_scope_token_is_refused_the_credentials() {
+    let vm = ServerVm::new(&["127.0.0.1"], true, RateLimit::default());
+    let ep = vm.start().await;
+    let server = at("127.0.0.1", ep.local_addr());
+    let e = fetch_credentials(&server, &Secret::new(RUNNER_TOKEN), &vm.pin(), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RemoteError::Forbidden {
+                path: "/v1/credentials",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(!e.is_transient());
+    assert!(e.to_string().contains("scope `runner`"), "{e}");
+    assert_no_token(&e);
+    // The same token may ask for a runner token: it gets as far as the mint, which has no
+    // Waypoint server here (503, retry later).
+    let id = RunnerId::new("vm-2", 1).to_string();
+    let e = mint_runner_token(&server, &Secret::new(RUNNER_TOKEN), &vm.pin(), &id, TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, RemoteError::Status { status: 503, .. }),
+        "{e:?}"
+    );
+    assert!(e.is_transient());
+    assert!(e.to_string().contains("not ready to mint"), "{e}");
+    // The admin token still gets everything (what operators use it for).
+    let c = fetch_credentials(&server, &token(), &vm.pin(), TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(c.waypoint_token.expose(), WAYPOINT_TOKEN);
+    ep.shutdown().await;
+}
+
+/// A stand-in for the server VM's endpoint where it can mint (the real one needs a Waypoint
+/// server in Docker; the e2e test `cloud` runs that): the real certificate chain, `/healthz`,
+/// and `POST /v1/runner-token` answering as the endpoint does when the bearer token is
+/// `RUNNER_TOKEN`. It records the requests' paths.
+async fn minting_server(vm: &ServerVm) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    use http_body_util::{BodyExt, Full};
+    let paths = PkiLayout::new(vm.config.pki_dir()).server();
+    let mut chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&paths.cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    chain.extend(
+        CertificateDer::pem_file_iter(&paths.ca)
+            .unwrap()
+            .map(Result::unwrap),
+    );
+    let key = PrivateKeyDer::from_pem_file(&paths.key).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(pilot_agent::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let ca_pem = vm.ca_pem();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let (ca_pem, log) = (ca_pem.clone(), log.clone());
+            let service = hyper::service::service_fn(
+                move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (ca_pem, log) = (ca_pem.clone(), log.clone());
+                    async move {
+                        log.lock()
+                            .unwrap()
+                            .push(format!("{} {}", req.method(), req.uri().path()));
+                        let authorized = req
+                            .headers()
+                            .get(hyper::header::AUTHORIZATION)
+                            .is_some_and(|v| {
+                                v.as_bytes() == format!("Bearer {RUNNER_TOKEN}").as_bytes()
+                            });
+                        let (status, body) = match req.uri().path() {
+                            "/healthz" => (200, json!({"status": "done", "condition": "healthy"})),
+                            "/v1/runner-token" if authorized => {
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                let asked: serde_json::Value =
+                                    serde_json::from_slice(&body).unwrap();
+                                (
+                                    200,
+                                    json!({
+                                        "runner_id": asked["runner_id"],
+                                        "waypoint": {"address": "10.9.8.7:9701", "token": MINTED, "tls_skip_verify": true},
+                                        "ca_pem": ca_pem,
+                                    }),
+                                )
+                            }
+                            _ => (403, json!({"error": "forbidden"})),
+                        };
+                        let mut resp =
+                            hyper::Response::new(Full::new(bytes::Bytes::from(body.to_string())));
+                        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service),
+            );
+        }
+    });
+    (addr, seen)
+}
+
+/// Every file under `dir`, recursively, with its content.
+fn files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else {
+            out.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn runner_host_gets_runner_tokens_and_keeps_no_server_secret() {
+    use std::os::unix::fs::PermissionsExt;
+    let vm = ServerVm::new(&["127.0.0.1"], true, RateLimit::default());
+    let ep = vm.start().await;
+    let (minter, seen) = minting_server(&vm).await;
+
+    // The runner host: role runner, its endpoint token (runner scope) in a 0600 file, and
+    // the bootstrap token that an earlier version fetched and kept in its state directory.
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("server-token");
+    std::fs::write(&token_file, format!("{RUNNER_TOKEN}\n")).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link_to = |addr: SocketAddr| ServerLink {
+        endpoint: at("127.0.0.1", addr),
+        token_file: token_file.clone(),
+        ca_sha256: vm.pin(),
+        waypoint_address: None,
+        timeout_secs: 5,
+    };
+    let runner_config = |addr: SocketAddr| Config {
+        state_dir: dir.path().join("state"),
+        role: Role::Runner,
+        server: Some(link_to(addr)),
+        waypoint: Some(WaypointConfig {
+            runners: 2,
+            ..WaypointConfig::default()
+        }),
+        ..Config::default()
+    };
+    // server-link against the real endpoint: reached by /healthz, the old token removed.
+    let config = runner_config(ep.local_addr());
+    let plan = WaypointPlan::from_config(&config).unwrap();
+    std::fs::create_dir_all(&plan.tokens_dir).unwrap();
+    std::fs::write(plan.remote_token_path(), format!("{WAYPOINT_TOKEN}\n")).unwrap();
+    let state = link::converge(&plan, config.server.as_ref().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&state, LinkState::Changed(d) if d.contains("server-token")),
+        "{state:?}"
+    );
+    assert!(!plan.remote_token_path().exists());
+    let state = link::converge(&plan, config.server.as_ref().unwrap())
+        .await
+        .unwrap();
+    assert!(matches!(state, LinkState::Current(_)), "{state:?}");
+
+    // The runners step's mint, against a server that can mint.
+    let config = runner_config(minter);
+    let plan = WaypointPlan::from_config(&config).unwrap();
+    for index in 1..=2 {
+        let id = RunnerId::new("vm-2", index);
+        let got = link::mint_remote(&plan, &id).await.unwrap();
+        assert_eq!(got, MINTED);
+        let stored = plan.runner_token_path(index);
+        assert_eq!(std::fs::read_to_string(&stored).unwrap().trim(), MINTED);
+        let mode = std::fs::metadata(&stored).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", stored.display());
+    }
+    assert_eq!(
+        std::fs::read_to_string(plan.remote_address_path())
+            .unwrap()
+            .trim(),
+        "10.9.8.7:9701"
+    );
+    // What it asked for: the runner token route only, never the credentials.
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["POST /v1/runner-token", "POST /v1/runner-token"]
+    );
+    // The whole state directory: neither the server's bootstrap token nor the database
+    // password, nor the host's own endpoint token.
+    let all = files(&config.state_dir);
+    assert!(!all.is_empty());
+    for (path, content) in &all {
+        let text = String::from_utf8_lossy(content);
+        for secret in [WAYPOINT_TOKEN, DB_PASSWORD, RUNNER_TOKEN] {
+            assert!(
+                !text.contains(secret),
+                "{} holds a secret it must not",
+                path.display()
+            );
+        }
+    }
+    ep.shutdown().await;
 }
 
 #[tokio::test]

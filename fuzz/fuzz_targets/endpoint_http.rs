@@ -2,7 +2,8 @@
 //! by hyper's HTTP/1 server with the endpoint's own settings (`endpoint::http_builder`: the
 //! head's size and deadline) on an in-memory stream. Every request hyper hands over is routed
 //! (`endpoint::route`) and authenticated (`endpoint::auth::check`) as the endpoint does, and
-//! checked: a method other than GET/HEAD is refused first, only `/healthz` skips the token,
+//! checked: a method other than GET/HEAD (but POST to `/v1/runner-token`) is refused first,
+//! only `/healthz` skips the token,
 //! the token check agrees with an independent reading of the header (the token is
 //! `ENDPOINT_TOKEN`), and no head larger than `endpoint::MAX_BUF` got through. Any bytes must
 //! end the connection, never panic or hang.
@@ -36,7 +37,11 @@ fn answer(req: &Request<Incoming>, hash: &TokenHash) -> StatusCode {
     let method = req.method();
     let path = req.uri().path();
     let r = route(method, path);
-    if method != Method::GET && method != Method::HEAD {
+    if method == Method::POST && path == "/v1/runner-token" {
+        // The one route that takes a body (the runner token mint): it needs a token.
+        assert_eq!(r, Route::RunnerToken, "{method} {path}");
+        assert!(r.needs_auth());
+    } else if method != Method::GET && method != Method::HEAD {
         assert_eq!(r, Route::MethodNotAllowed, "{method} {path}");
     } else {
         assert_ne!(r, Route::MethodNotAllowed, "{method} {path}");

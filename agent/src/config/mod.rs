@@ -218,11 +218,12 @@ impl Config {
 }
 
 impl Config {
-    /// The Waypoint server's published gRPC port and who may reach it besides loopback, or
-    /// `None` when this host runs no Waypoint server: the application sources, the operators
-    /// (the Pilot CLI speaks to the same port), and the container networks on this host
-    /// (applications deployed here reach the advertised address through the host).
-    pub fn waypoint_allowed_sources(&self) -> Option<(u16, Vec<IpNet>)> {
+    /// The Waypoint server's published ports (gRPC, then HTTP, which serves the same API as
+    /// grpc-web and `/v1/exec`) and who may reach them besides loopback, or `None` when this
+    /// host runs no Waypoint server: the application sources, the operators (the Pilot CLI
+    /// speaks to the same ports), and the container networks on this host (applications
+    /// deployed here reach the advertised address through the host).
+    pub fn waypoint_allowed_sources(&self) -> Option<(Vec<u16>, Vec<IpNet>)> {
         if self.role != Role::Server {
             return None;
         }
@@ -233,7 +234,7 @@ impl Config {
                 all.push(net);
             }
         }
-        Some((w.grpc_port, all))
+        Some((vec![w.grpc_port, w.http_port], all))
     }
 }
 

@@ -437,8 +437,8 @@ fn waypoint_advertise_address_and_application_sources() {
             port: 19701
         }
     );
-    let (port, sources) = c.waypoint_allowed_sources().unwrap();
-    assert_eq!(port, 19701);
+    let (ports, sources) = c.waypoint_allowed_sources().unwrap();
+    assert_eq!(ports, [19701, 9702]);
     let sources: Vec<String> = sources.iter().map(|n| n.to_string()).collect();
     // Applications, operators, and the Pilot network's subnet (hairpin from containers).
     assert_eq!(

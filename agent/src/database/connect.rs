@@ -1,6 +1,17 @@
 //! Connections to the PostgreSQL server: TLS set-up (rustls with the aws-lc-rs provider),
-//! connecting with a deadline, and sorting connection failures into the error kinds the
-//! engine acts on (unreachable = fail open; auth and TLS = configuration errors).
+//! connecting with a deadline under the password guard ([`super::guard`]), and sorting
+//! connection failures into the error kinds the engine acts on (unreachable = fail open; auth,
+//! TLS and an unverified server asking for a readable password = configuration errors).
+//!
+//! What "verified" means, per `tls` mode (it decides whether a cleartext or MD5 password
+//! request may be answered; SCRAM is answered in every mode, as it never shows the password):
+//!
+//! | `tls` | certificate check | verified |
+//! |---|---|---|
+//! | `disable` | none (no TLS) | no |
+//! | `require` | handshake signatures only | no |
+//! | `require` + `ca_file` | chain to `ca_file`, any name (libpq's `verify-ca`) | yes |
+//! | `verify-full` | chain to `ca_file` or the system roots, and the `host` name | yes |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,26 +23,43 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::net::TcpStream;
+use tokio_postgres::config::{ChannelBinding, SslMode};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::error::{BoxError, DatabaseError};
+use super::guard::{AuthMethod, Guard, GuardedTls};
 use super::secret::Secret;
 use super::{DatabaseSettings, TlsMode};
 use crate::tls::SignaturesOnly;
 
 /// How connections are secured, built once per provisioning run from the settings.
-pub(crate) enum Tls {
-    Disabled,
-    Rustls(MakeRustlsConnect),
+pub(crate) struct Tls {
+    /// `None` with `tls: disable`.
+    rustls: Option<MakeRustlsConnect>,
+    /// The server's certificate is checked against a CA the operator chose (see the table in
+    /// the module documentation); only then may a password go out as cleartext or MD5.
+    server_verified: bool,
 }
 
 impl Tls {
     pub(crate) fn from_settings(settings: &DatabaseSettings) -> Result<Tls, DatabaseError> {
         let provider = crate::tls::provider();
+        let server_verified = match settings.tls {
+            TlsMode::Disable => false,
+            TlsMode::Require => settings.ca_file.is_some(),
+            TlsMode::VerifyFull => true,
+        };
         let verifier: Arc<dyn ServerCertVerifier> = match settings.tls {
-            TlsMode::Disable => return Ok(Tls::Disabled),
+            TlsMode::Disable => {
+                return Ok(Tls {
+                    rustls: None,
+                    server_verified: false,
+                });
+            }
             // libpq's rule: `require` checks nothing, unless a root CA is given; then the
             // chain is verified but not the name (libpq's verify-ca).
             TlsMode::Require => match &settings.ca_file {
@@ -59,7 +87,19 @@ impl Tls {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
-        Ok(Tls::Rustls(MakeRustlsConnect::new(config)))
+        Ok(Tls {
+            rustls: Some(MakeRustlsConnect::new(config)),
+            server_verified,
+        })
+    }
+
+    /// Why the server is not verified, for the error; `None` when it is.
+    fn unverified_reason(&self) -> Option<&'static str> {
+        match (&self.rustls, self.server_verified) {
+            (_, true) => None,
+            (None, false) => Some("tls: disable, no TLS at all"),
+            (Some(_), false) => Some("tls: require without ca_file checks no certificate"),
+        }
     }
 }
 
@@ -75,6 +115,13 @@ pub(crate) struct Login<'a> {
 pub(crate) enum ConnectFailure {
     /// The whole connect (TCP, TLS, startup, authentication) ran past the deadline.
     TimedOut(Duration),
+    /// No TCP connection (name not found, refused, no route).
+    Tcp(std::io::Error),
+    /// The password guard dropped the connection on this request (see [`super::guard`]).
+    Refused {
+        method: AuthMethod,
+        reason: &'static str,
+    },
     Postgres(tokio_postgres::Error),
 }
 
@@ -101,6 +148,16 @@ impl ConnectFailure {
                     std::io::ErrorKind::TimedOut,
                     format!("no answer within {}s", after.as_secs_f32()),
                 )));
+            }
+            ConnectFailure::Tcp(err) => return unreachable(Box::new(err)),
+            ConnectFailure::Refused { method, reason } => {
+                return DatabaseError::UnverifiedServer {
+                    host: settings.host.clone(),
+                    port: settings.port,
+                    user: login.user.to_owned(),
+                    method: method.as_str(),
+                    reason,
+                };
             }
             ConnectFailure::Postgres(err) => err,
         };
@@ -166,6 +223,11 @@ fn has_rustls_cause(err: &(dyn std::error::Error + 'static)) -> bool {
 /// Connects with one deadline for everything (TCP, TLS, startup and authentication):
 /// tokio-postgres' own `connect_timeout` covers only the TCP connect, and a server that
 /// accepts and then says nothing must not hold the step.
+///
+/// The TCP connection is made here and handed to `connect_raw`, so that the password guard
+/// can sit on the protocol stream in both cases: over the TLS stream (through [`GuardedTls`])
+/// or over the plain socket with `tls: disable` (tokio-postgres' own `connect` would give no
+/// hook for the latter).
 pub(crate) async fn connect(
     settings: &DatabaseSettings,
     tls: &Tls,
@@ -174,37 +236,79 @@ pub(crate) async fn connect(
     let timeout = settings.connect_timeout();
     let mut config = tokio_postgres::Config::new();
     config
-        .host(&settings.host)
-        .port(settings.port)
         .user(login.user)
         .dbname(login.database)
         .application_name("pilot-agent")
-        .connect_timeout(timeout)
-        .ssl_mode(match tls {
-            Tls::Disabled => tokio_postgres::config::SslMode::Disable,
-            Tls::Rustls(_) => tokio_postgres::config::SslMode::Require,
-        });
+        .ssl_mode(match tls.rustls {
+            None => SslMode::Disable,
+            Some(_) => SslMode::Require,
+        })
+        // The default, stated: SCRAM-SHA-256-PLUS whenever TLS is on and the server offers it,
+        // which ties the login to the certificate this connection saw, so a relay that
+        // terminates TLS cannot pass it on. Not `Require`: that also refuses servers without
+        // SCRAM (a verified server asking for a password) and poolers without channel binding.
+        .channel_binding(ChannelBinding::Prefer);
     if let Some(password) = login.password {
         config.password(password.expose());
     }
+    let guard = Guard::new(tls.server_verified);
     let connecting = async {
-        match tls {
-            Tls::Disabled => {
-                let (client, connection) = config.connect(NoTls).await?;
+        let tcp = TcpStream::connect((settings.host.as_str(), settings.port))
+            .await
+            .map_err(ConnectFailure::Tcp)?;
+        // As tokio-postgres does for its own sockets: the protocol is small request/response.
+        // (Its TCP keepalive, 2 h idle, is not missed: every statement has its own deadline.)
+        tcp.set_nodelay(true).map_err(ConnectFailure::Tcp)?;
+        let client = match &tls.rustls {
+            None => {
+                let (client, connection) = config
+                    .connect_raw(guard.clone().wrap(tcp), NoTls)
+                    .await
+                    .map_err(ConnectFailure::Postgres)?;
                 tokio::spawn(drive(connection));
-                Ok(client)
+                client
             }
-            Tls::Rustls(make) => {
-                let (client, connection) = config.connect(make.clone()).await?;
+            Some(make) => {
+                let connector = MakeTlsConnect::<TcpStream>::make_tls_connect(
+                    &mut make.clone(),
+                    &settings.host,
+                )
+                .unwrap_or_else(|never| match never {});
+                let guarded = GuardedTls {
+                    tls: connector,
+                    guard: guard.clone(),
+                };
+                let (client, connection) = config
+                    .connect_raw(tcp, guarded)
+                    .await
+                    .map_err(ConnectFailure::Postgres)?;
                 tokio::spawn(drive(connection));
-                Ok(client)
+                client
             }
-        }
+        };
+        Ok::<_, ConnectFailure>(client)
     };
-    match tokio::time::timeout(timeout, connecting).await {
-        Ok(Ok(client)) => Ok(client),
-        Ok(Err(e)) => Err(ConnectFailure::Postgres(e)),
+    let result = match tokio::time::timeout(timeout, connecting).await {
+        Ok(result) => result,
         Err(_) => Err(ConnectFailure::TimedOut(timeout)),
+    };
+    let seen = guard.seen();
+    match (result, seen.refused, tls.unverified_reason()) {
+        // The guard's refusal explains tokio-postgres' I/O error.
+        (Err(_), Some(method), Some(reason)) => Err(ConnectFailure::Refused { method, reason }),
+        (Ok(client), _, _) => {
+            tracing::debug!(
+                host = %settings.host,
+                port = settings.port,
+                user = login.user,
+                database = login.database,
+                tls = %settings.tls,
+                method = seen.method.map(AuthMethod::as_str).unwrap_or("unknown"),
+                "logged in to the database server"
+            );
+            Ok(client)
+        }
+        (Err(failure), _, _) => Err(failure),
     }
 }
 

@@ -48,6 +48,27 @@ pub enum DatabaseError {
         source: BoxError,
     },
 
+    /// The server asked for the password in a form it could read (cleartext) or crack offline
+    /// (MD5), and its identity was not verified: `tls: disable`, or `tls: require` without
+    /// `ca_file`. Nothing was sent; the connection was dropped on the request. Not transient:
+    /// a setting on one side or the other has to change.
+    #[error(
+        "database server {host}:{port} asked for the {method} of user {user:?}, and its \
+         certificate was not verified ({reason}); the agent sent no password. Set `tls: \
+         verify-full` with `ca_file` naming the server's CA, or enable SCRAM on the server \
+         (pg_hba.conf method scram-sha-256, password_encryption = scram-sha-256, then set the \
+         password again)"
+    )]
+    UnverifiedServer {
+        host: String,
+        port: u16,
+        user: String,
+        /// "cleartext password" or "MD5 password".
+        method: &'static str,
+        /// Why the server counts as unverified, in terms of the settings.
+        reason: &'static str,
+    },
+
     /// A statement failed or timed out; `context` says what was being done.
     #[error("database: failed to {context}")]
     Query {

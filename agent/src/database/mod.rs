@@ -25,6 +25,7 @@
 
 mod connect;
 mod error;
+mod guard;
 mod secret;
 mod sql;
 

@@ -1,8 +1,16 @@
-//! Bearer-token authentication and the per-source limit on failed attempts.
+//! Bearer-token authentication, the scoped token set, and the per-source limit on failed
+//! attempts.
 //!
-//! The configuration holds the SHA-256 of the token, not the token: a request's token is
-//! hashed and the two digests compared in constant time (`subtle`), so neither the compare
-//! nor the configuration reveals it. Nothing here logs or formats a token or a digest.
+//! The configuration holds the SHA-256 of each token, not the token: a request's token is
+//! hashed and the digest compared in constant time (`subtle`) with every accepted digest (all
+//! of them, whatever matched, so the timing tells nothing about which), so neither the compare
+//! nor the configuration reveals it. Nothing here logs or formats a token or a digest; a
+//! token is known in logs by its configured name.
+//!
+//! Token hash files are re-read when they change ([`TokenSet::refresh`], which the endpoint
+//! runs every [`TOKEN_REFRESH_INTERVAL`]): a file emptied or removed revokes its token at the
+//! next refresh, without a restart; a file that cannot be parsed disables its token (fails
+//! closed) and is logged by path.
 //!
 //! Failed attempts are counted per source in a fixed window that opens at the first failure;
 //! at `failures` the source is refused (429) until the window has passed, even with the right
@@ -13,15 +21,20 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use subtle::{Choice, ConstantTimeEq};
 
 use super::EndpointError;
-use crate::config::endpoint::{RateLimit, TokenHash, TokenSource};
+use crate::config::endpoint::{EndpointToken, RateLimit, Scope, TokenHash, TokenSource};
+
+/// How often the endpoint looks at the token hash files for a change (a `stat` each; a file
+/// is read only when it changed). Bounds how long a revoked file token keeps working.
+pub const TOKEN_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Sources tracked at most; one entry is a few dozen bytes, so the table stays well under a
 /// megabyte however many addresses an attacker uses.
@@ -53,23 +66,13 @@ pub fn load_token_hash(source: &TokenSource) -> Result<TokenHash, EndpointError>
         TokenSource::Inline(hash) => return Ok(hash.clone()),
         TokenSource::File(path) => path,
     };
-    let read_err = |source: io::Error| EndpointError::TokenFile {
-        path: path.clone(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(read_err)?;
-    let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
-        tracing::warn!(
-            path = %path.display(),
-            mode = format!("{:o}", mode & 0o777),
-            "endpoint: the token hash file is readable by group or others; make it 0600"
-        );
+    match load_file(path)? {
+        FileHash::Hash(h, _) => Ok(h),
+        FileHash::Absent(_) => Err(EndpointError::TokenFile {
+            path: path.clone(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no token hash in the file"),
+        }),
     }
-    let text = std::fs::read_to_string(path).map_err(read_err)?;
-    parse_hash_file(&text).ok_or_else(|| EndpointError::TokenFileFormat {
-        path: path.to_path_buf(),
-    })
 }
 
 /// The first word of the file: 64 hex digits (so `sha256sum` output, `HASH  -`, works too).
@@ -84,6 +87,16 @@ pub fn parse_hash_file(text: &str) -> Option<TokenHash> {
 
 /// Checks an `Authorization` header value against the expected hash.
 pub fn check(header: Option<&[u8]>, expected: &TokenHash) -> Result<(), AuthFailure> {
+    let digest = bearer_digest(header)?;
+    if bool::from(digest.as_slice().ct_eq(expected.as_bytes())) {
+        Ok(())
+    } else {
+        Err(AuthFailure::Wrong)
+    }
+}
+
+/// The SHA-256 of the bearer token in an `Authorization` header value.
+fn bearer_digest(header: Option<&[u8]>) -> Result<[u8; 32], AuthFailure> {
     let header = header.ok_or(AuthFailure::Missing)?;
     // RFC 9110: the scheme is case-insensitive; one or more spaces before the credentials.
     let (scheme, rest) = match header.iter().position(|b| *b == b' ') {
@@ -97,11 +110,206 @@ pub fn check(header: Option<&[u8]>, expected: &TokenHash) -> Result<(), AuthFail
     if token.is_empty() {
         return Err(AuthFailure::Missing);
     }
-    let digest = Sha256::digest(token);
-    if bool::from(digest.as_slice().ct_eq(expected.as_bytes())) {
-        Ok(())
-    } else {
-        Err(AuthFailure::Wrong)
+    Ok(Sha256::digest(token).into())
+}
+
+/// Who a request authenticated as: the token's configured name and scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub scope: Scope,
+}
+
+/// A token whose hash file changed at a [`TokenSet::refresh`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenChange {
+    pub name: String,
+    pub path: PathBuf,
+    /// Whether the token is accepted now.
+    pub accepted: bool,
+    /// Why the file cannot be used (names the path, never the content).
+    pub error: Option<String>,
+}
+
+/// What identifies a version of a hash file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    name: String,
+    scope: Scope,
+    file: Option<PathBuf>,
+    /// `None`: revoked or unusable (its file is missing, empty or malformed).
+    hash: Option<TokenHash>,
+    /// The file's version last read; `None` before the first read or when it was missing.
+    stamp: Option<Stamp>,
+}
+
+/// The tokens the endpoint accepts now (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct TokenSet {
+    entries: Vec<Entry>,
+}
+
+/// What loading one hash file gave.
+enum FileHash {
+    Hash(TokenHash, Stamp),
+    /// Missing or empty: no token (revoked).
+    Absent(Option<Stamp>),
+}
+
+fn load_file(path: &Path) -> Result<FileHash, EndpointError> {
+    let read_err = |source: io::Error| EndpointError::TokenFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(FileHash::Absent(None)),
+        Err(e) => return Err(read_err(e)),
+    };
+    let stamp = Stamp::of(&meta);
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "endpoint: the token hash file is readable by group or others; make it 0600"
+        );
+    }
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(read_err)?);
+    if text.trim().is_empty() {
+        return Ok(FileHash::Absent(Some(stamp)));
+    }
+    match parse_hash_file(&text) {
+        Some(h) => Ok(FileHash::Hash(h, stamp)),
+        None => Err(EndpointError::TokenFileFormat {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+impl TokenSet {
+    /// Loads every token. A hash file that exists but cannot be read or parsed is an error
+    /// (a typo should not start an endpoint that silently refuses a token); a missing or
+    /// empty file is a revoked token, with a warning, unless no token at all is usable.
+    pub fn load(tokens: &[EndpointToken]) -> Result<TokenSet, EndpointError> {
+        let mut entries = Vec::with_capacity(tokens.len());
+        let mut first_absent = None;
+        for t in tokens {
+            let (file, hash, stamp) = match &t.source {
+                TokenSource::Inline(h) => (None, Some(h.clone()), None),
+                TokenSource::File(path) => match load_file(path)? {
+                    FileHash::Hash(h, stamp) => (Some(path.clone()), Some(h), Some(stamp)),
+                    FileHash::Absent(stamp) => {
+                        tracing::warn!(
+                            token = %t.name,
+                            path = %path.display(),
+                            "endpoint: the token's hash file is missing or empty: the token                              is not accepted until the file holds a hash"
+                        );
+                        first_absent.get_or_insert_with(|| path.clone());
+                        (Some(path.clone()), None, stamp)
+                    }
+                },
+            };
+            entries.push(Entry {
+                name: t.name.clone(),
+                scope: t.scope,
+                file,
+                hash,
+                stamp,
+            });
+        }
+        if entries.iter().all(|e| e.hash.is_none()) {
+            if let Some(path) = first_absent {
+                return Err(EndpointError::TokenFile {
+                    path,
+                    source: io::Error::new(io::ErrorKind::NotFound, "no token hash in the file"),
+                });
+            }
+        }
+        Ok(TokenSet { entries })
+    }
+
+    /// Re-reads the hash files that changed since they were last read; a change that cannot
+    /// be read disables its token (fails closed). Returns what changed, for the caller to
+    /// log (it runs on the blocking pool, where a test's thread-local subscriber is not).
+    pub fn refresh(&mut self) -> Vec<TokenChange> {
+        let mut changed = Vec::new();
+        for e in &mut self.entries {
+            let Some(path) = e.file.clone() else {
+                continue;
+            };
+            let now = std::fs::metadata(&path).ok().map(|m| Stamp::of(&m));
+            // Both `None`: missing before and now, already refused.
+            if now == e.stamp {
+                continue;
+            }
+            let (hash, stamp, error) = match load_file(&path) {
+                Ok(FileHash::Hash(h, s)) => (Some(h), Some(s), None),
+                Ok(FileHash::Absent(s)) => (None, s, None),
+                // Stamped, so that one bad file is reported once, not at every refresh.
+                Err(err) => (None, now, Some(err.to_string())),
+            };
+            if hash != e.hash || error.is_some() {
+                changed.push(TokenChange {
+                    name: e.name.clone(),
+                    path,
+                    accepted: hash.is_some(),
+                    error,
+                });
+            }
+            e.hash = hash;
+            e.stamp = stamp;
+        }
+        changed
+    }
+
+    /// The token an `Authorization` header carries, if it is one of the set. Every digest
+    /// is compared, whatever matched.
+    pub fn authenticate(&self, header: Option<&[u8]>) -> Result<Principal, AuthFailure> {
+        let digest = bearer_digest(header)?;
+        let mut found: Option<&Entry> = None;
+        for e in &self.entries {
+            let Some(h) = &e.hash else {
+                continue;
+            };
+            let hit: Choice = digest.as_slice().ct_eq(h.as_bytes());
+            if bool::from(hit) && found.is_none() {
+                found = Some(e);
+            }
+        }
+        found
+            .map(|e| Principal {
+                name: e.name.clone(),
+                scope: e.scope,
+            })
+            .ok_or(AuthFailure::Wrong)
+    }
+
+    /// Tokens accepted now.
+    pub fn active(&self) -> usize {
+        self.entries.iter().filter(|e| e.hash.is_some()).count()
     }
 }
 

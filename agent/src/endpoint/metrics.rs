@@ -29,6 +29,8 @@ pub struct Telemetry {
     /// Unix time of the end of the last pass, in milliseconds; 0: none yet.
     last_pass_unix_ms: AtomicU64,
     docker_events: AtomicU64,
+    /// Times the firewall table was put back after an outside change to the ruleset.
+    firewall_restores: AtomicU64,
     by_trigger: Mutex<BTreeMap<String, u64>>,
     pub(crate) auth_failures: AtomicU64,
     pub(crate) rate_limited: AtomicU64,
@@ -40,6 +42,8 @@ pub struct Telemetry {
 pub(crate) struct Requests {
     pub ok: AtomicU64,
     pub unauthorized: AtomicU64,
+    /// 403: a valid token whose scope does not allow the route.
+    pub forbidden: AtomicU64,
     pub rate_limited: AtomicU64,
     pub not_found: AtomicU64,
     pub other: AtomicU64,
@@ -89,6 +93,11 @@ impl Telemetry {
     /// A Docker event about a managed container arrived.
     pub fn record_docker_event(&self) {
         self.docker_events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The firewall watcher put the table back after an outside change.
+    pub fn record_firewall_restore(&self) {
+        self.firewall_restores.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn passes(&self) -> u64 {
@@ -198,6 +207,12 @@ pub fn render(t: &Telemetry, status: Option<&Status>, rss_bytes: Option<u64>) ->
         "Docker events about managed containers received.",
         &one(load(&t.docker_events).to_string()),
     );
+    family(
+        "pilot_agent_firewall_restores_total",
+        "counter",
+        "Times the agent's nftables table was put back after an outside change to the ruleset.",
+        &one(load(&t.firewall_restores).to_string()),
+    );
     if let Some(status) = status {
         let mut samples = Vec::new();
         for step in &status.steps {
@@ -239,6 +254,10 @@ pub fn render(t: &Telemetry, status: Option<&Status>, rss_bytes: Option<u64>) ->
             (
                 "{class=\"unauthorized\"}".into(),
                 load(&r.unauthorized).to_string(),
+            ),
+            (
+                "{class=\"forbidden\"}".into(),
+                load(&r.forbidden).to_string(),
             ),
             (
                 "{class=\"rate_limited\"}".into(),

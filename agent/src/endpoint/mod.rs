@@ -3,14 +3,21 @@
 //! server certificate of the agent's CA (`STATE_DIR/pki/server`).
 //!
 //! ```text
-//! GET /healthz          no authentication: {"status", "condition"}; 200 when done and not in error, else 503
-//! GET /v1/status        = `pilot-agent status --json`            (bearer token)
-//! GET /v1/credentials   = `pilot-agent credentials --json`       (bearer token)
-//! GET /metrics          Prometheus text, no secrets              (bearer token)
+//! GET  /healthz          no authentication: {"status", "condition"}; 200 when done and not in error, else 503
+//! GET  /v1/status        = `pilot-agent status --json`                        scope read, admin
+//! GET  /metrics          Prometheus text, no secrets                          scope read, admin
+//! GET  /v1/credentials   = `pilot-agent credentials --json` (bootstrap token,
+//!                        database password)                                   scope admin
+//! POST /v1/runner-token  {"runner_id": "HOST-runner-N"} -> one new Waypoint
+//!                        runner token, the Waypoint address, the agent CA     scope runner, admin
 //! ```
 //!
-//! Every path but `/healthz` needs `Authorization: Bearer TOKEN` ([`auth`]); unknown paths are
-//! answered 404 only after authentication, so they tell a scanner nothing. A slow or hostile
+//! Every path but `/healthz` needs `Authorization: Bearer TOKEN` ([`auth`]): none or a wrong
+//! one is 401 (and counted by the rate limiter), a valid token whose scope does not allow the
+//! route is 403 (logged with the token's name; not counted: the holder already has a valid
+//! token and learns nothing by trying, while counting would let one misconfigured client of
+//! a shared address lock out the others). Unknown paths are answered 404 only after
+//! authentication, so they tell a scanner nothing. A slow or hostile
 //! client cannot pin the agent: connections are capped in total and per source, the TLS
 //! handshake and the request head each have a deadline, and a connection lives at most
 //! [`MAX_CONNECTION_LIFETIME`]. The certificate is swapped in place by
@@ -31,7 +38,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -48,14 +55,14 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
-use crate::config::endpoint::{EndpointConfig, TokenHash};
+use crate::config::endpoint::{EndpointConfig, Scope};
 use crate::pki::{LeafPaths, PkiLayout};
 use crate::status_file::{RunStatus, Status};
 use crate::views::{credentials, status_report as status_cmd};
 
 pub use metrics::Telemetry;
 
-use auth::{Admission, RateLimiter};
+use auth::{Admission, Principal, RateLimiter, TokenSet};
 
 /// Connections served at once; more are closed on accept.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -72,6 +79,12 @@ pub const MAX_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// hyper's read buffer (its minimum is 8 KiB): bounds the request head.
 pub const MAX_BUF: usize = 16 * 1024;
+/// The largest body of `POST /v1/runner-token` (`{"runner_id": "..."}` is well under it).
+pub const MAX_RUNNER_TOKEN_BODY: usize = 1024;
+/// Deadline for reading a request body once the head was read.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The path of the runner token route.
+pub const RUNNER_TOKEN_PATH: &str = "/v1/runner-token";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -105,7 +118,11 @@ pub enum EndpointError {
 struct State {
     config: Arc<Config>,
     telemetry: Arc<Telemetry>,
-    token: TokenHash,
+    /// Swapped whole by the refresher (the only writer), so a request sees one version.
+    tokens: RwLock<Arc<TokenSet>>,
+    /// One runner token minted at a time: a runner-scope holder cannot pile up `docker
+    /// exec`s in the server container.
+    mint: tokio::sync::Mutex<()>,
     limiter: RateLimiter,
     window_secs: u64,
     tls: RwLock<Arc<ServerConfig>>,
@@ -121,6 +138,55 @@ impl State {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone();
         TlsAcceptor::from(cfg)
+    }
+
+    fn tokens(&self) -> Arc<TokenSet> {
+        self.tokens
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the token hash files that changed (on the blocking pool; see
+    /// [`TokenSet::refresh`]).
+    async fn refresh_tokens(self: &Arc<Self>) -> Vec<String> {
+        let current = self.tokens();
+        let refreshed = tokio::task::spawn_blocking(move || {
+            let mut next = (*current).clone();
+            let changed = next.refresh();
+            (next, changed)
+        })
+        .await;
+        match refreshed {
+            Ok((next, changed)) => {
+                if !changed.is_empty() {
+                    *self
+                        .tokens
+                        .write()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(next);
+                }
+                for c in &changed {
+                    match &c.error {
+                        Some(error) => tracing::error!(
+                            token = %c.name,
+                            error = %error,
+                            "endpoint: cannot use the token's hash file; the token is refused"
+                        ),
+                        None => tracing::info!(
+                            token = %c.name,
+                            path = %c.path.display(),
+                            accepted = c.accepted,
+                            "endpoint: token hash file changed"
+                        ),
+                    }
+                }
+                changed.into_iter().map(|c| c.name).collect()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "endpoint: token refresh failed");
+                Vec::new()
+            }
+        }
     }
 
     fn per_source(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
@@ -186,7 +252,7 @@ impl Endpoint {
             .endpoint
             .clone()
             .ok_or(EndpointError::NotConfigured)?;
-        let token = auth::load_token_hash(&ep.token)?;
+        let tokens = TokenSet::load(&ep.tokens)?;
         let cert_paths = PkiLayout::new(config.pki_dir()).server();
         let tls = load_tls(&cert_paths)?;
         let listener =
@@ -205,15 +271,21 @@ impl Endpoint {
         let state = Arc::new(State {
             config,
             telemetry,
-            token,
+            tokens: RwLock::new(Arc::new(tokens)),
+            mint: tokio::sync::Mutex::new(()),
             limiter: RateLimiter::new(ep.rate_limit),
             window_secs: ep.rate_limit.window_secs,
             tls: RwLock::new(tls),
             per_source: Mutex::new(HashMap::new()),
         });
         let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(refresh_tokens(state.clone(), stop_rx.clone()));
         let server = tokio::spawn(serve(listener, state.clone(), stop_rx));
-        tracing::info!(listen = %local_addr, "endpoint: serving HTTPS");
+        tracing::info!(
+            listen = %local_addr,
+            tokens = state.tokens().active(),
+            "endpoint: serving HTTPS"
+        );
         Ok(Endpoint {
             local_addr,
             state,
@@ -238,6 +310,13 @@ impl Endpoint {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = cfg;
         tracing::info!("endpoint: TLS certificate reloaded");
         Ok(())
+    }
+
+    /// Re-reads the token hash files that changed now, instead of at the next periodic
+    /// refresh ([`auth::TOKEN_REFRESH_INTERVAL`]); returns the names of the tokens whose
+    /// hash changed (revoked, replaced or restored).
+    pub async fn reload_tokens(&self) -> Vec<String> {
+        self.state.refresh_tokens().await
     }
 
     /// Stops accepting, lets requests in flight end (at most [`SHUTDOWN_GRACE`]), returns.
@@ -287,6 +366,19 @@ fn load_tls(paths: &LeafPaths) -> Result<Arc<ServerConfig>, EndpointError> {
         .map_err(|e| identity(&paths.cert, e.to_string()))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// Re-reads the token hash files every [`auth::TOKEN_REFRESH_INTERVAL`] until told to stop:
+/// `run` does not reload its configuration, so this is what makes a revoked file token stop
+/// working without a restart.
+async fn refresh_tokens(state: Arc<State>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(auth::TOKEN_REFRESH_INTERVAL) => {}
+        }
+        state.refresh_tokens().await;
+    }
 }
 
 /// Accepts until told to stop, then drains the connections (bounded).
@@ -403,7 +495,8 @@ pub fn http_builder() -> http1::Builder {
 /// What a request asks for, decided by its method and path alone (see [`route`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
-    /// Neither GET nor HEAD: 405, before anything else.
+    /// A method the endpoint never serves (not GET, HEAD, or POST to
+    /// [`RUNNER_TOKEN_PATH`]): 405, before anything else.
     MethodNotAllowed,
     /// `/healthz`: answered without authentication.
     Healthz,
@@ -413,6 +506,10 @@ pub enum Route {
     Credentials,
     /// `/metrics`.
     Metrics,
+    /// `POST /v1/runner-token`.
+    RunnerToken,
+    /// `GET`/`HEAD /v1/runner-token`: 405 (`Allow: POST`), after authentication.
+    RunnerTokenNotPost,
     /// Any other path: 404, but only after authentication.
     NotFound,
 }
@@ -424,11 +521,27 @@ impl Route {
     pub fn needs_auth(self) -> bool {
         !matches!(self, Route::MethodNotAllowed | Route::Healthz)
     }
+
+    /// Whether a token of `scope` may use this route. `admin` may use every route; an
+    /// unknown path is answered 404 to any valid token.
+    pub fn allows(self, scope: Scope) -> bool {
+        match self {
+            Route::MethodNotAllowed | Route::Healthz | Route::NotFound => true,
+            Route::Status | Route::Metrics => matches!(scope, Scope::Admin | Scope::Read),
+            Route::Credentials => scope == Scope::Admin,
+            Route::RunnerToken | Route::RunnerTokenNotPost => {
+                matches!(scope, Scope::Admin | Scope::Runner)
+            }
+        }
+    }
 }
 
 /// The route of a request with `method` and (URI) `path`. Pure: public for the fuzz targets
 /// and tests; [`Endpoint`] answers every request by it.
 pub fn route(method: &Method, path: &str) -> Route {
+    if method == Method::POST && path == RUNNER_TOKEN_PATH {
+        return Route::RunnerToken;
+    }
     if method != Method::GET && method != Method::HEAD {
         return Route::MethodNotAllowed;
     }
@@ -437,6 +550,7 @@ pub fn route(method: &Method, path: &str) -> Route {
         "/v1/status" => Route::Status,
         "/v1/credentials" => Route::Credentials,
         "/metrics" => Route::Metrics,
+        RUNNER_TOKEN_PATH => Route::RunnerTokenNotPost,
         _ => Route::NotFound,
     }
 }
@@ -444,11 +558,12 @@ pub fn route(method: &Method, path: &str) -> Route {
 type Resp = Response<Full<Bytes>>;
 
 async fn handle(state: &State, source: IpAddr, req: Request<Incoming>) -> Resp {
-    let resp = respond(state, source, &req).await;
+    let resp = respond(state, source, req).await;
     let r = &state.telemetry.requests;
     let counter = match resp.status() {
         StatusCode::OK => &r.ok,
         StatusCode::UNAUTHORIZED => &r.unauthorized,
+        StatusCode::FORBIDDEN => &r.forbidden,
         StatusCode::TOO_MANY_REQUESTS => &r.rate_limited,
         StatusCode::NOT_FOUND => &r.not_found,
         _ => &r.other,
@@ -457,32 +572,63 @@ async fn handle(state: &State, source: IpAddr, req: Request<Incoming>) -> Resp {
     resp
 }
 
-async fn respond(state: &State, source: IpAddr, req: &Request<Incoming>) -> Resp {
+async fn respond(state: &State, source: IpAddr, req: Request<Incoming>) -> Resp {
     let route = route(req.method(), req.uri().path());
     if route == Route::MethodNotAllowed {
+        let allow = if req.uri().path() == RUNNER_TOKEN_PATH {
+            "POST"
+        } else {
+            "GET, HEAD"
+        };
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
         return r;
     }
     if route == Route::Healthz {
         return healthz(state).await;
     }
-    if let Some(r) = authenticate(state, source, req) {
-        return r;
+    let who = match authenticate(state, source, &req) {
+        Ok(who) => who,
+        Err(r) => return *r,
+    };
+    if !route.allows(who.scope) {
+        tracing::warn!(
+            source = %source,
+            token = %who.name,
+            scope = %who.scope,
+            path = req.uri().path(),
+            "endpoint: request refused: the token's scope does not allow this route"
+        );
+        return text(
+            StatusCode::FORBIDDEN,
+            "forbidden: this token's scope does not allow this route\n",
+        );
     }
     match route {
         Route::Status => v1_status(state).await,
         Route::Credentials => v1_credentials(state).await,
         Route::Metrics => metrics_text(state).await,
+        Route::RunnerToken => v1_runner_token(state, source, &who, req).await,
+        Route::RunnerTokenNotPost => {
+            let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            r
+        }
         Route::MethodNotAllowed | Route::Healthz | Route::NotFound => {
             text(StatusCode::NOT_FOUND, "not found\n")
         }
     }
 }
 
-/// `None` when the request may proceed; else the 401 or 429 to send.
-fn authenticate(state: &State, source: IpAddr, req: &Request<Incoming>) -> Option<Resp> {
+/// Who the request authenticated as; else the 401 or 429 to send.
+/// The response is boxed: it is large, and the `Ok` path is the common one.
+fn authenticate(
+    state: &State,
+    source: IpAddr,
+    req: &Request<Incoming>,
+) -> Result<Principal, Box<Resp>> {
     use std::sync::atomic::Ordering::Relaxed;
     let now = Instant::now();
     if let Admission::Limited { retry_after } = state.limiter.admit(source, now) {
@@ -496,13 +642,16 @@ fn authenticate(state: &State, source: IpAddr, req: &Request<Incoming>) -> Optio
         );
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        return Some(r);
+        return Err(Box::new(r));
     }
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    let failure = auth::check(presented, &state.token).err()?;
+    let failure = match state.tokens().authenticate(presented) {
+        Ok(who) => return Ok(who),
+        Err(f) => f,
+    };
     state.telemetry.auth_failures.fetch_add(1, Relaxed);
     let record = state.limiter.record_failure(source, now);
     tracing::warn!(
@@ -529,7 +678,188 @@ fn authenticate(state: &State, source: IpAddr, req: &Request<Incoming>) -> Optio
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static(challenge),
     );
-    Some(r)
+    Err(Box::new(r))
+}
+
+/// The body of `POST /v1/runner-token`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunnerTokenRequest {
+    runner_id: String,
+}
+
+/// A 4xx/5xx answer with a short JSON `{"error": ...}` body (no secret ever goes in it).
+fn json_error(code: StatusCode, message: &str) -> Resp {
+    json_response(code, &json!({ "error": message }))
+}
+
+/// `POST /v1/runner-token`: validates the body, then mints one runner token in this host's
+/// Waypoint server (the runners step's own mint path) and answers what a runner host needs.
+async fn v1_runner_token(
+    state: &State,
+    source: IpAddr,
+    who: &Principal,
+    req: Request<Incoming>,
+) -> Resp {
+    let json_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json_type {
+        return json_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected Content-Type: application/json",
+        );
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let too_large = || {
+        json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the body is limited to {MAX_RUNNER_TOKEN_BODY} bytes"),
+        )
+    };
+    if declared.is_some_and(|n| n > MAX_RUNNER_TOKEN_BODY as u64) {
+        return too_large();
+    }
+    let read = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        Limited::new(req.into_body(), MAX_RUNNER_TOKEN_BODY).collect(),
+    )
+    .await;
+    let body = match read {
+        Err(_) => return json_error(StatusCode::REQUEST_TIMEOUT, "the body was not sent in time"),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Ok(Err(e)) => {
+            tracing::debug!(source = %source, error = %e, "endpoint: cannot read a request body");
+            return json_error(StatusCode::BAD_REQUEST, "cannot read the body");
+        }
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    let request: RunnerTokenRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(_) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "expected a JSON object {\"runner_id\": \"HOST-runner-N\"} and nothing else",
+            );
+        }
+    };
+    let Some(runner) = crate::waypoint::runners::RunnerId::parse(&request.runner_id) else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "runner_id: expected HOST-runner-N (HOST a DNS name, N from 1 to {}), as \
+                 pilot-agent names its runners",
+                pilot_values::MAX_RUNNERS
+            ),
+        );
+    };
+    mint_for(state, source, who, &runner).await
+}
+
+async fn mint_for(
+    state: &State,
+    source: IpAddr,
+    who: &Principal,
+    runner: &crate::waypoint::runners::RunnerId,
+) -> Resp {
+    use crate::waypoint::{self, ServerRef, WaypointError, WaypointPlan};
+    let plan = match WaypointPlan::from_config(&state.config) {
+        Some(plan) if plan.server == ServerRef::Local => plan,
+        _ => {
+            return json_error(
+                StatusCode::CONFLICT,
+                "this host runs no Waypoint server (no waypoint section, or role: runner)",
+            );
+        }
+    };
+    // One at a time; the wait is bounded by the mint's own limit of the one ahead.
+    let _one = state.mint.lock().await;
+    let minted = match waypoint::connect(&plan.socket).await {
+        Ok(docker) => waypoint::runners::mint_local(&docker, &plan).await,
+        Err(e) => Err(e),
+    };
+    let token = match minted {
+        Ok(t) => pilot_values::Secret::new(t),
+        Err(e) => {
+            // The error names a command, a file or a container, never a token.
+            tracing::error!(
+                source = %source,
+                token = %who.name,
+                runner_id = %runner,
+                error = %e,
+                "endpoint: cannot mint a runner token"
+            );
+            let not_yet = matches!(
+                e,
+                WaypointError::Connect { .. }
+                    | WaypointError::Conflict(_)
+                    | WaypointError::NotReady { .. }
+                    | WaypointError::Timeout { .. }
+            );
+            let mut r = if not_yet {
+                json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the Waypoint server is not ready to mint tokens yet; retry later",
+                )
+            } else {
+                json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "minting the runner token failed (see the agent's log)",
+                )
+            };
+            if not_yet {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+            }
+            return r;
+        }
+    };
+    let config = state.config.clone();
+    let view = blocking(move || {
+        let addrs = crate::addresses::interface_addrs().unwrap_or_default();
+        credentials::runner_view(&config, &addrs)
+    })
+    .await;
+    let (address, ca_pem) = match view {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "endpoint: cannot read the Waypoint address or the CA");
+            return internal_error();
+        }
+        None => return internal_error(),
+    };
+    // An audit trail: who asked for which runner, never the token.
+    tracing::info!(
+        source = %source,
+        token = %who.name,
+        runner_id = %runner,
+        "endpoint: minted a Waypoint runner token"
+    );
+    let ca_sha256 = ca_pem
+        .as_deref()
+        .and_then(|pem| crate::remote::Fingerprint::of_pem(pem).ok())
+        .map(|fp| fp.to_string());
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "runner_id": runner.to_string(),
+            "waypoint": {
+                "address": address,
+                "token": token.expose(),
+                // Waypoint serves its own self-signed certificate, not one of the agent CA.
+                "tls_skip_verify": true,
+            },
+            "ca_pem": ca_pem,
+            "ca_sha256": ca_sha256,
+        }),
+    )
 }
 
 /// Runs a file-reading closure on the blocking pool.
@@ -664,9 +994,41 @@ mod tests {
         assert_eq!(route(&Method::GET, "/metrics/"), Route::NotFound);
         assert_eq!(route(&Method::GET, "/HEALTHZ"), Route::NotFound);
         assert_eq!(route(&Method::POST, "/healthz"), Route::MethodNotAllowed);
+        assert_eq!(route(&Method::POST, "/v1/runner-token"), Route::RunnerToken);
+        assert_eq!(
+            route(&Method::PUT, "/v1/runner-token"),
+            Route::MethodNotAllowed
+        );
+        assert_eq!(
+            route(&Method::GET, "/v1/runner-token"),
+            Route::RunnerTokenNotPost
+        );
+        assert_eq!(
+            route(&Method::POST, "/v1/runner-token/"),
+            Route::MethodNotAllowed
+        );
         assert!(!Route::Healthz.needs_auth());
         assert!(!Route::MethodNotAllowed.needs_auth());
         assert!(Route::NotFound.needs_auth());
         assert!(Route::Credentials.needs_auth());
+        assert!(Route::RunnerToken.needs_auth());
+    }
+
+    #[test]
+    fn scopes_allow_exactly_their_routes() {
+        use Scope::*;
+        let table = [
+            (Route::Status, [true, false, true]),
+            (Route::Metrics, [true, false, true]),
+            (Route::Credentials, [true, false, false]),
+            (Route::RunnerToken, [true, true, false]),
+            (Route::RunnerTokenNotPost, [true, true, false]),
+            (Route::NotFound, [true, true, true]),
+        ];
+        for (route, want) in table {
+            for (scope, want) in [Admin, Runner, Read].into_iter().zip(want) {
+                assert_eq!(route.allows(scope), want, "{route:?} {scope}");
+            }
+        }
     }
 }

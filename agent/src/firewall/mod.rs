@@ -3,19 +3,29 @@
 //!
 //! The agent owns exactly one table (`inet pilot_agent` by default) and never reads, flushes
 //! or changes any other: Docker's rules and the operator's stay theirs. [`converge`] lists
-//! the table, and only when it differs from [`Ruleset`] replaces it in one atomic `nft -j -f`
-//! transaction; a converged host sees no transaction at all. It runs before dockerd is given
-//! a TCP listener (`up`), and at boot before docker.service (`pilot-agent firewall`).
+//! the table, and only when it differs from [`Ruleset`] (its chains, its rule comments, and
+//! its rules' expressions against the [`Listed`] record of the last apply) replaces it in one
+//! atomic `nft -j -f` transaction; a converged host sees no transaction at all. It runs
+//! before dockerd is given a TCP listener (`up`), at boot before docker.service (`pilot-agent
+//! firewall`, with [`FirewallSpec::fail_closed`] when the configuration does not load), and
+//! under `run` whenever nft reports a change to the ruleset (`service::firewall_watch`).
 
 mod ruleset;
+pub mod watch;
 
+use std::path::Path;
 use std::process::Stdio;
 
 use nftables::schema::Nftables;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-pub use ruleset::{COMMENT_PREFIX, ChainSpec, FirewallSpec, Ruleset};
+pub use ruleset::{
+    COMMENT_PREFIX, ChainSpec, DOCKER_BRIDGES, FirewallSpec, Listed, ListedRule, METADATA_V4,
+    METADATA_V6, Ruleset,
+};
+
+use crate::fsutil::{self, FsError, MODE_PUBLIC};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
@@ -33,6 +43,10 @@ pub enum FirewallError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("nft lists table inet {table} other than it was applied right before")]
+    NotApplied { table: String },
+    #[error(transparent)]
+    Record(#[from] FsError),
 }
 
 /// How `nft` is run: the program and leading arguments. A real host runs plain `nft`; tests
@@ -169,7 +183,17 @@ impl FirewallReport {
 }
 
 /// Makes the live table equal to `spec`'s, sending a transaction only if it differs.
-pub async fn converge(spec: &FirewallSpec, nft: &Nft) -> Result<FirewallReport, FirewallError> {
+///
+/// `record` is the file of the [`Listed`] rules of the last apply. With it, a table whose
+/// comments match but whose expressions differ from the record (a rule replaced in place
+/// under its comment) is replaced, and so is one with no record to compare with (the first
+/// run after an upgrade, a lost file); after every apply the table is listed again and
+/// recorded. Without it (`None`: tests of the ruleset alone) comments decide.
+pub async fn converge(
+    spec: &FirewallSpec,
+    nft: &Nft,
+    record: Option<&Path>,
+) -> Result<FirewallReport, FirewallError> {
     let desired = Ruleset::new(spec);
     let report = |changed| FirewallReport {
         changed,
@@ -179,7 +203,18 @@ pub async fn converge(spec: &FirewallSpec, nft: &Nft) -> Result<FirewallReport, 
     };
     if let Some(live) = nft.list_table(&desired.table).await? {
         if desired.matches(&live) {
-            return Ok(report(false));
+            let Some(path) = record else {
+                return Ok(report(false));
+            };
+            let listed = Listed::of(&desired.table, &desired.hash, &live);
+            if read_record(path).as_ref() == Some(&listed) {
+                return Ok(report(false));
+            }
+            tracing::warn!(
+                table = desired.table,
+                "the table's rules differ from what was applied (changed in place) or \
+                 there is no record of them; replacing the table"
+            );
         }
     }
     nft.apply(&desired.batch()).await?;
@@ -188,5 +223,24 @@ pub async fn converge(spec: &FirewallSpec, nft: &Nft) -> Result<FirewallReport, 
         hash = desired.hash,
         "nftables table applied"
     );
+    if let Some(path) = record {
+        let live = nft.list_table(&desired.table).await?;
+        let Some(live) = live.filter(|l| desired.matches(l)) else {
+            return Err(FirewallError::NotApplied {
+                table: desired.table.clone(),
+            });
+        };
+        let listed = Listed::of(&desired.table, &desired.hash, &live);
+        // Serializing plain data cannot fail.
+        let text = serde_json::to_vec_pretty(&listed).unwrap_or_default();
+        fsutil::write_atomic(path, &text, MODE_PUBLIC)?;
+    }
     Ok(report(true))
+}
+
+/// The record at `path`, or `None` when it is missing or unreadable (the table is then
+/// replaced and recorded anew).
+fn read_record(path: &Path) -> Option<Listed> {
+    let bytes = fsutil::read_optional(path).ok()??;
+    serde_json::from_slice(&bytes).ok()
 }

@@ -5,6 +5,8 @@
 //! table inet pilot_agent {
 //!   chain input {    type filter hook input priority filter; policy accept;
 //!     iifname "lo" accept                                  # the host itself, always
+//!     ip daddr 169.254.169.254 drop                        # the metadata service, from
+//!     ip6 daddr fd00:ec2::254 drop                         #   anything but the host
 //!     tcp dport { 2375 } drop                              # lock_ports, from everyone else
 //!     tcp dport 2376 ip saddr { API SOURCES } accept        # docker_api_sources, docker networks
 //!     tcp dport 2376 ip6 saddr { API SOURCES } accept
@@ -15,12 +17,17 @@
 //!     tcp dport 8443 drop
 //!   }
 //!   chain forward {  type filter hook forward priority filter; policy accept;
+//!     ip daddr 169.254.169.254 drop                        # containers to the metadata
+//!     ip6 daddr fd00:ec2::254 drop                         #   service (AWS, GCP)
 //!     ct status dnat meta l4proto tcp ct original proto-dst 2375 drop   # a published 2375
 //!     # with waypoint: or published_port_sources:
 //!     ct state established,related accept
-//!     # with waypoint: its gRPC port, from application sources, operators, container networks
+//!     # with waypoint: its gRPC and HTTP ports, from application sources, operators,
+//!     # container networks
 //!     ct status dnat meta l4proto tcp ct original proto-dst 9701 ip saddr { APP SOURCES } accept
 //!     ct status dnat meta l4proto tcp ct original proto-dst 9701 drop
+//!     ct status dnat meta l4proto tcp ct original proto-dst 9702 ip saddr { APP SOURCES } accept
+//!     ct status dnat meta l4proto tcp ct original proto-dst 9702 drop
 //!     # only with published_port_sources:
 //!     ct status dnat [meta l4proto tcp ct original proto-dst PORT] ip saddr { SOURCES } accept
 //!     ct status dnat [...] drop
@@ -34,11 +41,21 @@
 //! the connection's original destination port (`ct original proto-dst`). One rule per port
 //! there: nft lists a set of `proto-dst` values as "[invalid type]".
 //!
+//! The metadata service holds the user-data (the database admin password, a runner host's
+//! endpoint token) and the instance's cloud credentials. The host reaches it through the
+//! output hook, which the table leaves alone; a container's request is forwarded (the
+//! service is outside the VM, as on a cloud) or, where the address is local, arrives on the
+//! input hook from a bridge: both are dropped, so no container, runner or deployed
+//! application reads it, whatever hop limit the instance was launched with.
+//!
 //! Every rule carries the comment `pilot-agent HASH INDEX`, HASH being a digest of the whole
-//! desired table. The live table equals the desired one when it has exactly the desired
-//! chains (type, hook, priority, policy) holding exactly the desired comments in order;
-//! nft's listing normalises expressions (`{ 10.0.0.5/32 }` comes back as `10.0.0.5`), so
-//! comparing expressions would see differences that are not there.
+//! desired table. Whether the live table is the desired one is decided in two parts:
+//! [`Ruleset::matches`] checks the chains (type, hook, priority, policy) and that they hold
+//! exactly the desired comments in order; [`Listed`] then compares the rules' expressions
+//! with the listing nft gave right after the agent applied the table. The second part is
+//! what notices a rule changed in place under its comment; it compares against nft's own
+//! listing because nft normalises expressions (`{ 10.0.0.5/32 }` comes back as
+//! `10.0.0.5`), so the rules as built here never equal the rules as listed.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -74,10 +91,22 @@ pub struct FirewallSpec {
     /// The HTTPS endpoint's port and who may reach it besides loopback; `None` when the
     /// endpoint is off or `endpoint.sources` is empty (anyone may).
     pub endpoint: Option<(u16, Vec<IpNet>)>,
-    /// The Waypoint server's published gRPC port and who may reach it; `None` without a
-    /// Waypoint server on this host.
-    pub waypoint: Option<(u16, Vec<IpNet>)>,
+    /// The Waypoint server's published ports (gRPC and HTTP: the HTTP port serves the same
+    /// API as grpc-web) and who may reach them; `None` without a Waypoint server on this host.
+    pub waypoint: Option<(Vec<u16>, Vec<IpNet>)>,
+    /// Interfaces admitted wherever sources are (the fail-closed table's container bridges,
+    /// whose addresses a broken configuration does not say); `*` ends a prefix, as in nft.
+    pub admit_interfaces: Vec<String>,
+    /// Drop what anything but the host sends to the metadata service (see the module docs).
+    pub block_metadata: bool,
 }
+
+/// The metadata service's addresses: IPv4 on AWS, GCP and most clouds; AWS's IPv6 one.
+pub const METADATA_V4: &str = "169.254.169.254";
+pub const METADATA_V6: &str = "fd00:ec2::254";
+
+/// The bridges Docker makes: the default one and every user-defined network (`br-ID`).
+pub const DOCKER_BRIDGES: &[&str] = &["docker0", "br-*"];
 
 impl FirewallSpec {
     pub fn from_config(config: &Config) -> Self {
@@ -100,6 +129,30 @@ impl FirewallSpec {
                 .filter(|e| !e.sources.is_empty())
                 .map(|e| (e.listen.port(), e.sources.clone())),
             waypoint: config.waypoint_allowed_sources(),
+            admit_interfaces: Vec::new(),
+            block_metadata: true,
+        }
+    }
+
+    /// The table for a host whose configuration does not load (`pilot-agent firewall` at
+    /// boot): the default table name, 2375 dropped, the metadata service closed to
+    /// containers, and Docker's TLS port, the endpoint and the Waypoint ports (at their
+    /// default numbers) reachable from loopback and Docker's bridges only. Never no table:
+    /// without one, dockerd and the Waypoint server would listen to the world.
+    pub fn fail_closed() -> Self {
+        let config = Config::default();
+        let waypoint = crate::config::WaypointConfig::default();
+        FirewallSpec {
+            table: config.firewall.table.clone(),
+            lock_ports: config.firewall.lock_ports.clone(),
+            api_port: config.docker.tls_listen.port(),
+            api_sources: Vec::new(),
+            published_sources: Vec::new(),
+            published_ports: Vec::new(),
+            endpoint: Some((crate::config::endpoint::DEFAULT_LISTEN.port(), Vec::new())),
+            waypoint: Some((vec![waypoint.grpc_port, waypoint.http_port], Vec::new())),
+            admit_interfaces: DOCKER_BRIDGES.iter().map(|s| s.to_string()).collect(),
+            block_metadata: true,
         }
     }
 }
@@ -252,24 +305,81 @@ impl Ruleset {
     }
 }
 
+/// The rules of the agent's table as nft listed them (chain, comment and expressions, in
+/// order; handles left out), taken right after the agent applied the table: what a later
+/// listing's expressions are compared with. Kept in the state directory
+/// (`StateLayout::firewall_listing`), so that `up`, `run` and the boot unit share it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Listed {
+    /// The hash of the desired table the listing was taken of.
+    pub hash: String,
+    pub rules: Vec<ListedRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ListedRule {
+    pub chain: String,
+    pub comment: Option<String>,
+    /// The expressions as nft's JSON has them.
+    pub expr: serde_json::Value,
+}
+
+impl Listed {
+    /// The rules of `table` in `live`, for the desired table of `hash`.
+    pub fn of(table: &str, hash: &str, live: &Nftables<'_>) -> Listed {
+        let rules = live
+            .objects
+            .iter()
+            .filter_map(|obj| match obj {
+                NfObject::ListObject(NfListObject::Rule(r)) if r.table == table => {
+                    Some(ListedRule {
+                        chain: r.chain.to_string(),
+                        comment: r.comment.as_deref().map(str::to_string),
+                        // Serializing the crate's schema types cannot fail (plain data).
+                        expr: serde_json::to_value(&r.expr).unwrap_or_default(),
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        Listed {
+            hash: hash.to_string(),
+            rules,
+        }
+    }
+}
+
 /// The input chain: loopback, the locked ports, then the Docker TLS port and the endpoint
 /// each admitted from their sources only.
 fn input_rules(spec: &FirewallSpec) -> Vec<Vec<Statement<'static>>> {
     let mut input = vec![vec![eq(meta(MetaKey::Iifname), string("lo")), accept()]];
+    if spec.block_metadata {
+        input.extend(metadata_drops());
+    }
     if !spec.lock_ports.is_empty() {
         input.push(vec![eq(tcp_dport(), port_set(&spec.lock_ports)), drop()]);
     }
     input.extend(admit_only(
         vec![eq(tcp_dport(), port(spec.api_port))],
         &spec.api_sources,
+        &spec.admit_interfaces,
     ));
     if let Some((endpoint_port, sources)) = &spec.endpoint {
         input.extend(admit_only(
             vec![eq(tcp_dport(), port(*endpoint_port))],
             sources,
+            &spec.admit_interfaces,
         ));
     }
     input
+}
+
+/// `ip daddr 169.254.169.254 drop`, `ip6 daddr fd00:ec2::254 drop`.
+fn metadata_drops() -> Vec<Vec<Statement<'static>>> {
+    vec![
+        vec![eq(payload("ip", "daddr"), string(METADATA_V4)), drop()],
+        vec![eq(payload("ip6", "daddr"), string(METADATA_V6)), drop()],
+    ]
 }
 
 /// The forward chain, which sees what Docker publishes (DNAT bypasses the input hook): the
@@ -277,6 +387,10 @@ fn input_rules(spec: &FirewallSpec) -> Vec<Vec<Statement<'static>>> {
 /// published ports admitted from their sources only.
 fn forward_rules(spec: &FirewallSpec) -> Vec<Vec<Statement<'static>>> {
     let mut forward = Vec::new();
+    if spec.block_metadata {
+        // First: before `established` admits a connection made before the table was.
+        forward.extend(metadata_drops());
+    }
     for p in &spec.lock_ports {
         // Something may publish a locked port through Docker.
         let mut rule = dnat_to_tcp_port(*p);
@@ -293,8 +407,14 @@ fn forward_rules(spec: &FirewallSpec) -> Vec<Vec<Statement<'static>>> {
             accept(),
         ]);
     }
-    if let Some((grpc_port, sources)) = &spec.waypoint {
-        forward.extend(admit_only(dnat_to_tcp_port(*grpc_port), sources));
+    if let Some((ports, sources)) = &spec.waypoint {
+        for p in ports {
+            forward.extend(admit_only(
+                dnat_to_tcp_port(*p),
+                sources,
+                &spec.admit_interfaces,
+            ));
+        }
     }
     if !spec.published_sources.is_empty() {
         // One group of rules per restricted port, or one for every DNATed connection.
@@ -307,20 +427,31 @@ fn forward_rules(spec: &FirewallSpec) -> Vec<Vec<Statement<'static>>> {
                 .collect()
         };
         for selector in selectors {
-            forward.extend(admit_only(selector, &spec.published_sources));
+            forward.extend(admit_only(
+                selector,
+                &spec.published_sources,
+                &spec.admit_interfaces,
+            ));
         }
     }
     forward
 }
 
 /// What `selector` matches, accepted from `sources` (one rule per address family that has
-/// any) and dropped from everyone else.
+/// any) and from `interfaces` (one rule each), and dropped from everyone else.
 fn admit_only(
     selector: Vec<Statement<'static>>,
     sources: &[IpNet],
+    interfaces: &[String],
 ) -> Vec<Vec<Statement<'static>>> {
     let (v4, v6) = split_families(sources);
     let mut rules = Vec::new();
+    for name in interfaces {
+        let mut rule = selector.clone();
+        rule.push(eq(meta(MetaKey::Iifname), string(name)));
+        rule.push(accept());
+        rules.push(rule);
+    }
     for (family, nets) in [("ip", v4), ("ip6", v6)] {
         if !nets.is_empty() {
             let mut rule = selector.clone();
@@ -469,11 +600,12 @@ mod tests {
         assert_eq!(r.table, "pilot_agent");
         assert_eq!(
             r.chains[0].rules.len(),
-            3,
-            "lo accept, 2375 drop, 2376 drop"
+            5,
+            "lo accept, metadata v4 and v6 drop, 2375 drop, 2376 drop"
         );
-        // Lock port 2375 published through Docker: dropped in forward too.
-        assert_eq!(r.chains[1].rules.len(), 1);
+        // Metadata from containers, and lock port 2375 published through Docker: dropped in
+        // forward too.
+        assert_eq!(r.chains[1].rules.len(), 3);
         let v = rules_json(&r);
         let objs = v["nftables"].as_array().unwrap();
         // One transaction: add, delete, add table; chains; rules.
@@ -488,10 +620,18 @@ mod tests {
         assert_eq!(first["expr"][0]["match"]["left"]["meta"]["key"], "iifname");
         assert_eq!(first["expr"][0]["match"]["right"], "lo");
         assert_eq!(first["comment"], format!("pilot-agent {} 0", r.hash));
-        let lock = &objs[6]["add"]["rule"]["expr"];
+        let metadata = &objs[6]["add"]["rule"]["expr"];
+        assert_eq!(metadata[0]["match"]["left"]["payload"]["field"], "daddr");
+        assert_eq!(metadata[0]["match"]["right"], "169.254.169.254");
+        assert_eq!(
+            objs[7]["add"]["rule"]["expr"][0]["match"]["right"],
+            "fd00:ec2::254"
+        );
+        assert_eq!(objs[10]["add"]["rule"]["expr"], *metadata);
+        let lock = &objs[8]["add"]["rule"]["expr"];
         assert_eq!(lock[0]["match"]["right"]["set"][0], 2375);
         assert!(lock[1].get("drop").is_some());
-        let fwd = &objs[8]["add"]["rule"]["expr"];
+        let fwd = &objs[12]["add"]["rule"]["expr"];
         assert_eq!(fwd[2]["match"]["left"]["ct"]["key"], "proto-dst");
         assert_eq!(fwd[2]["match"]["left"]["ct"]["dir"], "original");
         assert_eq!(fwd[2]["match"]["right"], 2375);
@@ -515,18 +655,18 @@ mod tests {
         ];
         let r = Ruleset::new(&s);
         let input = &r.chains[0].rules;
-        assert_eq!(input.len(), 5);
-        let v = serde_json::to_value(&input[2]).unwrap();
+        assert_eq!(input.len(), 7);
+        let v = serde_json::to_value(&input[4]).unwrap();
         assert_eq!(v[1]["match"]["left"]["payload"]["protocol"], "ip");
         let set = v[1]["match"]["right"]["set"].as_array().unwrap();
         assert_eq!(set.len(), 2);
         assert_eq!(set[0]["prefix"]["addr"], "10.0.0.0");
         assert_eq!(set[0]["prefix"]["len"], 8);
         assert_eq!(set[1]["prefix"]["addr"], "192.168.1.5");
-        let v6 = serde_json::to_value(&input[3]).unwrap();
+        let v6 = serde_json::to_value(&input[5]).unwrap();
         assert_eq!(v6[1]["match"]["left"]["payload"]["protocol"], "ip6");
         assert!(
-            serde_json::to_value(&input[4]).unwrap()[1]
+            serde_json::to_value(&input[6]).unwrap()[1]
                 .get("drop")
                 .is_some()
         );
@@ -538,12 +678,12 @@ mod tests {
         s.lock_ports = vec![];
         s.published_sources = vec!["198.51.100.0/24".parse().unwrap()];
         let r = Ruleset::new(&s);
-        // established, accept sources, drop (every DNATed connection).
-        assert_eq!(r.chains[1].rules.len(), 3);
+        // metadata v4 and v6, established, accept sources, drop (every DNATed connection).
+        assert_eq!(r.chains[1].rules.len(), 5);
         s.published_ports = vec![9701, 9702];
         let r = Ruleset::new(&s);
-        assert_eq!(r.chains[1].rules.len(), 1 + 2 * 2);
-        let v = serde_json::to_value(&r.chains[1].rules[1]).unwrap();
+        assert_eq!(r.chains[1].rules.len(), 2 + 1 + 2 * 2);
+        let v = serde_json::to_value(&r.chains[1].rules[3]).unwrap();
         assert_eq!(v[0]["match"]["left"]["ct"]["key"], "status");
         assert_eq!(v[2]["match"]["right"], 9701);
         assert_eq!(
@@ -572,9 +712,9 @@ mod tests {
         let r = Ruleset::new(&FirewallSpec::from_config(&c));
         assert_ne!(r.hash, open.hash);
         let input = &r.chains[0].rules;
-        // lo, 2375, 2376 drop, then 9443 from v4, from v6, drop.
-        assert_eq!(input.len(), 6);
-        let v4 = serde_json::to_value(&input[3]).unwrap();
+        // lo, metadata v4 and v6, 2375, 2376 drop, then 9443 from v4, from v6, drop.
+        assert_eq!(input.len(), 8);
+        let v4 = serde_json::to_value(&input[5]).unwrap();
         assert_eq!(v4[0]["match"]["right"], 9443);
         assert_eq!(v4[1]["match"]["left"]["payload"]["protocol"], "ip");
         assert_eq!(
@@ -582,9 +722,9 @@ mod tests {
             "203.0.113.0"
         );
         assert!(v4[2].get("accept").is_some());
-        let v6 = serde_json::to_value(&input[4]).unwrap();
+        let v6 = serde_json::to_value(&input[6]).unwrap();
         assert_eq!(v6[1]["match"]["left"]["payload"]["protocol"], "ip6");
-        let last = serde_json::to_value(&input[5]).unwrap();
+        let last = serde_json::to_value(&input[7]).unwrap();
         assert_eq!(last[0]["match"]["right"], 9443);
         assert!(last[1].get("drop").is_some());
         // Loopback is accepted before any of it.
@@ -608,11 +748,12 @@ mod tests {
         c.firewall.docker_api_sources = vec!["192.0.2.7/32".parse().unwrap()];
         let r = Ruleset::new(&FirewallSpec::from_config(&c));
         let forward = &r.chains[1].rules;
-        // 2375 DNAT drop, established, 19701 from v4 sources, 19701 drop.
-        assert_eq!(forward.len(), 4, "{forward:?}");
-        let established = serde_json::to_value(&forward[1]).unwrap();
+        // metadata v4 and v6, 2375 DNAT drop, established, then the gRPC port 19701 and the
+        // HTTP port 9702 (the same API as grpc-web) each from v4 sources, else dropped.
+        assert_eq!(forward.len(), 8, "{forward:?}");
+        let established = serde_json::to_value(&forward[3]).unwrap();
         assert_eq!(established[0]["match"]["left"]["ct"]["key"], "state");
-        let allow = serde_json::to_value(&forward[2]).unwrap();
+        let allow = serde_json::to_value(&forward[4]).unwrap();
         assert_eq!(allow[2]["match"]["right"], 19701);
         let set: Vec<String> = allow[3]["match"]["right"]["set"]
             .as_array()
@@ -629,8 +770,14 @@ mod tests {
             assert!(set.contains(&want.to_string()), "{want} not in {set:?}");
         }
         assert!(allow[4].get("accept").is_some());
-        let last = serde_json::to_value(&forward[3]).unwrap();
+        let last = serde_json::to_value(&forward[5]).unwrap();
         assert_eq!(last[2]["match"]["right"], 19701);
+        assert!(last[3].get("drop").is_some());
+        let http = serde_json::to_value(&forward[6]).unwrap();
+        assert_eq!(http[2]["match"]["right"], 9702);
+        assert_eq!(http[3], allow[3], "9702 admits exactly 19701's sources");
+        let last = serde_json::to_value(&forward[7]).unwrap();
+        assert_eq!(last[2]["match"]["right"], 9702);
         assert!(last[3].get("drop").is_some());
 
         // A runner-only host publishes no Waypoint server: no such rules.
@@ -646,8 +793,30 @@ mod tests {
             Ruleset::new(&FirewallSpec::from_config(&c)).chains[1]
                 .rules
                 .len(),
-            1
+            3
         );
+    }
+
+    #[test]
+    fn fail_closed_admits_loopback_and_docker_bridges_only() {
+        let r = Ruleset::new(&FirewallSpec::fail_closed());
+        let rules: Vec<_> = r.chains.iter().map(|c| &c.rules).collect();
+        let text = serde_json::to_string(&rules).unwrap();
+        let input = &r.chains[0].rules;
+        // lo, metadata v4 and v6, 2375, then 2376 and 8443 each: docker0, br-*, drop.
+        assert_eq!(input.len(), 4 + 3 + 3, "{text}");
+        for (i, port) in [(4, 2376), (7, 8443)] {
+            let v = serde_json::to_value(&input[i..i + 3]).unwrap();
+            assert_eq!(v[0][0]["match"]["right"], port);
+            assert_eq!(v[0][1]["match"]["right"], "docker0");
+            assert_eq!(v[1][1]["match"]["right"], "br-*");
+            assert!(v[1][2].get("accept").is_some());
+            assert!(v[2][1].get("drop").is_some());
+        }
+        // forward: metadata, 2375, established, 9701 and 9702 each: docker0, br-*, drop.
+        let forward = &r.chains[1].rules;
+        assert_eq!(forward.len(), 2 + 1 + 1 + 3 + 3, "{text}");
+        assert!(!text.contains("saddr"), "no address is trusted: {text}");
     }
 
     #[test]
@@ -731,10 +900,21 @@ mod tests {
             {{"chain": {{"family": "inet", "table": "pilot_agent", "name": "input", "handle": 1, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}}}},
             {{"chain": {{"family": "inet", "table": "pilot_agent", "name": "forward", "handle": 2, "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}}},
             {{"rule": {{"family": "inet", "table": "pilot_agent", "chain": "input", "handle": 3, "comment": "{}", "expr": [{{"match": {{"op": "==", "left": {{"meta": {{"key": "iifname"}}}}, "right": "lo"}}}}, {{"accept": null}}]}}}},
+            {{"rule": {{"family": "inet", "table": "pilot_agent", "chain": "input", "handle": 7, "comment": "{}", "expr": [{{"match": {{"op": "==", "left": {{"payload": {{"protocol": "ip", "field": "daddr"}}}}, "right": "169.254.169.254"}}}}, {{"drop": null}}]}}}},
+            {{"rule": {{"family": "inet", "table": "pilot_agent", "chain": "input", "handle": 8, "comment": "{}", "expr": [{{"match": {{"op": "==", "left": {{"payload": {{"protocol": "ip6", "field": "daddr"}}}}, "right": "fd00:ec2::254"}}}}, {{"drop": null}}]}}}},
             {{"rule": {{"family": "inet", "table": "pilot_agent", "chain": "input", "handle": 4, "comment": "{}", "expr": [{{"match": {{"op": "==", "left": {{"payload": {{"protocol": "tcp", "field": "dport"}}}}, "right": 2375}}}}, {{"drop": null}}]}}}},
             {{"rule": {{"family": "inet", "table": "pilot_agent", "chain": "input", "handle": 5, "comment": "{}", "expr": [{{"match": {{"op": "==", "left": {{"payload": {{"protocol": "tcp", "field": "dport"}}}}, "right": 2376}}}}, {{"drop": null}}]}}}},
+            {{"rule": {{"family": "inet", "table": "pilot_agent", "chain": "forward", "handle": 9, "comment": "{}", "expr": [{{"match": {{"op": "==", "left": {{"payload": {{"protocol": "ip", "field": "daddr"}}}}, "right": "169.254.169.254"}}}}, {{"drop": null}}]}}}},
+            {{"rule": {{"family": "inet", "table": "pilot_agent", "chain": "forward", "handle": 10, "comment": "{}", "expr": [{{"match": {{"op": "==", "left": {{"payload": {{"protocol": "ip6", "field": "daddr"}}}}, "right": "fd00:ec2::254"}}}}, {{"drop": null}}]}}}},
             {{"rule": {{"family": "inet", "table": "pilot_agent", "chain": "forward", "handle": 6, "comment": "{}", "expr": [{{"match": {{"op": "in", "left": {{"ct": {{"key": "status"}}}}, "right": "dnat"}}}}, {{"match": {{"op": "==", "left": {{"meta": {{"key": "l4proto"}}}}, "right": "tcp"}}}}, {{"match": {{"op": "==", "left": {{"ct": {{"key": "proto-dst", "dir": "original"}}}}, "right": 2375}}}}, {{"drop": null}}]}}}}]}}"#,
-            c["input"][0], c["input"][1], c["input"][2], c["forward"][0]
+            c["input"][0],
+            c["input"][1],
+            c["input"][2],
+            c["input"][3],
+            c["input"][4],
+            c["forward"][0],
+            c["forward"][1],
+            c["forward"][2]
         );
         let live: Nftables = serde_json::from_str(&text).unwrap();
         assert!(r.matches(&live));

@@ -1,8 +1,16 @@
-//! The runner host's client of the server VM's endpoint: `GET /v1/credentials` over HTTPS with
-//! the bearer token, the server authenticated by the pinned fingerprint of its agent CA.
+//! The runner host's client of the server VM's endpoint over HTTPS, the server authenticated
+//! by the pinned fingerprint of its agent CA:
+//!
+//! - [`mint_runner_token`]: `POST /v1/runner-token` with the host's `runner`-scope bearer
+//!   token: one new Waypoint token for one runner, with the Waypoint address. This is all a
+//!   runner host asks for; it never holds the server's bootstrap token or the database
+//!   password.
+//! - [`probe`]: `GET /healthz`, no token: is the server VM there, and is it the pinned one.
+//! - [`fetch_credentials`]: `GET /v1/credentials` (an `admin` token): for operators' tools and
+//!   tests, not used by the runner host.
 //!
 //! ```text
-//! remote/mod.rs    ServerEndpoint (HOST[:PORT]), fetch_credentials, RemoteError
+//! remote/mod.rs    ServerEndpoint (HOST[:PORT]), mint_runner_token, probe, fetch_credentials, RemoteError
 //! remote/pin.rs    Fingerprint, the verifier that trusts exactly the pinned CA
 //! ```
 //!
@@ -22,9 +30,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use serde_json::Value;
@@ -37,8 +45,12 @@ use pilot_values::Secret;
 pub use pin::{ChainFailure, Fingerprint, FingerprintError, PinnedCaVerifier};
 
 pub use pilot_values::{DEFAULT_ENDPOINT_PORT as DEFAULT_PORT, EndpointParseError, ServerEndpoint};
-/// The path fetched.
+/// The path of the credentials (admin scope).
 pub const CREDENTIALS_PATH: &str = "/v1/credentials";
+/// The path that mints a runner token (runner scope).
+pub const RUNNER_TOKEN_PATH: &str = "/v1/runner-token";
+/// The unauthenticated health path.
+pub const HEALTHZ_PATH: &str = "/healthz";
 /// The largest answer read: the credentials are a few KiB at most.
 const MAX_BODY: usize = 1024 * 1024;
 
@@ -56,7 +68,21 @@ pub struct RemoteCredentials {
     pub raw: Value,
 }
 
-/// What [`fetch_credentials`] found wrong.
+/// What the server VM's endpoint minted for one runner ([`mint_runner_token`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MintedRunnerToken {
+    /// The runner ID the token was minted for, as the server echoed it.
+    pub runner_id: String,
+    /// `host:port` of the Waypoint server's gRPC API, as the server VM advertises it.
+    pub waypoint_address: String,
+    pub waypoint_token: Secret,
+    /// Whether Waypoint's certificate cannot be verified (it is self-signed in its container).
+    pub waypoint_tls_skip_verify: bool,
+    /// The server VM's agent CA; its fingerprint is the pin.
+    pub ca_pem: String,
+}
+
+/// What a call to the server VM's endpoint found wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
     #[error("cannot reach the server endpoint {endpoint}: {reason}")]
@@ -102,21 +128,36 @@ pub enum RemoteError {
     },
     #[error(
         "the server endpoint {endpoint} rejected the token (401): check this host's endpoint \
-         token against the server VM's token hash"
+         token against the server VM's token hashes (a revoked token is rejected too)"
     )]
     Unauthorized { endpoint: String },
+    #[error(
+        "the server endpoint {endpoint} accepted the token but its scope does not allow {path} \
+         (403): a runner host needs a token of scope `runner` (endpoint.tokens on the server VM)"
+    )]
+    Forbidden {
+        endpoint: String,
+        path: &'static str,
+    },
     #[error("the server endpoint {endpoint} refuses this host for now: too many failed authentications (429){}",
         retry_after.map(|d| format!(", retry after {}s", d.as_secs())).unwrap_or_default())]
     RateLimited {
         endpoint: String,
         retry_after: Option<Duration>,
     },
-    #[error("the server endpoint {endpoint} answered {status} for {CREDENTIALS_PATH}")]
-    Status { endpoint: String, status: u16 },
+    #[error("the server endpoint {endpoint} answered {status} for {path}{}",
+        detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    Status {
+        endpoint: String,
+        path: &'static str,
+        status: u16,
+        /// The `error` field of the answer, when it had one (the endpoint's own words).
+        detail: Option<String>,
+    },
     #[error("bad answer from the server endpoint {endpoint}: {reason}")]
     BadResponse { endpoint: String, reason: String },
     #[error(
-        "the server VM is not ready yet: its credentials lack {} (it has not finished \
+        "the server VM is not ready yet: its answer lacks {} (it has not finished \
          converging)",
         missing.join(", ")
     )]
@@ -164,23 +205,61 @@ pub async fn fetch_credentials(
     pin: &Fingerprint,
     timeout: Duration,
 ) -> Result<RemoteCredentials, RemoteError> {
-    let call = Call {
-        name: endpoint.to_string(),
-        deadline: Instant::now() + timeout,
-        timeout,
-    };
+    let call = Call::new(endpoint, timeout);
+    let auth = bearer(token)?;
+    let tls = call.connect(endpoint, pin).await?;
+    let answer = call
+        .request(tls, Method::GET, CREDENTIALS_PATH, Some(auth), None)
+        .await?;
+    answer.check(&call.name, CREDENTIALS_PATH)?;
+    parse_credentials(&call.name, pin, answer.json(&call.name)?)
+}
+
+/// Asks the server VM's endpoint to mint one Waypoint runner token for `runner_id`
+/// (`POST /v1/runner-token`, see the module documentation). `timeout` bounds the whole
+/// exchange. Each call mints a new token: the caller stores it before using it.
+pub async fn mint_runner_token(
+    endpoint: &ServerEndpoint,
+    token: &Secret,
+    pin: &Fingerprint,
+    runner_id: &str,
+    timeout: Duration,
+) -> Result<MintedRunnerToken, RemoteError> {
+    let call = Call::new(endpoint, timeout);
+    let auth = bearer(token)?;
+    let body = serde_json::to_vec(&serde_json::json!({ "runner_id": runner_id })).map_err(|e| {
+        RemoteError::BadResponse {
+            endpoint: call.name.clone(),
+            reason: format!("cannot build the request: {e}"),
+        }
+    })?;
+    let tls = call.connect(endpoint, pin).await?;
+    let answer = call
+        .request(tls, Method::POST, RUNNER_TOKEN_PATH, Some(auth), Some(body))
+        .await?;
+    answer.check(&call.name, RUNNER_TOKEN_PATH)?;
+    parse_runner_token(&call.name, pin, runner_id, answer.json(&call.name)?)
+}
+
+/// Whether the server VM's endpoint is there and is the pinned one: `GET /healthz`, no
+/// token. Any HTTP answer counts (a server VM still converging answers 503).
+pub async fn probe(
+    endpoint: &ServerEndpoint,
+    pin: &Fingerprint,
+    timeout: Duration,
+) -> Result<(), RemoteError> {
+    let call = Call::new(endpoint, timeout);
+    let tls = call.connect(endpoint, pin).await?;
+    call.request(tls, Method::GET, HEALTHZ_PATH, None, None)
+        .await
+        .map(|_| ())
+}
+
+fn bearer(token: &Secret) -> Result<HeaderValue, RemoteError> {
     let mut auth = HeaderValue::try_from(format!("Bearer {}", token.expose()))
         .map_err(|_| RemoteError::InvalidToken)?;
     auth.set_sensitive(true);
-    let tls = call.connect(endpoint, pin).await?;
-    let answer = call.get(tls, auth).await?;
-    answer.check(&call.name)?;
-    let value: Value =
-        serde_json::from_slice(&answer.body).map_err(|e| RemoteError::BadResponse {
-            endpoint: call.name.clone(),
-            reason: format!("not JSON: {e}"),
-        })?;
-    parse_credentials(&call.name, pin, value)
+    Ok(auth)
 }
 
 /// One request to the server VM: its name in messages and one deadline for every stage.
@@ -198,6 +277,14 @@ struct Answer {
 }
 
 impl Call {
+    fn new(endpoint: &ServerEndpoint, timeout: Duration) -> Call {
+        Call {
+            name: endpoint.to_string(),
+            deadline: Instant::now() + timeout,
+            timeout,
+        }
+    }
+
     fn timed_out(&self, stage: &'static str) -> RemoteError {
         RemoteError::Timeout {
             endpoint: self.name.clone(),
@@ -255,11 +342,14 @@ impl Call {
         .map_err(|e| handshake_error(&self.name, pin, &verifier, e))
     }
 
-    /// `GET /v1/credentials` over the connection; the body is read up to [`MAX_BODY`].
-    async fn get(
+    /// One request over the connection; the answer's body is read up to [`MAX_BODY`].
+    async fn request(
         &self,
         tls: tokio_rustls::client::TlsStream<TcpStream>,
-        auth: HeaderValue,
+        method: Method,
+        path: &str,
+        auth: Option<HeaderValue>,
+        body: Option<Vec<u8>>,
     ) -> Result<Answer, RemoteError> {
         let (mut sender, conn) = tokio::time::timeout_at(
             self.deadline,
@@ -274,15 +364,23 @@ impl Call {
                 tracing::debug!(error = %e, "remote: connection to the server endpoint ended");
             }
         }));
-        let req = Request::get(CREDENTIALS_PATH)
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
             .header(header::HOST, self.name.as_str())
             .header(header::ACCEPT, "application/json")
             .header(
                 header::USER_AGENT,
                 concat!("pilot-agent/", env!("CARGO_PKG_VERSION")),
-            )
-            .header(header::AUTHORIZATION, auth)
-            .body(Empty::<Bytes>::new())
+            );
+        if let Some(auth) = auth {
+            req = req.header(header::AUTHORIZATION, auth);
+        }
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| RemoteError::BadResponse {
                 endpoint: self.name.clone(),
                 reason: format!("cannot build the request: {e}"),
@@ -325,20 +423,43 @@ impl Call {
 
 impl Answer {
     /// 200 or the error its status means.
-    fn check(&self, name: &str) -> Result<(), RemoteError> {
+    fn check(&self, name: &str, path: &'static str) -> Result<(), RemoteError> {
         let endpoint = name.to_string();
         match self.status {
             StatusCode::OK => Ok(()),
             StatusCode::UNAUTHORIZED => Err(RemoteError::Unauthorized { endpoint }),
+            StatusCode::FORBIDDEN => Err(RemoteError::Forbidden { endpoint, path }),
             StatusCode::TOO_MANY_REQUESTS => Err(RemoteError::RateLimited {
                 endpoint,
                 retry_after: self.retry_after,
             }),
             s => Err(RemoteError::Status {
                 endpoint,
+                path,
                 status: s.as_u16(),
+                detail: self.error_field(),
             }),
         }
+    }
+
+    /// The `error` of a JSON error answer, shortened and printable (it goes into a status
+    /// detail; the endpoint never puts a secret in it).
+    fn error_field(&self) -> Option<String> {
+        let v: Value = serde_json::from_slice(&self.body).ok()?;
+        let e = v.get("error")?.as_str()?;
+        Some(
+            e.chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect::<String>(),
+        )
+    }
+
+    fn json(&self, name: &str) -> Result<Value, RemoteError> {
+        serde_json::from_slice(&self.body).map_err(|e| RemoteError::BadResponse {
+            endpoint: name.to_string(),
+            reason: format!("not JSON: {e}"),
+        })
     }
 }
 
@@ -475,6 +596,72 @@ pub fn parse_credentials(
     })
 }
 
+/// Takes the minted token from the answer of `POST /v1/runner-token` and checks its CA
+/// against the pin and its runner ID against the one asked for. Pure: public for the fuzz
+/// targets and tests.
+pub fn parse_runner_token(
+    endpoint: &str,
+    pin: &Fingerprint,
+    runner_id: &str,
+    value: Value,
+) -> Result<MintedRunnerToken, RemoteError> {
+    let bad = |reason: String| RemoteError::BadResponse {
+        endpoint: endpoint.into(),
+        reason,
+    };
+    if !value.is_object() {
+        return Err(bad("expected a JSON object".into()));
+    }
+    let text = |v: &Value, field: &str| -> Result<String, RemoteError> {
+        match v {
+            Value::String(s) if !s.is_empty() => Ok(s.clone()),
+            _ => Err(bad(format!("{field}: expected a non-empty string"))),
+        }
+    };
+    let echoed = text(&value["runner_id"], "runner_id")?;
+    if echoed != runner_id {
+        return Err(bad(format!(
+            "runner_id: asked for {runner_id:?}, the answer is for {echoed:?}"
+        )));
+    }
+    let waypoint = &value["waypoint"];
+    let address = text(&waypoint["address"], "waypoint.address")?;
+    let token = Secret::new(text(&waypoint["token"], "waypoint.token")?);
+    let skip_verify = match &waypoint["tls_skip_verify"] {
+        Value::Bool(b) => *b,
+        Value::Null => true,
+        _ => {
+            return Err(bad(
+                "waypoint.tls_skip_verify: expected true or false".into()
+            ));
+        }
+    };
+    let ca_pem = match &value["ca_pem"] {
+        Value::String(s) if !s.is_empty() => s.clone(),
+        Value::Null => {
+            return Err(RemoteError::NotReady {
+                missing: vec!["ca_pem".into()],
+            });
+        }
+        _ => return Err(bad("ca_pem: expected a string".into())),
+    };
+    let served = Fingerprint::of_pem(&ca_pem).map_err(|e| bad(format!("ca_pem: {e}")))?;
+    if served != *pin {
+        return Err(RemoteError::ServedCaMismatch {
+            endpoint: endpoint.into(),
+            expected: *pin,
+            served,
+        });
+    }
+    Ok(MintedRunnerToken {
+        runner_id: echoed,
+        waypoint_address: address,
+        waypoint_token: token,
+        waypoint_tls_skip_verify: skip_verify,
+        ca_pem,
+    })
+}
+
 /// The answer's checks; the client's tests against a real endpoint are in
 /// `agent/tests/remote.rs`.
 #[cfg(test)]
@@ -482,7 +669,7 @@ mod tests {
     use serde_json::json;
 
     use super::Fingerprint;
-    use super::{RemoteError, parse_credentials};
+    use super::{RemoteError, parse_credentials, parse_runner_token};
 
     const WAYPOINT_TOKEN: &str = "wp-bootstrap-9876543210-very-secret";
 
@@ -511,7 +698,7 @@ mod tests {
             matches!(&e, RemoteError::NotReady { missing } if missing == &["waypoint", "ca_pem"]),
             "{e:?}"
         );
-        assert!(e.to_string().contains("lack waypoint, ca_pem"), "{e}");
+        assert!(e.to_string().contains("lacks waypoint, ca_pem"), "{e}");
         let mut v = full.clone();
         v["waypoint"]["token"] = json!(42);
         assert!(matches!(parse(v), Err(RemoteError::BadResponse { .. })));
@@ -521,6 +708,46 @@ mod tests {
         assert!(matches!(
             parse(json!([1, 2])),
             Err(RemoteError::BadResponse { .. })
+        ));
+    }
+
+    #[test]
+    fn minted_tokens_are_checked() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let pin = Fingerprint::of_der(ca.der());
+        let good = json!({
+            "runner_id": "h-runner-1",
+            "waypoint": {"address": "w:9701", "token": WAYPOINT_TOKEN, "tls_skip_verify": true},
+            "ca_pem": ca.pem(),
+        });
+        let m = parse_runner_token("h:1", &pin, "h-runner-1", good.clone()).unwrap();
+        assert_eq!(m.waypoint_address, "w:9701");
+        assert_eq!(m.waypoint_token.expose(), WAYPOINT_TOKEN);
+        assert!(!format!("{m:?}").contains(WAYPOINT_TOKEN));
+        // Another runner's answer, another CA, no token: refused, the token in no error.
+        let e = parse_runner_token("h:1", &pin, "h-runner-2", good.clone()).unwrap_err();
+        assert!(matches!(e, RemoteError::BadResponse { .. }), "{e}");
+        assert!(!e.to_string().contains(WAYPOINT_TOKEN));
+        let other = Fingerprint::of_der(b"another CA");
+        assert!(matches!(
+            parse_runner_token("h:1", &other, "h-runner-1", good.clone()),
+            Err(RemoteError::ServedCaMismatch { .. })
+        ));
+        let mut v = good.clone();
+        v["waypoint"]["token"] = json!("");
+        assert!(matches!(
+            parse_runner_token("h:1", &pin, "h-runner-1", v),
+            Err(RemoteError::BadResponse { .. })
+        ));
+        let mut v = good;
+        v["ca_pem"] = json!(null);
+        assert!(matches!(
+            parse_runner_token("h:1", &pin, "h-runner-1", v),
+            Err(RemoteError::NotReady { .. })
         ));
     }
 }

@@ -11,6 +11,10 @@
 //!  watchdog task <── Health (the loop's pulse)
 //! ```
 //!
+//! Beside the loop, after the first pass, [`firewall::watch`] follows `nft monitor` and puts
+//! the firewall table back within tens of milliseconds of an outside change (a `flush ruleset`, a
+//! rule edited in place), without waiting for a pass.
+//!
 //! A pass is `up`'s converge with a fresh [`Ctx`] (so a Docker client made before a dockerd
 //! restart is never reused), under the same state lock as `up` (taken per pass, so that an
 //! operator's `pilot-agent up --rotate-db-password` can run between passes). Why passes happen
@@ -38,7 +42,8 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::endpoint::{Endpoint, Telemetry};
 use crate::engine::{Engine, EngineError};
-use crate::fsutil::{self, FsError, MODE_PUBLIC_DIR};
+use crate::firewall::{self, FirewallSpec, Nft};
+use crate::fsutil::{self, FsError, MODE_PRIVATE_DIR};
 use crate::plan::{self, Ctx, UpOptions};
 use crate::status_file::{self, Condition, RunInfo, RunStatus, Status, StatusError, StepState};
 
@@ -110,7 +115,7 @@ pub async fn run(
     shutdown: impl Future<Output = String>,
     options: ShutdownOptions,
 ) -> Result<RunSummary, ServiceError> {
-    fsutil::ensure_dir(&config.state_dir, MODE_PUBLIC_DIR)?;
+    fsutil::ensure_dir(&config.state_dir, MODE_PRIVATE_DIR)?;
     let config = Arc::new(config);
     let telemetry = Arc::new(Telemetry::default());
     let watchdog = notify::watchdog_period();
@@ -179,6 +184,7 @@ impl Service {
         let telemetry = self.telemetry.clone();
         let (tx, mut rx) = mpsc::unbounded_channel::<Signal>();
         let mut watcher: Option<JoinHandle<()>> = None;
+        let mut firewall_watcher: Option<JoinHandle<()>> = None;
         let mut tx = Some(tx);
         let mut pass: Option<RunningPass> = None;
         let mut heartbeat = tokio::time::interval(beat);
@@ -211,13 +217,15 @@ impl Service {
                     let result = joined.unwrap_or_else(|e| Err(PassError::Task(e.to_string())));
                     self.pass_finished(done, result).await;
                     if watcher.is_none() {
-                        // After the first pass (which may restart dockerd), never before.
+                        // After the first pass (which may restart dockerd and has applied
+                        // the table), never before.
                         if let Some(tx) = tx.take() {
                             watcher = Some(tokio::spawn(docker_events::watch(
                                 config.docker.socket.clone(),
                                 tx,
                                 telemetry.clone(),
                             )));
+                            firewall_watcher = Some(self.watch_firewall());
                         }
                     }
                 }
@@ -232,7 +240,21 @@ impl Service {
                 _ = heartbeat.tick() => {}
             }
         };
+        if let Some(w) = firewall_watcher {
+            w.abort();
+        }
         (stopped_by, pass, watcher)
+    }
+
+    /// Puts the firewall table back whenever the ruleset changes ([`firewall::watch`]).
+    fn watch_firewall(&self) -> JoinHandle<()> {
+        let telemetry = self.telemetry.clone();
+        tokio::spawn(firewall::watch::watch(
+            FirewallSpec::from_config(&self.config),
+            Nft::default(),
+            self.config.state().firewall_listing(),
+            move |_| telemetry.record_firewall_restore(),
+        ))
     }
 
     /// Stops: the watcher, the pass under way (given `options.pass_grace` to finish), the

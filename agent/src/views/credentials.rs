@@ -188,6 +188,23 @@ pub fn gather(config: &Config, addrs: &[InterfaceAddr]) -> Result<Credentials, C
     })
 }
 
+/// What a runner-only host gets with a minted runner token (`POST /v1/runner-token`): the
+/// Waypoint address the runners dial and the agent CA (PEM; `None` before the pki step). No
+/// secret is read: not the bootstrap token, not the database password.
+pub fn runner_view(
+    config: &Config,
+    addrs: &[InterfaceAddr],
+) -> Result<(String, Option<String>), CredentialsError> {
+    let plan = WaypointPlan::from_config(config).ok_or_else(|| CredentialsError::Read {
+        path: PathBuf::from("waypoint"),
+        source: io::Error::new(io::ErrorKind::NotFound, "no waypoint section"),
+    })?;
+    let address = waypoint_address(config, &plan, addrs)?;
+    let ca_path = PkiLayout::new(config.pki_dir()).ca_cert();
+    let ca_pem = read_file(&ca_path)?.map(|b| String::from_utf8_lossy(&b).into_owned());
+    Ok((address, ca_pem))
+}
+
 /// The address the Pilot CLI should dial: the one the server advertises to applications (as
 /// the `waypoint-advertise` step last set it), else the configured advertise address, else
 /// [`addresses::waypoint_host`] with the gRPC port.

@@ -36,7 +36,8 @@ pub struct Target {
     pub state_dir: PathBuf,
     /// dockerd's daemon.json (for `data-root`).
     pub daemon_config: PathBuf,
-    /// Set when the configuration could not be loaded and defaults are used instead.
+    /// Set when the configuration could not be loaded and defaults are used instead: the
+    /// host is then in error whatever the status file says (the agent cannot run).
     pub warning: Option<String>,
 }
 
@@ -53,9 +54,16 @@ impl Target {
                 let why = match &e {
                     ConfigError::Read { .. } => e.to_string(),
                     ConfigError::Invalid { diagnostics, .. } => format!(
-                        "configuration {} has {} problem(s) (see `pilot-agent config validate`)",
+                        "configuration {} has {} problem(s) (see `pilot-agent config \
+                         validate`), the first {}:{}; the boot firewall unit applies the \
+                         fail-closed table",
                         config_path.display(),
-                        diagnostics.len()
+                        diagnostics.len(),
+                        config_path.display(),
+                        diagnostics
+                            .first()
+                            .map(|d| d.to_string())
+                            .unwrap_or_default()
                     ),
                 };
                 Ok(Target {
@@ -946,6 +954,10 @@ pub(crate) mod tests {
         std::fs::write(&missing, "state_dir: relative\n").unwrap();
         let w = Target::resolve(&missing, false).unwrap().warning.unwrap();
         assert!(w.contains("has 1 problem(s)"), "{w}");
+        assert!(
+            w.contains(&format!("the first {}:1:", missing.display())),
+            "names the first problem at its line: {w}"
+        );
 
         std::fs::write(&missing, format!("state_dir: {}\n", dir.path().display())).unwrap();
         let t = Target::resolve(&missing, true).unwrap();

@@ -4,14 +4,17 @@
 //! with "server is already bootstrapped". A token lost between the server printing it and the
 //! agent storing it is lost for good. So the bootstrap does not run as a `docker exec` (whose
 //! output dies with the connection of a killed agent) but as a one-shot container,
-//! `waypoint-bootstrap`, that shares the server's network namespace (the bootstrap is only
-//! accepted from loopback) and whose output dockerd keeps in its log:
+//! `waypoint-bootstrap`, that shares the server's network namespace (it dials the server on
+//! loopback) and whose output dockerd keeps in a log on the host (`json-file`, whatever the
+//! daemon's default driver):
 //!
 //! 1. a token file on disk: done (a leftover bootstrap container is removed);
 //! 2. no token file: find or create `waypoint-bootstrap`; start it only if it never ran;
 //!    wait for it to exit;
-//! 3. exit 0: read the token from its log, persist it atomically with mode 0600, and only then
-//!    remove the container (and with it the log that held the token);
+//! 3. exit 0 (or a failure after the token was printed: Waypoint exits 1 when it cannot
+//!    write its CLI context under `$HOME`): read the token from its log, persist it
+//!    atomically with mode 0600, and only then remove the container (and with it the log
+//!    that held the token);
 //! 4. "already bootstrapped": the token is lost; an error with the recovery steps. The agent
 //!    never removes the server's volume on its own.
 //!
@@ -80,10 +83,26 @@ pub fn spec(plan: &WaypointPlan, image_id: &str) -> ContainerSpec {
         env: Vec::new(),
         binds: Vec::new(),
         publish: Vec::new(),
-        // The server's own network namespace: its loopback is where bootstrap is accepted.
+        // The server's own network namespace: its loopback reaches the server whatever
+        // the published ports and the firewall admit. (Waypoint accepts a bootstrap from any
+        // client; being first is what counts.)
         network_mode: format!("container:{SERVER_NAME}"),
         restart_unless_stopped: false,
     }
+}
+
+/// The container's create body, with its log kept on the host: the log holds the token
+/// until the agent has stored it, so it must neither leave the host (a daemon.json that
+/// ships logs to CloudWatch, journald-to-remote, ...) nor be unreadable by `docker logs`.
+/// The container is removed, and the log with it, once the token is stored.
+fn create_body(spec: &ContainerSpec) -> bollard::models::ContainerCreateBody {
+    let mut body = spec.create_body();
+    let host = body.host_config.get_or_insert_with(Default::default);
+    host.log_config = Some(bollard::models::HostConfigLogConfig {
+        typ: Some("json-file".into()),
+        config: None,
+    });
+    body
 }
 
 /// Makes sure the server is bootstrapped and its token is on disk (see the module docs).
@@ -118,7 +137,7 @@ pub async fn ensure(docker: &Docker, plan: &WaypointPlan) -> Result<Bootstrap, W
                 .name(BOOTSTRAP_NAME)
                 .build();
             match docker
-                .create_container(Some(options), spec.create_body())
+                .create_container(Some(options), create_body(&spec))
                 .await
             {
                 Ok(_) => {}
@@ -210,19 +229,62 @@ pub fn outcome(plan: &WaypointPlan, exit_code: Option<i64>, stdout: &str, stderr
         };
     }
     if stderr.contains(ALREADY_BOOTSTRAPPED) || stdout.contains(ALREADY_BOOTSTRAPPED) {
+        // Checked first: that answer carries no token.
         return Outcome::Failed(WaypointError::TokenLost {
             token_file: token_path,
             server: SERVER_NAME,
             volume: plan.config.volume.clone(),
         });
     }
+    // Waypoint prints the token, then writes a CLI context under $HOME, and exits 1 if that
+    // write fails (server_bootstrap.go in 0.11.4): the server *is* bootstrapped and this log
+    // is the token's only copy. Keep it. (The agent passes `-context-create=`, which skips the
+    // write; an image whose CLI differs may still do it.)
+    if let Some(token) = printed_token(stdout) {
+        tracing::warn!(
+            status = ?exit_code,
+            "waypoint server bootstrap failed after printing its token; keeping the token"
+        );
+        return Outcome::Token(token);
+    }
     Outcome::Failed(WaypointError::Command {
         container: BOOTSTRAP_NAME.into(),
         command: "waypoint server bootstrap".into(),
         status: exit_code.map_or("no exit code".into(), |c| format!("exit {c}")),
-        // Nothing secret here: on failure the command printed no token.
-        output: last_lines(&format!("{stdout}{stderr}"), 5),
+        // No token-shaped line is ever copied into an error.
+        output: last_lines(&redact_tokens(&format!("{stdout}{stderr}")), 5),
     })
+}
+
+/// The token a failed bootstrap printed before its error: the first line that is not one
+/// of Waypoint's error lines (`! ...` and their indented continuations) and has a token's
+/// shape.
+fn printed_token(stdout: &str) -> Option<String> {
+    stdout
+        .lines()
+        .filter(|l| !l.starts_with(' ') && !l.starts_with('!'))
+        .map(str::trim)
+        .find(|l| is_token_shaped(l))
+        .map(str::to_string)
+}
+
+/// A line that could be a token: long, without whitespace.
+fn is_token_shaped(line: &str) -> bool {
+    line.len() >= 16 && !line.contains(char::is_whitespace)
+}
+
+/// `text` with every token-shaped line replaced, for error messages.
+fn redact_tokens(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            if is_token_shaped(l.trim()) {
+                "<redacted>"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Starts the bootstrap container; if that fails (the server went away), removes it so the
@@ -280,11 +342,29 @@ mod tests {
             panic!("not kept");
         };
         assert!(!e.to_string().contains("abc def"), "{e}");
-        // A token printed by a failed command is no token.
-        assert!(matches!(
-            outcome(&p, Some(1), &format!("{token}\n"), ""),
-            Outcome::Failed(WaypointError::Command { .. })
-        ));
+        // Waypoint 0.11.4 when the CLI context cannot be written: the token, then the error,
+        // exit 1. The server is bootstrapped: the token is kept.
+        let failed_after = format!(
+            "{token}\n! Error setting the CLI context: mkdir /home/waypoint/.config: \
+             permission denied\n  The Waypoint server successfully bootstrapped, but creating \
+             the context failed.\n"
+        );
+        match outcome(&p, Some(1), &failed_after, "") {
+            Outcome::Token(t) => assert_eq!(t, token),
+            other => panic!("{other:?}"),
+        }
+        // A failure without a token: its error lines, and never a token-shaped line.
+        let Outcome::Failed(e) = outcome(
+            &p,
+            Some(1),
+            "! failed to create client: error connecting to server: context deadline exceeded\n",
+            &format!("{token}\n"),
+        ) else {
+            panic!("not failed");
+        };
+        let e = e.to_string();
+        assert!(e.contains("context deadline exceeded"), "{e}");
+        assert!(!e.contains(token), "a token-shaped line in an error: {e}");
         assert!(matches!(
             outcome(&p, Some(1), "", "server is already bootstrapped"),
             Outcome::Failed(WaypointError::TokenLost { .. })

@@ -255,6 +255,9 @@ fn find_tarball(dir: &Path, wanted: &str) -> Result<(Option<PathBuf>, Vec<String
     Ok((None, tried))
 }
 
+/// The largest `manifest.json` read from a tarball (1 MiB: thousands of images' worth).
+pub const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
+
 /// The `RepoTags` of every image in a `docker save` tarball (from its `manifest.json`).
 pub fn repo_tags(path: &Path) -> Result<Vec<String>, WaypointError> {
     let file = std::fs::File::open(path).map_err(|source| WaypointError::Tarball {
@@ -286,8 +289,22 @@ pub fn repo_tags_from<R: Read + std::io::Seek>(
         if !is_manifest {
             continue;
         }
+        // A real manifest is a few hundred bytes per image; a tarball claiming more is not
+        // read into memory (the header's size may lie, hence `take`).
+        if entry.size() > MAX_MANIFEST_BYTES {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "manifest.json is {} bytes, above the {MAX_MANIFEST_BYTES}-byte bound",
+                    entry.size()
+                ),
+            )));
+        }
         let mut text = String::new();
-        entry.read_to_string(&mut text).map_err(err)?;
+        (&mut entry)
+            .take(MAX_MANIFEST_BYTES)
+            .read_to_string(&mut text)
+            .map_err(err)?;
         #[derive(serde::Deserialize)]
         struct Item {
             #[serde(rename = "RepoTags", default)]
@@ -372,6 +389,24 @@ mod tests {
         assert_eq!(
             find_tarball(&dir.path().join("missing"), "x:1").unwrap(),
             (None, vec![])
+        );
+    }
+
+    #[test]
+    fn an_oversized_manifest_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("big.tar");
+        let manifest = format!(
+            r#"[{{"RepoTags": ["{}"]}}]"#,
+            "x".repeat(MAX_MANIFEST_BYTES as usize)
+        );
+        write_save_tarball(&p, &manifest, 16);
+        let e = repo_tags(&p).unwrap_err();
+        let why = std::error::Error::source(&e).map(|s| s.to_string());
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("above the 1048576-byte bound")),
+            "{e}: {why:?}"
         );
     }
 

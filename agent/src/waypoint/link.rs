@@ -1,21 +1,28 @@
-//! Step `server-link` of a runner-only host: the server VM's Waypoint address and token,
-//! fetched from that VM's HTTPS endpoint (`GET /v1/credentials`, its CA pinned by
-//! `server.ca_sha256`), stored 0600 in `STATE_DIR/waypoint/server-address` and
-//! `server-token` for the runners step.
+//! A runner-only host's link to the server VM: the `server-link` step, and the mint of each
+//! runner's token through the server VM's endpoint.
 //!
-//! - Unreachable, timed out, rate limited, not bootstrapped yet: `degraded`. The runners keep
-//!   running on what was fetched before (nothing here stops them), and the service retries
-//!   with backoff; the host is `healthy` again on the first pass that reaches the server VM.
-//! - A CA that does not match the pin, a token the server VM rejects: an error. Retrying does
-//!   not fix either; a person must look, and nothing fetched is trusted.
-//! - A different Waypoint token than the stored one (the server VM's Waypoint was re-created):
-//!   the runner tokens minted with the old one are discarded, so the runners step mints new
-//!   ones and re-creates the runners.
+//! The host holds one secret of the server VM's: its endpoint token (`server.token_file`),
+//! which should be of scope `runner`. With it, the runners step asks the server VM to mint
+//! one Waypoint token per runner (`POST /v1/runner-token`, [`mint_remote`]) and stores it
+//! 0600 in `STATE_DIR/waypoint/runner-N-token`, and the Waypoint address that came with it
+//! in `server-address`. The host never receives the server's bootstrap token or the
+//! database password, so a compromised runner host can use its runners' tokens and mint
+//! more of them (until its endpoint token is revoked), and nothing else.
+//!
+//! The `server-link` step, each pass:
+//! - removes `STATE_DIR/waypoint/server-token`, the server's bootstrap token that earlier
+//!   versions fetched and kept here (the runner tokens minted with it stay valid);
+//! - stores `server.waypoint_address` when it is set (it overrides the minted address);
+//! - checks that the server VM is there and is the pinned one (`GET /healthz`, no token).
+//!   Unreachable, timed out: `degraded`; the runners keep running on their stored tokens and
+//!   the service retries with backoff. A CA that does not match the pin: an error, since
+//!   retrying does not fix it.
 
 use std::time::Duration;
 
 use pilot_values::Secret;
 
+use super::runners::RunnerId;
 use super::{WaypointError, WaypointPlan, read_token, write_token};
 use crate::config::ServerLink;
 use crate::remote::{self, RemoteError};
@@ -34,8 +41,8 @@ pub enum LinkState {
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error(
-        "{} is missing or empty: it must hold the server VM's endpoint token (one line, mode \
-         0600)", .0.display()
+        "{} is missing or empty: it must hold the server VM's endpoint token of scope \
+         `runner` (one line, mode 0600)", .0.display()
     )]
     NoToken(std::path::PathBuf),
     /// A wrong pin, a refused token: retrying does not help.
@@ -45,57 +52,50 @@ pub enum LinkError {
     Waypoint(#[from] WaypointError),
 }
 
-/// Fetches and stores the server VM's Waypoint credentials (see the module docs).
+fn endpoint_token(link: &ServerLink) -> Result<Secret, LinkError> {
+    match read_token(&link.token_file)? {
+        Some(t) => Ok(Secret::new(t)),
+        None => Err(LinkError::NoToken(link.token_file.clone())),
+    }
+}
+
+/// The `server-link` step (see the module docs).
 pub async fn converge(plan: &WaypointPlan, link: &ServerLink) -> Result<LinkState, LinkError> {
-    let token = match read_token(&link.token_file)? {
-        Some(t) => Secret::new(t),
-        None => return Err(LinkError::NoToken(link.token_file.clone())),
-    };
-    let fetched = remote::fetch_credentials(
+    endpoint_token(link)?;
+    let mut changed = Vec::new();
+    let legacy = plan.remote_token_path();
+    if crate::fsutil::remove_if_exists(&legacy).map_err(WaypointError::from)? {
+        tracing::warn!(
+            file = %legacy.display(),
+            "removed the server VM's Waypoint token that an earlier version kept on this host"
+        );
+        changed.push(format!(
+            "removed {} (the server's Waypoint token, no longer kept on a runner host)",
+            legacy.display()
+        ));
+    }
+    if let Some(address) = &link.waypoint_address
+        && store_address(plan, address)?
+    {
+        changed.push(format!("runners dial Waypoint at {address}"));
+    }
+    if let Err(e) = remote::probe(
         &link.endpoint,
-        &token,
         &link.ca_sha256,
         Duration::from_secs(link.timeout_secs),
     )
-    .await;
-    let creds = match fetched {
-        Ok(c) => c,
-        Err(e) if e.is_transient() => return Ok(LinkState::Unreachable(degraded_detail(plan, &e))),
-        Err(e) => return Err(LinkError::Refused(e)),
-    };
-    let address = link
-        .waypoint_address
-        .clone()
-        .unwrap_or_else(|| creds.waypoint_address.clone());
-
-    let mut changed = Vec::new();
-    let token_path = plan.remote_token_path();
-    if read_token(&token_path)?.as_deref() != Some(creds.waypoint_token.expose()) {
-        // Minted with the old token, by a server that may no longer know them.
-        let discarded = super::discard_files(plan, |name, _| {
-            name.starts_with("runner-") && name.ends_with("-token")
-        })?
-        .len();
-        write_token(&token_path, creds.waypoint_token.expose())?;
-        changed.push(if discarded == 0 {
-            "stored the server's Waypoint token".to_string()
-        } else {
-            format!(
-                "stored the server's new Waypoint token (discarded {discarded} runner token(s) \
-                 minted with the old one)"
-            )
-        });
+    .await
+    {
+        if e.is_transient() {
+            return Ok(LinkState::Unreachable(degraded_detail(plan, &e)));
+        }
+        return Err(LinkError::Refused(e));
     }
-    let address_path = plan.remote_address_path();
-    if read_token(&address_path)?.as_deref() != Some(address.as_str()) {
-        write_token(&address_path, &address)?;
-        changed.push(format!("runners dial Waypoint at {address}"));
-    }
+    let dial = read_token(&plan.remote_address_path())?
+        .map(|a| format!("runners dial Waypoint at {a}"))
+        .unwrap_or_else(|| "no runner token minted yet".into());
     Ok(if changed.is_empty() {
-        LinkState::Current(format!(
-            "server VM {} reached; runners dial Waypoint at {address}",
-            link.endpoint
-        ))
+        LinkState::Current(format!("server VM {} reached; {dial}", link.endpoint))
     } else {
         LinkState::Changed(format!(
             "server VM {} reached; {}",
@@ -105,11 +105,65 @@ pub async fn converge(plan: &WaypointPlan, link: &ServerLink) -> Result<LinkStat
     })
 }
 
+/// Writes the Waypoint address the runners dial; whether it changed.
+fn store_address(plan: &WaypointPlan, address: &str) -> Result<bool, WaypointError> {
+    let path = plan.remote_address_path();
+    if read_token(&path)?.as_deref() == Some(address) {
+        return Ok(false);
+    }
+    write_token(&path, address)?;
+    Ok(true)
+}
+
+/// Mints the token of runner `runner_id` at the server VM's endpoint and stores it (0600,
+/// `runner-N-token`, before anything uses it) and the Waypoint address that came with it
+/// (unless `server.waypoint_address` overrides it). Errors name the server and the reason,
+/// never a token.
+pub async fn mint_remote(
+    plan: &WaypointPlan,
+    runner_id: &RunnerId,
+) -> Result<String, WaypointError> {
+    let link = plan
+        .link
+        .as_ref()
+        .ok_or_else(|| WaypointError::Conflict("role: runner without a server section".into()))?;
+    let token = endpoint_token(link).map_err(|e| match e {
+        LinkError::Waypoint(w) => w,
+        other => WaypointError::Conflict(other.to_string()),
+    })?;
+    let minted = remote::mint_runner_token(
+        &link.endpoint,
+        &token,
+        &link.ca_sha256,
+        &runner_id.to_string(),
+        Duration::from_secs(link.timeout_secs),
+    )
+    .await
+    .map_err(|e| {
+        WaypointError::Conflict(format!(
+            "cannot get a token for runner {runner_id} from the server VM: {e}"
+        ))
+    })?;
+    let address = link
+        .waypoint_address
+        .clone()
+        .unwrap_or_else(|| minted.waypoint_address.clone());
+    let token = minted.waypoint_token.expose().to_string();
+    write_token(&plan.runner_token_path(runner_id.index()), &token)?;
+    store_address(plan, &address)?;
+    tracing::info!(
+        runner_id = %runner_id,
+        server = %link.endpoint,
+        "the server VM minted a Waypoint runner token"
+    );
+    Ok(token)
+}
+
 fn degraded_detail(plan: &WaypointPlan, e: &RemoteError) -> String {
-    let have = plan.remote_token_path().exists() && plan.remote_address_path().exists();
+    let have = plan.runner_token_path(1).exists() && plan.remote_address_path().exists();
     if have {
-        format!("{e}; the runners keep the credentials fetched before; retrying")
+        format!("{e}; the runners keep the tokens minted before; retrying")
     } else {
-        format!("{e}; no credentials fetched yet, so no runners; retrying")
+        format!("{e}; no runner token minted yet, so no runners; retrying")
     }
 }

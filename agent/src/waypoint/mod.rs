@@ -214,6 +214,9 @@ pub struct WaypointPlan {
     pub docker_tls_port: u16,
     /// Where the runners' server is.
     pub server: ServerRef,
+    /// On a runner-only host: how to reach the server VM's endpoint, which mints each
+    /// runner's token (`POST /v1/runner-token`).
+    pub link: Option<crate::config::ServerLink>,
 }
 
 /// Where the runners find the Waypoint server.
@@ -221,9 +224,10 @@ pub struct WaypointPlan {
 pub enum ServerRef {
     /// The `waypoint-server` container on this host, by name on the Pilot network.
     Local,
-    /// The server of another Pilot VM (`role: runner`): its address and token are what the
-    /// `server-link` step fetched and stored ([`WaypointPlan::remote_address_path`],
-    /// [`WaypointPlan::remote_token_path`]).
+    /// The server of another Pilot VM (`role: runner`): its address is what the server VM's
+    /// endpoint answered with the runner tokens it minted
+    /// ([`WaypointPlan::remote_address_path`]). The host holds no token of that server
+    /// but its runners' own.
     Remote,
 }
 
@@ -241,6 +245,7 @@ impl WaypointPlan {
                 crate::config::Role::Server => ServerRef::Local,
                 crate::config::Role::Runner => ServerRef::Remote,
             },
+            link: config.server.clone(),
         })
     }
 
@@ -254,7 +259,8 @@ impl WaypointPlan {
         WaypointFiles::new(&self.tokens_dir).server_address()
     }
 
-    /// On a runner-only host: the server VM's Waypoint token (0600), to mint runner tokens.
+    /// Where earlier versions kept the server VM's Waypoint bootstrap token on a runner-only
+    /// host. Nothing writes it now; the `server-link` step removes a leftover one.
     pub fn remote_token_path(&self) -> PathBuf {
         WaypointFiles::new(&self.tokens_dir).server_token()
     }
@@ -496,21 +502,15 @@ pub(crate) async fn server_cli(
     containers::exec(docker, SERVER_NAME, &argv, &env, limit).await
 }
 
-/// On a runner-only host: the server VM's Waypoint address and token, as the `server-link`
-/// step stored them.
-pub(crate) fn remote_server(plan: &WaypointPlan) -> Result<(String, String), WaypointError> {
-    let missing = |path: PathBuf| {
+/// On a runner-only host: the server VM's Waypoint address, as stored when the server VM's
+/// endpoint minted a runner token (or `server.waypoint_address`).
+pub(crate) fn remote_server(plan: &WaypointPlan) -> Result<String, WaypointError> {
+    read_token(&plan.remote_address_path())?.ok_or_else(|| {
         WaypointError::Conflict(format!(
-            "{} is missing: the server-link step stores it from the server VM's credentials \
-             endpoint",
-            path.display()
+            "{} is missing: it is stored when the server VM's endpoint mints a runner token",
+            plan.remote_address_path().display()
         ))
-    };
-    let address = read_token(&plan.remote_address_path())?
-        .ok_or_else(|| missing(plan.remote_address_path()))?;
-    let token =
-        read_token(&plan.remote_token_path())?.ok_or_else(|| missing(plan.remote_token_path()))?;
-    Ok((address, token))
+    })
 }
 
 /// A token file's content: one line, no surrounding whitespace.

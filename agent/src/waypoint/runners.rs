@@ -3,7 +3,9 @@
 //! Each runs `runner agent` with its own token (minted once with `waypoint token new` in the
 //! server container, stored 0600 in `STATE_DIR/waypoint/runner-N-token`, reused ever after),
 //! finds the server by name on the Pilot network (on a runner-only host: at the server VM's
-//! address, with tokens minted there by a one-shot `waypoint-mint` container), and builds through the host's Docker API
+//! address, each token minted there by the server VM's endpoint, `POST /v1/runner-token`, so
+//! that the host never holds a token that could mint more), and builds through the host's
+//! Docker API
 //! over mutual TLS: `DOCKER_HOST=tcp://GATEWAY:2376`, `DOCKER_TLS_VERIFY=1`, and the runner
 //! client certificate mounted read-only at `DOCKER_CERT_PATH=/certs`. No Docker socket is
 //! mounted and nothing is privileged: what a runner may do on the host is exactly what the
@@ -14,6 +16,7 @@
 //! again reuses them).
 
 use std::collections::BTreeSet;
+use std::fmt;
 use std::time::Duration;
 
 use bollard::Docker;
@@ -27,6 +30,47 @@ use super::{
 
 /// How long `waypoint token new` may take.
 const MINT_LIMIT: Duration = Duration::from_secs(30);
+
+/// A Waypoint runner ID as the agent makes them: `HOST-runner-N`, HOST a DNS name (the host
+/// name, so that runners of several hosts differ), N from 1 to [`pilot_values::MAX_RUNNERS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerId {
+    host: String,
+    index: u32,
+}
+
+impl RunnerId {
+    pub fn new(host: &str, index: u32) -> RunnerId {
+        RunnerId {
+            host: host.to_string(),
+            index,
+        }
+    }
+
+    /// Parses exactly the grammar above (no sign, no leading zero), so that an ID that comes
+    /// over the network is one the agent could have made.
+    pub fn parse(s: &str) -> Option<RunnerId> {
+        let (host, n) = s.rsplit_once("-runner-")?;
+        if n.is_empty() || n.starts_with('0') || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let index: u32 = n.parse().ok()?;
+        let ok = (1..=pilot_values::MAX_RUNNERS).contains(&index)
+            && !host.ends_with('.')
+            && pilot_values::is_dns_name(host);
+        ok.then(|| RunnerId::new(host, index))
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+}
+
+impl fmt::Display for RunnerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-runner-{}", self.host, self.index)
+    }
+}
 
 /// The name of runner `index` (1-based).
 pub fn name(index: u32) -> String {
@@ -136,26 +180,45 @@ pub async fn ensure(
                 c.runner_image
             ))
         })?;
-    let server_address = match plan.server {
-        ServerRef::Local => format!("{SERVER_NAME}:{GRPC_PORT}"),
-        ServerRef::Remote => super::remote_server(plan)?.0,
-    };
+    // Tokens first: on a runner-only host the server's address comes with a minted token.
+    let mut wanted_runners = Vec::new();
     for index in 1..=c.runners {
+        let runner_id = RunnerId::new(runner_id_prefix, index);
         let token_path = plan.runner_token_path(index);
         let token = match read_token(&token_path)? {
             Some(t) => t,
             None => {
-                let t = mint(docker, plan).await?;
-                // Stored before the runner gets it, so a restart of the agent reuses it.
-                write_token(&token_path, &t)?;
+                let t = match plan.server {
+                    ServerRef::Local => {
+                        let t = mint_local(docker, plan).await?;
+                        // Stored before the runner gets it, so a restart of the agent reuses it.
+                        write_token(&token_path, &t)?;
+                        t
+                    }
+                    // Stored by the mint, as here.
+                    ServerRef::Remote => super::link::mint_remote(plan, &runner_id).await?,
+                };
                 report.minted += 1;
                 t
             }
         };
-        let runner_id = format!("{runner_id_prefix}-runner-{index}");
+        wanted_runners.push((index, runner_id, token));
+    }
+    let server_address = match plan.server {
+        ServerRef::Local => format!("{SERVER_NAME}:{GRPC_PORT}"),
+        ServerRef::Remote => super::remote_server(plan)?,
+    };
+    for (index, runner_id, token) in wanted_runners {
         let ensured = containers::ensure(
             docker,
-            &spec(plan, index, &image_id, &token, &runner_id, &server_address),
+            &spec(
+                plan,
+                index,
+                &image_id,
+                &token,
+                &runner_id.to_string(),
+                &server_address,
+            ),
         )
         .await?;
         report.runners.push((name(index), ensured.action));
@@ -163,44 +226,23 @@ pub async fn ensure(
     Ok(report)
 }
 
-/// Mints a token with `waypoint token new` against the runners' server: in the server
-/// container on this host, or in a one-shot container against the server VM (runner-only
-/// host). Authenticated with the server's token, passed in the environment of that one
-/// command, never on its command line.
-async fn mint(docker: &Docker, plan: &WaypointPlan) -> Result<String, WaypointError> {
-    let out = match plan.server {
-        ServerRef::Local => super::server_cli(docker, plan, &["token", "new"], MINT_LIMIT).await?,
-        ServerRef::Remote => {
-            let (address, token) = super::remote_server(plan)?;
-            let image_id = images::image_id(docker, &plan.config.runner_image)
-                .await?
-                .ok_or_else(|| {
-                    WaypointError::Conflict(format!(
-                        "image {} is not present",
-                        plan.config.runner_image
-                    ))
-                })?;
-            let spec = ContainerSpec {
-                name: MINT_NAME.into(),
-                role: Role::Mint,
-                image: plan.config.runner_image.clone(),
-                image_id,
-                cmd: vec!["token".into(), "new".into()],
-                env: super::cli_env(&address, &token),
-                binds: Vec::new(),
-                publish: Vec::new(),
-                network_mode: plan.config.network.name.clone(),
-                restart_unless_stopped: false,
-            };
-            containers::run_once(docker, &spec, MINT_LIMIT).await?
-        }
-    };
+/// Mints a runner token with `waypoint token new` in the server container on this host,
+/// authenticated with the bootstrap token (passed in the environment of that one command,
+/// never on its command line). The runners step and the endpoint's `POST /v1/runner-token`
+/// (for runner-only hosts) both mint through here.
+pub async fn mint_local(docker: &Docker, plan: &WaypointPlan) -> Result<String, WaypointError> {
+    if plan.server != ServerRef::Local {
+        return Err(WaypointError::Conflict(
+            "a runner-only host runs no Waypoint server to mint tokens with".into(),
+        ));
+    }
+    let out = super::server_cli(docker, plan, &["token", "new"], MINT_LIMIT).await?;
     let token = mint_outcome(plan, &out)?;
     tracing::info!("minted a waypoint runner token");
     Ok(token)
 }
 
-/// What `waypoint token new` (run as [`mint`] runs it for `plan`) printed and how it ended:
+/// What `waypoint token new` (run as [`mint_local`] runs it for `plan`) printed and how it ended:
 /// the new token, or the error to report. A successful command's output is never shown (it
 /// may hold a token in a form not understood here). Pure: public for the fuzz targets and
 /// tests.
@@ -234,9 +276,8 @@ pub fn mint_outcome(plan: &WaypointPlan, out: &ExecOutput) -> Result<String, Way
                      that `pilot-agent up` gives after removing it"
                 }
                 ServerRef::Remote => {
-                    "it came from the server VM's credentials; check that VM's \
-                     `pilot-agent credentials`, then remove the file so the next pass fetches it \
-                     again"
+                    "a runner-only host mints no tokens itself (the server VM's endpoint does); \
+                     remove the file, it is left from an earlier version"
                 }
             },
         });
@@ -283,5 +324,36 @@ mod tests {
         assert!(matches!(e, WaypointError::TokenRejected { .. }), "{e}");
         let e = mint_outcome(&plan, &out(Some(2), "", "server unavailable")).unwrap_err();
         assert!(e.to_string().contains("server unavailable"), "{e}");
+    }
+
+    #[test]
+    fn runner_ids_are_the_agents_grammar() {
+        let id = RunnerId::parse("vm-1.example-runner-3").unwrap();
+        assert_eq!(id.index(), 3);
+        assert_eq!(id.to_string(), "vm-1.example-runner-3");
+        assert_eq!(RunnerId::new("h", 2).to_string(), "h-runner-2");
+        // The last `-runner-` splits: a host name may contain the word.
+        assert!(RunnerId::parse("my-runner-host-runner-1").is_some());
+        for bad in [
+            "",
+            "h-runner-",
+            "h-runner-0",
+            "h-runner-01",
+            "h-runner-+1",
+            "h-runner-1x",
+            "-runner-1",
+            "h_x-runner-1",
+            "h.-runner-1",
+            "h -runner-1",
+            "h-runner-99999999999",
+            "h-runner-1\n",
+            "runner-1",
+        ] {
+            assert_eq!(RunnerId::parse(bad), None, "{bad:?}");
+        }
+        let max = pilot_values::MAX_RUNNERS;
+        assert!(RunnerId::parse(&format!("h-runner-{max}")).is_some());
+        assert!(RunnerId::parse(&format!("h-runner-{}", max + 1)).is_none());
+        assert!(RunnerId::parse(&format!("{}-runner-1", "a".repeat(254))).is_none());
     }
 }

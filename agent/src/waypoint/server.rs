@@ -1,7 +1,8 @@
 //! The `waypoint-server` container and its readiness.
 //!
 //! It runs Waypoint's documented server command line
-//! (`server run -accept-tos -db=/data/data.db -listen-grpc=0.0.0.0:9701 -listen-http=0.0.0.0:9702`)
+//! (`server run -accept-tos -url-enabled=false -db=/data/data.db -listen-grpc=0.0.0.0:9701
+//! -listen-http=0.0.0.0:9702`)
 //! with the data volume at `/data`, both ports published, on the Pilot network (where runners
 //! find it by its name), restarted by dockerd unless stopped by hand. Readiness is the HTTPS
 //! port answering at the container's address on the Pilot network: that is the path runners
@@ -28,6 +29,10 @@ pub fn spec(plan: &WaypointPlan, image_id: &str) -> ContainerSpec {
             "server".into(),
             "run".into(),
             "-accept-tos".into(),
+            // Waypoint's URL service (hashicorp's hosted `api.waypoint.run`) is on by
+            // default and dialled at start, before the listeners open; the project was
+            // archived in January 2024 and nothing in Pilot uses the service.
+            "-url-enabled=false".into(),
             "-db=/data/data.db".into(),
             format!("-listen-grpc=0.0.0.0:{GRPC_PORT}"),
             format!("-listen-http=0.0.0.0:{HTTP_PORT}"),

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::types::{
-    HttpTokensState, Image, ImageState, Instance, InstanceMetadataOptionsRequest,
+    AttributeValue, HttpTokensState, Image, ImageState, Instance, InstanceMetadataOptionsRequest,
     InstanceStateName, InstanceType, KeyType, ResourceType, ShutdownBehavior,
 };
 use base64::Engine as _;
@@ -599,6 +599,18 @@ impl Steps<'_> {
             })?
             .to_owned();
         self.ledger.image = Some(image_id.clone());
+        // IMDSv2 required for every instance launched from the image (it also gives them a
+        // hop limit of 2; the agent's firewall keeps containers from the metadata service,
+        // docs/operations.md#containers-and-the-metadata-service). Set once: EC2 does not
+        // allow it to be unset.
+        self.ec2
+            .client
+            .modify_image_attribute()
+            .image_id(&image_id)
+            .imds_support(AttributeValue::builder().value("v2.0").build())
+            .send()
+            .await
+            .map_err(api("ModifyImageAttribute"))?;
         self.done(
             "create-image",
             &format!("{image_id} {}", self.plan.ami_name),

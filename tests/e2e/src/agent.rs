@@ -111,6 +111,11 @@ impl Agent {
     pub fn config_path(&self) -> &Path {
         &self.config
     }
+    /// The agent binary (for a command line [`Agent::cmd`] cannot build, e.g. one that must
+    /// use the default configuration path).
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
     }

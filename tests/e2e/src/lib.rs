@@ -120,10 +120,11 @@ pub fn standin_runner_status(vm: &Vm, name: &str) -> anyhow::Result<Value> {
 /// The arguments of `waypoint server run` as the agent passes them (agent/src/waypoint/
 /// server.rs), for the floor and the smoke suite that start a server by hand: state in
 /// `/data/data.db`, gRPC on 9701, HTTP(S) on 9702.
-pub const WAYPOINT_SERVER_RUN: [&str; 6] = [
+pub const WAYPOINT_SERVER_RUN: [&str; 7] = [
     "server",
     "run",
     "-accept-tos",
+    "-url-enabled=false",
     "-db=/data/data.db",
     "-listen-grpc=0.0.0.0:9701",
     "-listen-http=0.0.0.0:9702",

@@ -15,10 +15,12 @@
 //!      application anyway after ~5 s; a second `up` changes nothing.
 //! - `runner_only_host_works_against_the_server_vm_and_survives_a_cut_link`: two VMs joined by
 //!   a direct link. The server VM runs `pilot-agent run` with its endpoint; the runner-only VM
-//!   (`role: runner`, the server VM's endpoint, token and CA fingerprint) runs `pilot-agent
-//!   run` too:
-//!   1. its `server-link` step fetched the credentials over HTTPS pinned to that CA; its
-//!      runners registered with the server VM's Waypoint (the server lists them) and reach the
+//!   (`role: runner`, the server VM's endpoint, a `runner`-scope token and the CA
+//!   fingerprint) runs `pilot-agent run` too:
+//!   1. its `server-link` step reached the server VM over HTTPS pinned to that CA, and each
+//!      runner's token was minted there (`POST /v1/runner-token`) and stored 0600; the runner
+//!      VM holds no copy of the server's bootstrap token and its token gets 403 for
+//!      `/v1/credentials`; its runners registered with the server VM's Waypoint (the server lists them) and reach the
 //!      runner VM's own Docker over verified mutual TLS; the runner VM has no server container;
 //!   2. a wrong CA fingerprint is an error that names both fingerprints, never a trust;
 //!   3. the link cut: both agents keep running, the runner VM becomes `degraded`
@@ -259,7 +261,8 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
         ) + &format!(
             "endpoint:\n\
              \x20 listen: 0.0.0.0:{ENDPOINT_PORT}\n\
-             \x20 token_sha256_file: {hash}\n\
+             \x20 tokens:\n\
+             \x20   - {{ name: runner-vm, scope: runner, sha256_file: {hash} }}\n\
              service:\n\
              \x20 interval_secs: 300\n",
             hash = Value::String(token.sha256_file.display().to_string()),
@@ -320,8 +323,9 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
         out.status
     );
     ensure!(
-        !wrong.state_dir().join("waypoint/server-token").exists(),
-        "credentials stored despite a wrong pin"
+        !wrong.state_dir().join("waypoint/runner-1-token").exists()
+            && !wrong.state_dir().join("waypoint/server-token").exists(),
+        "tokens stored despite a wrong pin"
     );
 
     // 1. The right pin: runners registered with the server VM, Docker over TLS at home.
@@ -336,7 +340,12 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
     )?;
     eprintln!("cloud: runner-only host converged in {:.2?}", t0.elapsed());
     ensure!(
-        step(&first, "server-link")["state"] == "changed"
+        // The link only checks the server VM now (it stores nothing of the server's); the
+        // runners step has the server VM's endpoint mint each runner's token.
+        step(&first, "server-link")["state"] == "ok"
+            && step(&first, "waypoint-runners")["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("2 runner token(s) minted"))
             && step(&first, "waypoint-server").is_null()
             && step(&first, "database").is_null(),
         "runner VM steps: {first}"
@@ -370,6 +379,54 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
     ensure!(
         local_servers.trim().is_empty(),
         "a runner-only host runs a server"
+    );
+    // Least privilege: the runner VM (runner-scope token) holds its runners' own tokens and
+    // not the server's bootstrap token, anywhere in its state directory; and its token is
+    // refused the server VM's credentials.
+    let bootstrap = fs::read_to_string(server.state_dir().join("waypoint/bootstrap-token"))?;
+    let bootstrap = bootstrap.trim();
+    ensure!(
+        bootstrap.len() >= 16,
+        "the server VM has no bootstrap token"
+    );
+    let grep = std::process::Command::new("grep")
+        .args(["-rlF", "--", bootstrap])
+        .arg(runner.state_dir())
+        .output()?;
+    ensure!(
+        grep.stdout.is_empty(),
+        "the runner VM keeps the server's bootstrap token in {}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
+    for i in 1..=2 {
+        let mode = fs::metadata(
+            runner
+                .state_dir()
+                .join(format!("waypoint/runner-{i}-token")),
+        )?
+        .permissions()
+        .mode()
+            & 0o777;
+        ensure!(mode == 0o600, "runner-{i}-token has mode {mode:o}");
+    }
+    // -k: this checks the scope, not TLS (the agent's own client pins the CA). The token
+    // goes in a header file, not on the command line.
+    let header = runner_vm.dir().join("auth-header");
+    fs::write(&header, format!("Authorization: Bearer {}\n", token.token))?;
+    fs::set_permissions(&header, fs::Permissions::from_mode(0o600))?;
+    let out = runner_vm
+        .cmd("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+        .arg(format!("@{}", header.display()))
+        .arg(format!(
+            "https://{server_addr}:{ENDPOINT_PORT}/v1/credentials"
+        ))
+        .output()
+        .context("curl")?;
+    let code = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        code.trim() == "403",
+        "a runner-scope token got {code} for /v1/credentials"
     );
 
     // 3. Cut the link: both keep running; the runner VM is degraded, the server VM healthy.

@@ -1030,6 +1030,12 @@ fn bad_configuration_cases(m: &mut Malformed) -> Vec<(&'static str, Vec<u8>)> {
                 .into_bytes(),
         ),
         (
+            // A compact block sequence nested 100,000 deep on one line: it overflowed the
+            // parser's stack (exit 134) before the depth bound.
+            "deep compact sequence",
+            format!("host:\n  extra_names:\n  {}x\n", "- ".repeat(100_000)).into_bytes(),
+        ),
+        (
             // 24 MB, its one error (an unknown key) on its last line.
             "huge file",
             format!(

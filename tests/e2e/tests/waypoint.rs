@@ -313,6 +313,9 @@ fn converges_idempotently_scales_and_recovers() -> Result<()> {
     );
     let dir_mode = fs::metadata(s.state.join("waypoint"))?.permissions().mode() & 0o777;
     ensure!(dir_mode == 0o700, "token directory mode {dir_mode:o}");
+    // The state directory itself stays 0700 (it was set to 0755 by `up`).
+    let dir_mode = fs::metadata(&s.state)?.permissions().mode() & 0o777;
+    ensure!(dir_mode == 0o700, "state directory mode {dir_mode:o}");
 
     // The firewall admits the Pilot network to dockerd's TLS port and nothing wider: from the
     // default bridge the same port at that bridge's gateway stays closed.

@@ -6,7 +6,9 @@
 //!   [`Vm::cmd`], rewrites its `daemon.json` and restarts it with `dockerd-ctl restart`.
 //! - [`VmLink`]: two VMs joined directly ([`Vm::link`]), cut and restored at will;
 //!   [`Vm::outside_alias`] gives the outside namespace more source addresses, and
-//!   [`Vm::serve_metadata`] serves the cloud metadata server at 169.254.169.254 inside a VM.
+//!   [`Vm::serve_metadata`] serves the cloud metadata server at 169.254.169.254 inside a VM,
+//!   [`Vm::serve_metadata_outside`] outside it (169.254.169.254 and fd00:ec2::254, routed through
+//!   the VM's link, as on a cloud).
 //! - [`Postgres`]: PostgreSQL 15 on its own database host namespace linked to a VM, with
 //!   [`Postgres::cut_link`] / [`Postgres::restore_link`] to simulate an outage, or on 127.0.0.1
 //!   ([`Postgres::start_loopback`], the agent's database tests); TLS on request.
@@ -49,7 +51,7 @@ pub use leftovers::{all_leftovers, leftovers};
 pub use moto::Moto;
 pub use postgres::{Postgres, PostgresOptions};
 pub use sshd::{Sshd, SshdOptions};
-pub use vm::{METADATA_ADDR, Vm, VmLink, VmOptions};
+pub use vm::{METADATA_ADDR, METADATA_ADDR_V6, Vm, VmLink, VmOptions};
 
 /// Programs the harness runs; all installed by `scripts/setup.sh`.
 const REQUIRED_PROGRAMS: &[&str] = &[

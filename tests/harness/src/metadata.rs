@@ -13,6 +13,10 @@
 //! - GCE (<https://cloud.google.com/compute/docs/metadata/querying-metadata>): every request
 //!   needs `Metadata-Flavor: Google` (else 403) and every answer carries it (unless
 //!   [`MetadataOptions::impostor`]).
+//! - User-data ([`MetadataOptions::user_data`]): AWS `GET /latest/user-data` (token rules as
+//!   for `meta-data/`), GCE `GET /computeMetadata/v1/instance/attributes/user-data` (the
+//!   header rule); 404 on both when the instance has none. It is what a container must never
+//!   read (tests/e2e/tests/containment.rs puts a secret in it).
 //! - Slow: every answer waits [`MetadataServer::set_delay`] first.
 //! - Absent: [`absent_url`] names a loopback port nobody listens on.
 //!
@@ -105,6 +109,8 @@ pub struct MetadataOptions {
     pub delay: Duration,
     /// GCP: answer without `Metadata-Flavor: Google` (a server that is not Google's).
     pub impostor: bool,
+    /// The instance's user-data (`None`: the paths answer 404, as for an instance without).
+    pub user_data: Option<String>,
 }
 
 impl MetadataOptions {
@@ -114,6 +120,7 @@ impl MetadataOptions {
             instance: Instance::aws(instance_id),
             delay: Duration::ZERO,
             impostor: false,
+            user_data: None,
         }
     }
 
@@ -123,6 +130,7 @@ impl MetadataOptions {
             instance: Instance::gcp(instance_id),
             delay: Duration::ZERO,
             impostor: false,
+            user_data: None,
         }
     }
 }
@@ -180,10 +188,40 @@ impl MetadataServer {
         MetadataServer::start_on(listener, options)
     }
 
+    /// Serves on every address of `addrs` inside the network namespace at `ns_path`, one
+    /// server behind them all (tokens issued on one address are valid on the others, and
+    /// [`MetadataServer::requests`] has every request): e.g. 169.254.169.254:80 and
+    /// [fd00:ec2::254]:80. [`MetadataServer::addr`] is the first.
+    pub fn start_in_netns_on(
+        ns_path: &Path,
+        addrs: &[SocketAddr],
+        options: MetadataOptions,
+    ) -> Result<MetadataServer> {
+        let mut listeners = Vec::new();
+        for addr in addrs {
+            let l = crate::sys::run_in_netns(ns_path, || TcpListener::bind(addr))?
+                .with_context(|| format!("bind {addr} in {}", ns_path.display()))?;
+            listeners.push(l);
+        }
+        MetadataServer::start_on_listeners(listeners, options)
+    }
+
     /// Serves on a listener the caller bound (the socket keeps its namespace).
     pub fn start_on(listener: TcpListener, options: MetadataOptions) -> Result<MetadataServer> {
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
+        MetadataServer::start_on_listeners(vec![listener], options)
+    }
+
+    /// Serves on every listener (each keeps its namespace); [`MetadataServer::addr`] is the
+    /// first's.
+    pub fn start_on_listeners(
+        listeners: Vec<TcpListener>,
+        options: MetadataOptions,
+    ) -> Result<MetadataServer> {
+        let first = listeners.first().context("no listener to serve on")?;
+        let addr = first.local_addr()?;
+        for l in &listeners {
+            l.set_nonblocking(true)?;
+        }
         let state = Arc::new(Mutex::new(State {
             options,
             tokens: HashMap::new(),
@@ -198,7 +236,7 @@ impl MetadataServer {
         let shared = state.clone();
         let thread = std::thread::Builder::new()
             .name("metadata-server".into())
-            .spawn(move || runtime.block_on(serve(listener, shared, stopped)))
+            .spawn(move || runtime.block_on(serve(listeners, shared, stopped)))
             .context("spawn the metadata server thread")?;
         Ok(MetadataServer {
             addr,
@@ -246,6 +284,11 @@ impl MetadataServer {
         self.with(|s| s.options.flavor = flavor)
     }
 
+    /// The instance's user-data from now on (`None`: 404).
+    pub fn set_user_data(&self, user_data: Option<&str>) {
+        self.with(|s| s.options.user_data = user_data.map(str::to_string))
+    }
+
     /// Forgets every token issued (as after their TTL).
     pub fn expire_tokens(&self) {
         self.with(|s| s.tokens.clear())
@@ -264,34 +307,40 @@ impl Drop for MetadataServer {
 }
 
 async fn serve(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     state: Arc<Mutex<State>>,
-    mut stopped: tokio::sync::oneshot::Receiver<()>,
+    stopped: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("metadata server: {e}");
-            return;
-        }
-    };
-    loop {
-        tokio::select! {
-            _ = &mut stopped => return,
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(answer(&state, req).await) }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+    // One accept loop per listener; all of them end when the server stops (the runtime, and
+    // with it every task, is dropped when `block_on` returns).
+    for listener in listeners {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("metadata server: {e}");
+                continue;
             }
-        }
+        };
+        tokio::spawn(accept_loop(listener, state.clone()));
+    }
+    let _ = stopped.await;
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, state: Arc<Mutex<State>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(answer(&state, req).await) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
     }
 }
 
@@ -368,6 +417,19 @@ fn aws(s: &mut State, imds: Imds, req: &Request<Incoming>) -> (Response<Full<Byt
     let valid_token = header(req, AWS_TOKEN_HEADER)
         .and_then(|t| s.tokens.get(t))
         .is_some_and(|expiry| *expiry > Instant::now());
+    if path == "/latest/user-data" {
+        if req.method() != Method::GET {
+            return (reply(StatusCode::METHOD_NOT_ALLOWED, ""), valid_token);
+        }
+        if imds == Imds::V2 && !valid_token {
+            return (reply(StatusCode::UNAUTHORIZED, "Unauthorized"), false);
+        }
+        let r = match &s.options.user_data {
+            Some(u) => reply(StatusCode::OK, u.clone()),
+            None => reply(StatusCode::NOT_FOUND, "Not Found"),
+        };
+        return (r, valid_token);
+    }
     let Some(key) = path.strip_prefix("/latest/meta-data/") else {
         return (reply(StatusCode::NOT_FOUND, "Not Found"), valid_token);
     };
@@ -429,6 +491,7 @@ fn gcp(s: &mut State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "hostname" => Some(i.hostname.clone()),
         "network-interfaces/0/ip" => Some(i.private_ipv4.to_string()),
         "network-interfaces/0/access-configs/0/external-ip" => i.public_ipv4.map(|a| a.to_string()),
+        "attributes/user-data" => s.options.user_data.clone(),
         _ => None,
     };
     flavored(match value {

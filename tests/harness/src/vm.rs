@@ -9,7 +9,10 @@
 //!
 //! Two VMs can be joined directly ([`Vm::link`], a [`VmLink`] on 10.251.0.0/16), the outside
 //! namespace can have more source addresses ([`Vm::outside_alias`]), and the cloud metadata
-//! server can answer at 169.254.169.254 inside the VM ([`Vm::serve_metadata`]).
+//! server can answer at 169.254.169.254 inside the VM ([`Vm::serve_metadata`]) or, as on a
+//! cloud, outside it ([`Vm::serve_metadata_outside`]: 169.254.169.254 and fd00:ec2::254 in the
+//! outside namespace, routed to through the veth, which then also carries IPv6:
+//! `fd00:250:N::2/64` in the VM, `fd00:250:N::1/64` outside).
 //!
 //! Everything of VM `pvN` lives in `/run/pilot-harness/pvN/`: `daemon.json` (the only dockerd
 //! configuration: data-root, exec-root, pidfile, hosts, bip, cgroup-parent), `docker.sock`,
@@ -25,7 +28,7 @@
 
 use std::ffi::OsStr;
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -43,6 +46,10 @@ use crate::sys;
 /// The cloud instance metadata address (AWS IMDS, GCE metadata server), which
 /// [`Vm::serve_metadata`] gives the VM's `lo`.
 pub const METADATA_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+
+/// AWS's IPv6 metadata address (IMDS on Nitro instances), which
+/// [`Vm::serve_metadata_outside`] serves beside [`METADATA_ADDR`].
+pub const METADATA_ADDR_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 
 /// How a [`Vm`] is made. `VmOptions::default()` gives a VM with a running dockerd.
 #[derive(Debug, Clone)]
@@ -676,6 +683,170 @@ impl Vm {
             options,
         )
         .with_context(|| format!("cannot serve the metadata server in VM {}", self.name))
+    }
+
+    /// The VM's IPv6 address on its veth, `fd00:250:N::2` (present once
+    /// [`Vm::enable_ipv6_link`] or [`Vm::serve_metadata_outside`] ran).
+    pub fn addr6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x250, self.plan.slot as u16, 0, 0, 0, 0, 2)
+    }
+
+    /// The outside namespace's IPv6 address on the veth, `fd00:250:N::1`.
+    pub fn outside_addr6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x250, self.plan.slot as u16, 0, 0, 0, 0, 1)
+    }
+
+    /// Gives the veth pair IPv6 unique local addresses ([`Vm::addr6`], [`Vm::outside_addr6`],
+    /// one /64 per slot). `nodad`: usable at once, without the second of duplicate address
+    /// detection. Idempotent.
+    pub fn enable_ipv6_link(&self) -> Result<()> {
+        let out_ns = self.outside_ns();
+        for (ns, iface, addr) in [
+            (
+                self.name.as_str(),
+                format!("{}-out", self.name),
+                self.addr6(),
+            ),
+            (
+                out_ns.as_str(),
+                format!("{}-vm", self.name),
+                self.outside_addr6(),
+            ),
+        ] {
+            sys::run_args(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "addr",
+                    "replace",
+                    &format!("{addr}/64"),
+                    "dev",
+                    &iface,
+                    "nodad",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Routes `subnet` (IPv4 or IPv6 CIDR) from the outside namespace through the VM: e.g.
+    /// the VM's container IPv6 subnet, which Debian's dockerd 20.10 does not masquerade
+    /// (its IPv6 NAT needs the experimental `ip6tables`), so that replies to containers find
+    /// their way back. IPv4 container traffic needs none: dockerd masquerades it. Idempotent.
+    pub fn outside_route(&self, subnet: &str) -> Result<()> {
+        let (family, via) = if subnet.contains(':') {
+            self.enable_ipv6_link()?;
+            ("-6", self.addr6().to_string())
+        } else {
+            ("-4", self.addr().to_string())
+        };
+        sys::run_args(
+            "ip",
+            &[
+                family,
+                "-n",
+                &self.outside_ns(),
+                "route",
+                "replace",
+                subnet,
+                "via",
+                &via,
+            ],
+        )
+        .map(|_| ())
+    }
+
+    /// Serves the cloud metadata server outside the VM, as a cloud does: port 80 on
+    /// [`METADATA_ADDR`] and [`METADATA_ADDR_V6`] on the outside namespace's `lo`, and routes
+    /// to both in the VM through the veth (IPv6 enabled on it, [`Vm::enable_ipv6_link`]). So a
+    /// request from the host leaves through the output hook, and a container's is forwarded
+    /// by the VM (forward hook), not delivered to it, which is what a firewall rule for
+    /// containers must be tested against. The VM's own `lo` loses [`METADATA_ADDR`] if
+    /// [`Vm::serve_metadata`] gave it (it would answer first). Both addresses reach one server
+    /// (one request log, tokens valid on either). Stops when the returned server drops.
+    pub fn serve_metadata_outside(&self, options: MetadataOptions) -> Result<MetadataServer> {
+        self.enable_ipv6_link()?;
+        let out_ns = self.outside_ns();
+        let vm_if = format!("{}-out", self.name);
+        // Ignore "Cannot assign requested address": the usual case, no such address.
+        let _ = Command::new("ip")
+            .args(["-n", &self.name, "addr", "del"])
+            .arg(format!("{METADATA_ADDR}/32"))
+            .args(["dev", "lo"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        sys::run_args(
+            "ip",
+            &[
+                "-n",
+                &out_ns,
+                "addr",
+                "replace",
+                &format!("{METADATA_ADDR}/32"),
+                "dev",
+                "lo",
+            ],
+        )?;
+        sys::run_args(
+            "ip",
+            &[
+                "-n",
+                &out_ns,
+                "addr",
+                "replace",
+                &format!("{METADATA_ADDR_V6}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ],
+        )?;
+        // The VM's default route already leads outside; the host route says so explicitly and
+        // survives a test that changes the default route.
+        sys::run_args(
+            "ip",
+            &[
+                "-n",
+                &self.name,
+                "route",
+                "replace",
+                &format!("{METADATA_ADDR}/32"),
+                "via",
+                &self.outside_addr().to_string(),
+                "dev",
+                &vm_if,
+            ],
+        )?;
+        sys::run_args(
+            "ip",
+            &[
+                "-6",
+                "-n",
+                &self.name,
+                "route",
+                "replace",
+                &format!("{METADATA_ADDR_V6}/128"),
+                "via",
+                &self.outside_addr6().to_string(),
+                "dev",
+                &vm_if,
+            ],
+        )?;
+        MetadataServer::start_in_netns_on(
+            &self.outside_netns_path(),
+            &[
+                SocketAddr::from((METADATA_ADDR, 80)),
+                SocketAddr::from((METADATA_ADDR_V6, 80)),
+            ],
+            options,
+        )
+        .with_context(|| {
+            format!(
+                "cannot serve the metadata server outside VM {} (in {out_ns})",
+                self.name
+            )
+        })
     }
 
     // -----------------------------------------------------------------------------------------
