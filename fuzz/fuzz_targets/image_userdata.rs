@@ -55,7 +55,7 @@ fn check_spec(spec: &UserDataSpec, password: &str, token: &str, json: &str) {
     assert_eq!(config.server.is_some(), spec.server.is_some());
     assert_eq!(
         config.endpoint.is_some(),
-        spec.endpoint_token_sha256.is_some()
+        spec.endpoint_token_sha256.is_some() || !spec.endpoint_tokens.is_empty()
     );
     match (&config.database, &spec.database) {
         (Some(c), Some(s)) => {

@@ -1,5 +1,5 @@
 //! Fuzz target: the Waypoint output the agent parses: the bootstrap container's exit code and
-//! logs (`waypoint::bootstrap::outcome`), `waypoint token new`'s (`waypoint::runners::
+//! logs (`waypoint::bootstrap::outcome`), `waypoint runner token`'s (`waypoint::runners::
 //! mint_outcome`, on a server VM and on a runner-only host) and the token reader behind both
 //! (`waypoint::token_from_output`). Any output must give a token or an error, never panic. A
 //! token is the last non-blank line, trimmed, at least 16 bytes, without whitespace, and only

@@ -101,6 +101,9 @@ pub enum Command {
         aws: AwsCleanupArgs,
     },
     /// Render the cloud-init user-data a Pilot VM boots with (refuses output over 16 KiB).
+    ///
+    /// Tokens of --generate-endpoint-token are printed once on stderr, one `NAME SCOPE TOKEN`
+    /// line each; the user-data holds only their SHA-256.
     UserData {
         /// JSON file with the same keys as the flags (`db_host`, `extra_names`, ...); a flag
         /// given on the command line wins over the file.

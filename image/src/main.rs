@@ -61,7 +61,9 @@ fn main() -> ExitCode {
 }
 
 /// Validates everything and renders before anything is written, so a refused render (bad
-/// flag, over 16 KiB) leaves no output file.
+/// flag, over 16 KiB) leaves no output file and prints no token. Generated endpoint tokens go
+/// to stderr, one `NAME SCOPE TOKEN` line each, before the user-data is written: a token that
+/// could not be printed leaves no user-data holding its hash.
 fn user_data(
     from: Option<PathBuf>,
     flags: UserDataInput,
@@ -71,7 +73,30 @@ fn user_data(
         Some(path) => flags.over(UserDataInput::from_file(&path)?),
         None => flags,
     };
-    let text = userdata::render(&input.validate()?)?;
+    let spec = input.validate()?;
+    let text = userdata::render(&spec)?;
+    let lines = userdata::token_lines(&spec.endpoint_tokens);
+    if !lines.is_empty() {
+        let mut err = std::io::stderr().lock();
+        err.write_all(lines.as_bytes())
+            .and_then(|()| err.flush())
+            .map_err(|source| UserDataError::PrintTokens { source })?;
+    }
+    if spec.server.is_none() {
+        for t in spec
+            .endpoint_tokens
+            .iter()
+            .filter(|t| t.generated.is_some() && t.scope == userdata::Scope::Runner)
+        {
+            tracing::info!(
+                command = "user-data",
+                "endpoint token {} (scope runner) is for runner-only hosts: give it to their \
+                 user-data as the one line of --server-token-file (pilot-image user-data \
+                 --role runner)",
+                t.name
+            );
+        }
+    }
     match output {
         Some(path) => userdata::write_atomic(&path, &text),
         None => std::io::stdout()

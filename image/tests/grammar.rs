@@ -18,6 +18,9 @@ const CA_PIN: &str = "3F:9A:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:01:2
 /// A key of the agent's configuration and the `pilot-image user-data` flag that sets it.
 struct Key {
     flag: &'static str,
+    /// The flag's value holding `{}` (the value under test): `{}` for a flag that is the key,
+    /// e.g. `{}:runner` for the name part of `--generate-endpoint-token NAME:SCOPE`.
+    arg: &'static str,
     /// The agent configuration holding `{}` (a YAML scalar) at the key.
     yaml: &'static str,
     /// The other flags of a rendering that is valid apart from this one.
@@ -50,7 +53,7 @@ fn image_accepts(dir: &Path, key: &Key, value: &str) -> bool {
     args.push(format!("--endpoint-token-sha256={TOKEN_SHA256}"));
     // The flag under test replaces its default from above.
     args.retain(|a| !a.starts_with(&format!("{}=", key.flag)));
-    args.push(format!("{}={value}", key.flag));
+    args.push(format!("{}={}", key.flag, key.arg.replace("{}", value)));
     let out = Command::new(BIN)
         .arg("user-data")
         .args(&args)
@@ -125,6 +128,54 @@ const HOST_PORTS: &[&str] = &[
     "bad_host:1",
 ];
 
+const CIDRS: &[&str] = &[
+    "198.51.100.0/24",
+    "203.0.113.7",
+    "2001:db8::/32",
+    "::/0",
+    "0.0.0.0/0",
+    "10.0.0.1/8",
+    "10.0.0.0/33",
+    "10.0.0.0/",
+    "10.0.0.0/+8",
+    "10.0.0.0/08",
+    "10.0.0/8",
+    "x",
+];
+
+/// `endpoint.sources` with the token every rendering above has.
+const ENDPOINT_SOURCES_YAML: &str = "endpoint:\n  token_sha256: 2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881\n  sources: [{}]\n";
+
+/// Token names (`endpoint.tokens[].name`); `default` is taken by the single-token form.
+const TOKEN_NAMES: &[&str] = &[
+    "runners",
+    "runner-pool",
+    "ops.1",
+    "A_b",
+    "9lives",
+    "Default",
+    "default",
+    "",
+    "-a",
+    ".a",
+    "_a",
+    "a b",
+    "a/b",
+    "a:b",
+    "a,b",
+    "é",
+    "a\tb",
+];
+
+fn long_names() -> [String; 2] {
+    ["x".repeat(64), "x".repeat(65)]
+}
+
+/// Scopes (`endpoint.tokens[].scope`).
+const SCOPES: &[&str] = &[
+    "admin", "runner", "read", "Admin", "RUNNER", "root", "write", "", " read", "read ",
+];
+
 #[test]
 fn image_and_agent_accept_the_same_values() {
     let dir = tempfile::tempdir().unwrap();
@@ -135,6 +186,7 @@ fn image_and_agent_accept_the_same_values() {
         (
             Key {
                 flag: "--extra-names",
+                arg: "{}",
                 yaml: "host:\n  extra_names: [{}]\n",
                 runner_host: false,
             },
@@ -148,6 +200,7 @@ fn image_and_agent_accept_the_same_values() {
         (
             Key {
                 flag: "--db-host",
+                arg: "{}",
                 yaml: "database:\n  host: {}\n  admin_user: pilot_admin\n",
                 runner_host: false,
             },
@@ -160,6 +213,7 @@ fn image_and_agent_accept_the_same_values() {
         (
             Key {
                 flag: "--advertise-address",
+                arg: "{}",
                 yaml: "waypoint:\n  advertise_address: {}\n",
                 runner_host: false,
             },
@@ -172,6 +226,7 @@ fn image_and_agent_accept_the_same_values() {
         (
             Key {
                 flag: "--server-endpoint",
+                arg: "{}",
                 yaml: "role: runner\nserver:\n  endpoint: {}\n  ca_sha256: \"3f9a00112233445566778899aabbccddeeff0123456789abcdef1032547698ba\"\nwaypoint:\n  runners: 1\n",
                 runner_host: true,
             },
@@ -180,30 +235,16 @@ fn image_and_agent_accept_the_same_values() {
         (
             Key {
                 flag: "--application-sources",
+                arg: "{}",
                 yaml: "waypoint:\n  application_sources: [{}]\n",
                 runner_host: false,
             },
-            [
-                "198.51.100.0/24",
-                "203.0.113.7",
-                "2001:db8::/32",
-                "::/0",
-                "0.0.0.0/0",
-                "10.0.0.1/8",
-                "10.0.0.0/33",
-                "10.0.0.0/",
-                "10.0.0.0/+8",
-                "10.0.0.0/08",
-                "10.0.0/8",
-                "x",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            CIDRS.iter().map(|s| s.to_string()).collect(),
         ),
         (
             Key {
                 flag: "--server-ca-sha256",
+                arg: "{}",
                 yaml: "role: runner\nserver:\n  endpoint: 10.0.0.5\n  ca_sha256: {}\nwaypoint:\n  runners: 1\n",
                 runner_host: true,
             },
@@ -225,6 +266,7 @@ fn image_and_agent_accept_the_same_values() {
         (
             Key {
                 flag: "--db-admin-user",
+                arg: "{}",
                 yaml: "database:\n  host: db.example.com\n  admin_user: {}\n",
                 runner_host: false,
             },
@@ -241,6 +283,7 @@ fn image_and_agent_accept_the_same_values() {
         (
             Key {
                 flag: "--runners",
+                arg: "{}",
                 yaml: "waypoint:\n  runners: {}\n",
                 runner_host: false,
             },
@@ -252,6 +295,7 @@ fn image_and_agent_accept_the_same_values() {
         (
             Key {
                 flag: "--endpoint-token-sha256",
+                arg: "{}",
                 yaml: "endpoint:\n  token_sha256: {}\n",
                 runner_host: false,
             },
@@ -261,6 +305,92 @@ fn image_and_agent_accept_the_same_values() {
                 TOKEN_SHA256[1..].into(),
                 format!("{TOKEN_SHA256}0"),
                 "g".repeat(64),
+            ],
+        ),
+        (
+            Key {
+                flag: "--endpoint-sources",
+                arg: "{}",
+                yaml: ENDPOINT_SOURCES_YAML,
+                runner_host: false,
+            },
+            CIDRS.iter().map(|s| s.to_string()).collect(),
+        ),
+        (
+            Key {
+                flag: "--endpoint-sources",
+                arg: "{}",
+                yaml: ENDPOINT_SOURCES_YAML,
+                runner_host: true,
+            },
+            ["10.0.1.0/24", "10.0.1.1/24", "2001:db8::5"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        ),
+        // The token of --endpoint-token-sha256 (always given above) is `default` in both.
+        (
+            Key {
+                flag: "--generate-endpoint-token",
+                arg: "{}:runner",
+                yaml: "endpoint:\n  token_sha256: 2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881\n  tokens: [{ name: {}, scope: runner, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 }]\n",
+                runner_host: false,
+            },
+            TOKEN_NAMES
+                .iter()
+                .map(|s| s.to_string())
+                .chain(long_names())
+                .collect(),
+        ),
+        (
+            Key {
+                flag: "--generate-endpoint-token",
+                arg: "ops:{}",
+                yaml: "endpoint:\n  token_sha256: 2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881\n  tokens: [{ name: ops, scope: {}, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 }]\n",
+                runner_host: true,
+            },
+            SCOPES.iter().map(|s| s.to_string()).collect(),
+        ),
+        (
+            Key {
+                flag: "--endpoint-token",
+                arg: "{}:read:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                yaml: "endpoint:\n  token_sha256: 2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881\n  tokens: [{ name: {}, scope: read, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 }]\n",
+                runner_host: false,
+            },
+            TOKEN_NAMES
+                .iter()
+                .map(|s| s.to_string())
+                .chain(long_names())
+                .collect(),
+        ),
+        (
+            Key {
+                flag: "--endpoint-token",
+                arg: "prom:{}:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                yaml: "endpoint:\n  token_sha256: 2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881\n  tokens: [{ name: prom, scope: {}, sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 }]\n",
+                runner_host: false,
+            },
+            SCOPES.iter().map(|s| s.to_string()).collect(),
+        ),
+        (
+            Key {
+                flag: "--endpoint-token",
+                arg: "prom:read:{}",
+                yaml: "endpoint:\n  token_sha256: 2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881\n  tokens: [{ name: prom, scope: read, sha256: {} }]\n",
+                runner_host: true,
+            },
+            vec![
+                "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+                "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08".into(),
+                " 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 ".into(),
+                "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a0".into(),
+                "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a080".into(),
+                "g".repeat(64),
+                // The hash of --endpoint-token-sha256's token: one hash, two scopes.
+                TOKEN_SHA256.into(),
+                TOKEN_SHA256.to_uppercase(),
+                String::new(),
             ],
         ),
     ];

@@ -18,6 +18,31 @@ const TOKEN_SHA256: &str = "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db0225
 const CA_PIN: &str = "3f:9a:00:11:22:33:44:55:66:77:88:99:aa:bb:cc:dd:\
                       ee:ff:01:23:45:67:89:ab:cd:ef:10:32:54:76:98:ba";
 const SERVER_TOKEN: &str = "pilot-server-token-Zm9vYmFy";
+/// `--endpoint-token` of a `read` token whose SHA-256 is that of "test".
+const PROM_TOKEN_ARG: &str =
+    "prom:read:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+/// The `NAME SCOPE TOKEN` lines of generated endpoint tokens on stderr (the command's own
+/// messages start with `pilot-image`).
+fn token_lines(stderr: &str) -> Vec<(String, String, String)> {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with("pilot-image"))
+        .filter_map(|l| match l.split(' ').collect::<Vec<_>>()[..] {
+            [name, scope, token] => Some((name.into(), scope.into(), token.into())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `printf %s TOKEN | sha256sum`.
+fn sha256_hex(token: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -519,6 +544,68 @@ fn bad_flags_are_named_and_write_nothing() {
             &["--server-token-file", "/etc/hostname"],
             "--server-token-file",
         ),
+        (
+            &["--generate-endpoint-token", "runners"],
+            "--generate-endpoint-token",
+        ),
+        (
+            &["--generate-endpoint-token", "runners:superuser"],
+            "--generate-endpoint-token",
+        ),
+        (
+            &["--generate-endpoint-token", "bad name:read"],
+            "--generate-endpoint-token",
+        ),
+        (
+            &[
+                "--generate-endpoint-token",
+                "ops:admin",
+                "--generate-endpoint-token",
+                "ops:read",
+            ],
+            "--generate-endpoint-token",
+        ),
+        (
+            &[
+                "--endpoint-token-sha256",
+                TOKEN_SHA256,
+                "--generate-endpoint-token",
+                "default:admin",
+            ],
+            "--generate-endpoint-token",
+        ),
+        (&["--endpoint-token", "prom:read"], "--endpoint-token"),
+        (
+            &[
+                "--endpoint-token",
+                &PROM_TOKEN_ARG.replace(":read:", ":write:"),
+            ],
+            "--endpoint-token",
+        ),
+        (
+            &[
+                "--endpoint-token-sha256",
+                TOKEN_SHA256,
+                "--endpoint-token",
+                &format!("ops:admin:{TOKEN_SHA256}"),
+            ],
+            "--endpoint-token",
+        ),
+        (&["--endpoint-sources", "10.0.0.0/8"], "--endpoint-sources"),
+        (
+            &[
+                "--endpoint-token-sha256",
+                TOKEN_SHA256,
+                "--endpoint-sources",
+                "10.0.0.1/8",
+            ],
+            "--endpoint-sources",
+        ),
+        // A bad flag next to a token to generate: refused before any token is made.
+        (
+            &["--generate-endpoint-token", "ops:admin", "--runners", "99"],
+            "--runners",
+        ),
     ];
     for (args, flag) in cases {
         let mut all = args.to_vec();
@@ -529,6 +616,10 @@ fn bad_flags_are_named_and_write_nothing() {
         assert!(
             err.contains(flag),
             "{args:?}: error does not name {flag}: {err}"
+        );
+        assert!(
+            token_lines(&err).is_empty(),
+            "{args:?}: a token printed: {err}"
         );
         assert!(!out.exists(), "{args:?} wrote output");
     }
@@ -731,4 +822,207 @@ fn from_file_with_flag_override() {
         "{config}"
     );
     assert!(config.contains("    - \"198.51.100.0/24\"\n"), "{config}");
+}
+
+#[test]
+fn generated_tokens_are_printed_once_and_only_their_hashes_land() {
+    let agent = agent_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("server.user-data");
+    let mut args = full_args(dir.path(), "aws");
+    args.extend(
+        [
+            "--generate-endpoint-token",
+            "ops:admin",
+            "--generate-endpoint-token",
+            "runners:runner",
+            "--endpoint-token",
+            PROM_TOKEN_ARG,
+            "--endpoint-sources",
+            "10.0.1.0/24,203.0.113.7",
+            "--endpoint-sources",
+            "2001:db8::/32",
+            "-o",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(&args);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(o.stdout.is_empty(), "with -o nothing goes to stdout");
+    let tokens = token_lines(&err);
+    let shape: Vec<_> = tokens
+        .iter()
+        .map(|(n, s, _)| (n.as_str(), s.as_str()))
+        .collect();
+    assert_eq!(shape, [("ops", "admin"), ("runners", "runner")], "{err}");
+    // The pairing: the runner token is named for the runner hosts' --server-token-file.
+    assert!(
+        err.lines().any(|l| l
+            .starts_with("pilot-image user-data: endpoint token runners (scope runner)")
+            && l.contains("--server-token-file")),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    cloud_init_schema(&out).unwrap_or_else(|e| panic!("{e}"));
+    for (name, _, token) in &tokens {
+        assert_eq!(token.len(), 43, "{token}");
+        assert!(
+            token
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'),
+            "{token}"
+        );
+        assert!(
+            !text.contains(token.as_str()),
+            "the token {name} is in the user-data"
+        );
+        assert_eq!(
+            embedded_file(&text, &format!("/etc/pilot/endpoint-token-{name}.sha256")),
+            format!("{}\n", sha256_hex(token))
+        );
+    }
+    assert_eq!(
+        embedded_file(&text, "/etc/pilot/endpoint-token-prom.sha256"),
+        format!("{}\n", sha256_hex("test"))
+    );
+    // The legacy single token keeps its file.
+    assert_eq!(
+        embedded_file(&text, "/etc/pilot/endpoint-token.sha256"),
+        format!("{TOKEN_SHA256}\n")
+    );
+    let config = embedded_file(&text, "/etc/pilot/agent.yaml");
+    let y = &Yaml::load_from_str(&config).unwrap()[0];
+    let listed: Vec<_> = y["endpoint"]["tokens"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap(),
+                t["scope"].as_str().unwrap(),
+                t["sha256_file"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("prom", "read", "/etc/pilot/endpoint-token-prom.sha256"),
+            ("ops", "admin", "/etc/pilot/endpoint-token-ops.sha256"),
+            (
+                "runners",
+                "runner",
+                "/etc/pilot/endpoint-token-runners.sha256"
+            ),
+        ]
+    );
+    let sources: Vec<_> = y["endpoint"]["sources"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert_eq!(sources, ["10.0.1.0/24", "203.0.113.7/32", "2001:db8::/32"]);
+    assert!(!config.contains(&sha256_hex(&tokens[0].2)), "{config}");
+    let file = dir.path().join("server-agent.yaml");
+    std::fs::write(&file, &config).unwrap();
+    agent_validate(&agent, &file, "server with scoped tokens");
+
+    // The runner token is what a runner-only host's user-data takes.
+    let server_token = dir.path().join("runners.token");
+    std::fs::write(&server_token, format!("{}\n", tokens[1].2)).unwrap();
+    let mut args = runner_args(dir.path(), "aws");
+    let i = args
+        .iter()
+        .position(|a| a == "--server-token-file")
+        .unwrap();
+    args[i + 1] = server_token.to_str().unwrap().into();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let runner_text = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(
+        embedded_file(&runner_text, "/etc/pilot/server-token"),
+        format!("{}\n", tokens[1].2)
+    );
+
+    // Every run makes new tokens; to stdout, the user-data alone is on stdout.
+    let o = run(&["--generate-endpoint-token", "ops:admin"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let again = token_lines(&stderr(&o));
+    assert_eq!(again.len(), 1);
+    assert_ne!(again[0].2, tokens[0].2);
+    // No hint for a token without the runner scope.
+    assert!(!stderr(&o).contains("runner-only"), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(!text.contains(&again[0].2));
+    assert_eq!(
+        embedded_file(&text, "/etc/pilot/endpoint-token-ops.sha256"),
+        format!("{}\n", sha256_hex(&again[0].2))
+    );
+}
+
+#[test]
+fn from_file_takes_scoped_tokens_and_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let from = dir.path().join("deploy.json");
+    let json = serde_json::json!({
+        "endpoint_tokens": [
+            {"name": "prom", "scope": "read", "sha256": sha256_hex("test").to_uppercase()},
+            format!("ops:admin:{TOKEN_SHA256}"),
+        ],
+        "generate_endpoint_tokens": ["runners:runner"],
+        "endpoint_sources": ["10.0.1.0/24"],
+    });
+    std::fs::write(&from, json.to_string()).unwrap();
+    let o = run(&["--from", from.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let tokens = token_lines(&stderr(&o));
+    assert_eq!(tokens.len(), 1);
+    assert_eq!((&tokens[0].0[..], &tokens[0].1[..]), ("runners", "runner"));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(
+        embedded_file(&text, "/etc/pilot/endpoint-token-prom.sha256"),
+        format!("{}\n", sha256_hex("test"))
+    );
+    assert_eq!(
+        embedded_file(&text, "/etc/pilot/endpoint-token-ops.sha256"),
+        format!("{TOKEN_SHA256}\n")
+    );
+    let config = embedded_file(&text, "/etc/pilot/agent.yaml");
+    assert!(
+        config.contains("  sources:\n    - \"10.0.1.0/24\"\n"),
+        "{config}"
+    );
+    assert!(!config.contains("token_sha256_file"), "{config}");
+    let file = dir.path().join("agent.yaml");
+    std::fs::write(&file, &config).unwrap();
+    agent_validate(&agent_bin(), &file, "--from scoped tokens");
+    // A flag replaces the file's list; an unknown key of a token object is refused.
+    let o = run(&[
+        "--from",
+        from.to_str().unwrap(),
+        "--endpoint-sources",
+        "192.0.2.0/24",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config = embedded_file(
+        &String::from_utf8(o.stdout).unwrap(),
+        "/etc/pilot/agent.yaml",
+    );
+    assert!(
+        config.contains("  sources:\n    - \"192.0.2.0/24\"\n"),
+        "{config}"
+    );
+    std::fs::write(
+        &from,
+        r#"{"endpoint_tokens": [{"name": "a", "scope": "read", "sha256_file": "/x"}]}"#,
+    )
+    .unwrap();
+    let o = run(&["--from", from.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("sha256_file"), "{}", stderr(&o));
 }

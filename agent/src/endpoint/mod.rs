@@ -782,7 +782,7 @@ async fn mint_for(
     // One at a time; the wait is bounded by the mint's own limit of the one ahead.
     let _one = state.mint.lock().await;
     let minted = match waypoint::connect(&plan.socket).await {
-        Ok(docker) => waypoint::runners::mint_local(&docker, &plan).await,
+        Ok(docker) => waypoint::runners::mint_local(&docker, &plan, runner).await,
         Err(e) => Err(e),
     };
     let token = match minted {

@@ -79,6 +79,9 @@ pub fn spec(plan: &WaypointPlan, image_id: &str) -> ContainerSpec {
             "bootstrap".into(),
             format!("-server-addr=127.0.0.1:{GRPC_PORT}"),
             "-server-tls-skip-verify".into(),
+            // No CLI context under $HOME: nothing uses it, and a failed write makes the
+            // command exit 1 after printing the token.
+            "-context-create=".into(),
         ],
         env: Vec::new(),
         binds: Vec::new(),
@@ -88,6 +91,7 @@ pub fn spec(plan: &WaypointPlan, image_id: &str) -> ContainerSpec {
         // client; being first is what counts.)
         network_mode: format!("container:{SERVER_NAME}"),
         restart_unless_stopped: false,
+        user: None,
     }
 }
 

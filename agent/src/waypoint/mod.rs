@@ -44,7 +44,7 @@ pub const SERVER_NAME: &str = "waypoint-server";
 /// The one-shot container that bootstraps the server (see [`bootstrap`]).
 pub const BOOTSTRAP_NAME: &str = "waypoint-bootstrap";
 /// The one-shot container that mints runner tokens on a runner-only host (there is no
-/// server container there to run `waypoint token new` in).
+/// server container there to run `waypoint runner token` in).
 pub const MINT_NAME: &str = "waypoint-mint";
 /// Runner containers are `waypoint-runner-1`, `-2`, ...
 pub const RUNNER_PREFIX: &str = "waypoint-runner-";

@@ -1,7 +1,9 @@
 //! The runner containers `waypoint-runner-1..N`.
 //!
-//! Each runs `runner agent` with its own token (minted once with `waypoint token new` in the
-//! server container, stored 0600 in `STATE_DIR/waypoint/runner-N-token`, reused ever after),
+//! Each runs `runner agent -id=HOST-runner-N` with its own runner token (minted once with
+//! `waypoint runner token -id=HOST-runner-N -expires-in=0` in the server container: a token
+//! Waypoint accepts from that runner only, for runner calls only, never a login token that
+//! could mint more or change the server), stored 0600 in `STATE_DIR/waypoint/runner-N-token`, reused ever after),
 //! finds the server by name on the Pilot network (on a runner-only host: at the server VM's
 //! address, each token minted there by the server VM's endpoint, `POST /v1/runner-token`, so
 //! that the host never holds a token that could mint more), and builds through the host's
@@ -28,7 +30,7 @@ use super::{
     WaypointError, WaypointPlan, images, read_token, token_from_output, write_token,
 };
 
-/// How long `waypoint token new` may take.
+/// How long `waypoint runner token` may take.
 const MINT_LIMIT: Duration = Duration::from_secs(30);
 
 /// A Waypoint runner ID as the agent makes them: `HOST-runner-N`, HOST a DNS name (the host
@@ -109,6 +111,11 @@ pub fn spec(
         publish: Vec::new(),
         network_mode: c.network.name.clone(),
         restart_unless_stopped: true,
+        // Root, as Waypoint's own `runner install -platform=docker` runs its runners: the
+        // official image's user is `waypoint` (uid 100), which could not read the client key
+        // mounted at /certs (0600, root's, in a 0700 directory). Root of the container is not
+        // root of the host: no privilege, no socket, only what the TLS API grants the key.
+        user: Some("root".into()),
     }
 }
 
@@ -190,7 +197,7 @@ pub async fn ensure(
             None => {
                 let t = match plan.server {
                     ServerRef::Local => {
-                        let t = mint_local(docker, plan).await?;
+                        let t = mint_local(docker, plan, &runner_id).await?;
                         // Stored before the runner gets it, so a restart of the agent reuses it.
                         write_token(&token_path, &t)?;
                         t
@@ -226,23 +233,37 @@ pub async fn ensure(
     Ok(report)
 }
 
-/// Mints a runner token with `waypoint token new` in the server container on this host,
-/// authenticated with the bootstrap token (passed in the environment of that one command,
-/// never on its command line). The runners step and the endpoint's `POST /v1/runner-token`
-/// (for runner-only hosts) both mint through here.
-pub async fn mint_local(docker: &Docker, plan: &WaypointPlan) -> Result<String, WaypointError> {
+/// Mints the token of runner `runner` with `waypoint runner token -id=RUNNER -expires-in=0`
+/// in the server container on this host, authenticated with the bootstrap token (passed in
+/// the environment of that one command, never on its command line). The token is scoped to
+/// that runner ID (Waypoint 0.11's `GenerateRunnerToken`); it does not expire, because the
+/// runner keeps it in its environment for as long as it runs (`runner forget` ends it). The
+/// runners step and the endpoint's `POST /v1/runner-token` (for runner-only hosts) both mint
+/// through here.
+pub async fn mint_local(
+    docker: &Docker,
+    plan: &WaypointPlan,
+    runner: &RunnerId,
+) -> Result<String, WaypointError> {
     if plan.server != ServerRef::Local {
         return Err(WaypointError::Conflict(
             "a runner-only host runs no Waypoint server to mint tokens with".into(),
         ));
     }
-    let out = super::server_cli(docker, plan, &["token", "new"], MINT_LIMIT).await?;
+    let id = format!("-id={runner}");
+    let out = super::server_cli(
+        docker,
+        plan,
+        &["runner", "token", &id, "-expires-in=0"],
+        MINT_LIMIT,
+    )
+    .await?;
     let token = mint_outcome(plan, &out)?;
-    tracing::info!("minted a waypoint runner token");
+    tracing::info!(runner_id = %runner, "minted a waypoint runner token");
     Ok(token)
 }
 
-/// What `waypoint token new` (run as [`mint_local`] runs it for `plan`) printed and how it ended:
+/// What `waypoint runner token` (run as [`mint_local`] runs it for `plan`) printed and how it ended:
 /// the new token, or the error to report. A successful command's output is never shown (it
 /// may hold a token in a form not understood here). Pure: public for the fuzz targets and
 /// tests.
@@ -258,15 +279,14 @@ pub fn mint_outcome(plan: &WaypointPlan, out: &ExecOutput) -> Result<String, Way
         // Its stdout may hold a token in a form not understood here: never shown.
         return Err(WaypointError::Command {
             container,
-            command: "waypoint token new".into(),
+            command: "waypoint runner token".into(),
             status: "exit 0".into(),
             output: "no token found in its output".into(),
         });
     }
     // On failure the command printed no token: its output can be shown.
     let output = format!("{} {}", out.stdout.trim(), out.stderr.trim());
-    let lower = output.to_ascii_lowercase();
-    if lower.contains("unauthorized") || lower.contains("401") || lower.contains("rejected") {
+    if is_auth_failure(&output) {
         return Err(WaypointError::TokenRejected {
             token_file: bootstrap_path,
             detail: output.trim().to_string(),
@@ -284,12 +304,27 @@ pub fn mint_outcome(plan: &WaypointPlan, out: &ExecOutput) -> Result<String, Way
     }
     Err(WaypointError::Command {
         container,
-        command: "waypoint token new".into(),
+        command: "waypoint runner token".into(),
         status: out
             .exit_code
             .map_or("no exit code".into(), |c| format!("exit {c}")),
         output: output.trim().to_string(),
     })
+}
+
+/// Waypoint 0.11.4's answers to a missing or bad token (pkg/server/singleprocess/auth.go):
+/// "Authorization token is not supplied", "...: invalid authentication token" (bad
+/// signature, unknown key, expired), "failed to base58 decode token" (not a Waypoint token
+/// at all), "Failed to decode authentication token" (wrong magic).
+fn is_auth_failure(output: &str) -> bool {
+    [
+        "Authorization token is not supplied",
+        "invalid authentication token",
+        "failed to base58 decode token",
+        "Failed to decode authentication token",
+    ]
+    .iter()
+    .any(|m| output.contains(m))
 }
 
 #[cfg(test)]
@@ -320,8 +355,18 @@ mod tests {
         // Exit 0 but no token: the output is never shown.
         let e = mint_outcome(&plan, &out(Some(0), "a secret maybe", "")).unwrap_err();
         assert!(!e.to_string().contains("secret"), "{e}");
+        // Waypoint prints its errors on stdout, `! ` first.
+        for said in [
+            "! Authorization token is not supplied",
+            "! bad token signature: invalid authentication token",
+            "! failed to base58 decode token: invalid base58 digit ('0')",
+        ] {
+            let e = mint_outcome(&plan, &out(Some(1), said, "")).unwrap_err();
+            assert!(matches!(e, WaypointError::TokenRejected { .. }), "{said}: {e}");
+        }
+        // Words the agent once looked for are not Waypoint's: a plain command error.
         let e = mint_outcome(&plan, &out(Some(1), "", "rpc error: Unauthorized")).unwrap_err();
-        assert!(matches!(e, WaypointError::TokenRejected { .. }), "{e}");
+        assert!(matches!(e, WaypointError::Command { .. }), "{e}");
         let e = mint_outcome(&plan, &out(Some(2), "", "server unavailable")).unwrap_err();
         assert!(e.to_string().contains("server unavailable"), "{e}");
     }

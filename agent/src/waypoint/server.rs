@@ -53,6 +53,7 @@ pub fn spec(plan: &WaypointPlan, image_id: &str) -> ContainerSpec {
         ],
         network_mode: c.network.name.clone(),
         restart_unless_stopped: true,
+        user: None,
     }
 }
 

@@ -49,6 +49,10 @@ pub struct ContainerSpec {
     pub network_mode: String,
     /// Restarted by dockerd (also after a dockerd or host restart) unless stopped by hand.
     pub restart_unless_stopped: bool,
+    /// The user the container runs as; `None`: the image's own (`USER`). Left out of the
+    /// hash when `None`, so that specs made before the field existed keep their hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 fn serialize_role<S: serde::Serializer>(role: &Role, s: S) -> Result<S::Ok, S::Error> {
@@ -73,6 +77,7 @@ impl fmt::Debug for ContainerSpec {
             .field("publish", &self.publish)
             .field("network_mode", &self.network_mode)
             .field("restart_unless_stopped", &self.restart_unless_stopped)
+            .field("user", &self.user)
             .finish()
     }
 }
@@ -125,6 +130,7 @@ impl ContainerSpec {
             image: Some(self.image.clone()),
             cmd: Some(self.cmd.clone()),
             env: (!self.env.is_empty()).then(|| self.env.clone()),
+            user: self.user.clone(),
             labels: Some(self.labels()),
             exposed_ports: (!exposed.is_empty()).then_some(exposed),
             host_config: Some(HostConfig {
@@ -164,6 +170,7 @@ mod tests {
             publish: vec![],
             network_mode: "pilot".into(),
             restart_unless_stopped: true,
+            user: None,
         }
     }
 
@@ -181,6 +188,15 @@ mod tests {
         let mut d = spec();
         d.binds.clear();
         assert_ne!(a.hash(), d.hash());
+        let mut e = spec();
+        e.user = Some("root".into());
+        assert_ne!(a.hash(), e.hash());
+        assert!(
+            !String::from_utf8(serde_json::to_vec(&a).unwrap())
+                .unwrap()
+                .contains("user"),
+            "no user: the field is left out of the canonical form"
+        );
     }
 
     #[test]

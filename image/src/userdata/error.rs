@@ -1,5 +1,5 @@
 //! Errors of `pilot-image user-data`: the flag of a refused value, the file that cannot be
-//! read or written.
+//! read or written, the random number generator or standard error failing a generated token.
 
 use std::io;
 use std::path::PathBuf;
@@ -28,6 +28,13 @@ pub enum UserDataError {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
+    },
+    #[error("{flag}: the operating system's random number generator failed: {reason}")]
+    Random { flag: &'static str, reason: String },
+    #[error("cannot print the generated endpoint tokens: {source}; no user-data written")]
+    PrintTokens {
+        #[source]
+        source: io::Error,
     },
     #[error(
         "rendered user-data is {size} bytes, over EC2's user-data limit of {limit} bytes (16 KiB); \

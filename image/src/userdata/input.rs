@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::error::UserDataError;
+use super::token::TokenHashInput;
 
 /// Which template: a baked image on AWS or GCP, or a stock Debian 12 image that installs the
 /// agent package at first boot.
@@ -95,9 +96,27 @@ pub struct UserDataInput {
     /// TLS to the database (default require).
     #[arg(long, value_enum)]
     pub db_tls: Option<DbTls>,
-    /// SHA-256 of the endpoint's bearer token, 64 hex digits (the token never reaches the VM).
+    /// SHA-256 of an `admin` endpoint token named `default`, 64 hex digits (the token never
+    /// reaches the VM). Turns the agent's HTTPS endpoint on, as do the two flags below.
     #[arg(long)]
     pub endpoint_token_sha256: Option<String>,
+    /// An endpoint token by its SHA-256: NAME:SCOPE:SHA256, SCOPE admin, runner or read
+    /// (repeatable; in --from: `endpoint_tokens`, objects {"name", "scope", "sha256"}).
+    #[arg(long = "endpoint-token", value_name = "NAME:SCOPE:SHA256")]
+    #[serde(default, alias = "endpoint_tokens")]
+    pub endpoint_token: Vec<TokenHashInput>,
+    /// Generate a strong endpoint token (32 random bytes, base64url) of SCOPE admin, runner or
+    /// read: the VM gets its SHA-256, the token is printed once on stderr as `NAME SCOPE TOKEN`
+    /// (repeatable; in --from: `generate_endpoint_tokens`). A runner-only host's
+    /// --server-token-file takes a `runner` one, e.g. runners:runner.
+    #[arg(long = "generate-endpoint-token", value_name = "NAME:SCOPE")]
+    #[serde(default, alias = "generate_endpoint_tokens")]
+    pub generate_endpoint_token: Vec<String>,
+    /// Networks (CIDR) that may reach the agent's endpoint (`endpoint.sources`; default
+    /// anyone; comma-separated or repeated).
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    #[serde(default)]
+    pub endpoint_sources: Vec<String>,
     /// HTTPS URL of the agent's .deb (required with --flavour stock, refused otherwise).
     #[arg(long)]
     pub agent_deb_url: Option<String>,
@@ -120,8 +139,9 @@ pub struct UserDataInput {
     /// (colons allowed; `pilot-agent credentials` on the server VM prints it).
     #[arg(long)]
     pub server_ca_sha256: Option<String>,
-    /// With --role runner: local file whose one line is the server VM's endpoint token; the
-    /// VM gets it as /etc/pilot/server-token (0600).
+    /// With --role runner: local file whose one line is a `runner`-scope endpoint token of
+    /// the server VM (`--generate-endpoint-token NAME:runner` on the server's user-data prints
+    /// one); the VM gets it as /etc/pilot/server-token (0600).
     #[arg(long)]
     pub server_token_file: Option<PathBuf>,
     /// Server only: the address Waypoint advertises to applications, HOST[:PORT] or auto
@@ -166,25 +186,28 @@ impl UserDataInput {
             db_admin_password_file: self.db_admin_password_file.or(base.db_admin_password_file),
             db_tls: self.db_tls.or(base.db_tls),
             endpoint_token_sha256: self.endpoint_token_sha256.or(base.endpoint_token_sha256),
+            endpoint_token: or_list(self.endpoint_token, base.endpoint_token),
+            generate_endpoint_token: or_list(
+                self.generate_endpoint_token,
+                base.generate_endpoint_token,
+            ),
+            endpoint_sources: or_list(self.endpoint_sources, base.endpoint_sources),
             agent_deb_url: self.agent_deb_url.or(base.agent_deb_url),
             runners: self.runners.or(base.runners),
-            extra_names: if self.extra_names.is_empty() {
-                base.extra_names
-            } else {
-                self.extra_names
-            },
+            extra_names: or_list(self.extra_names, base.extra_names),
             role: self.role.or(base.role),
             server_endpoint: self.server_endpoint.or(base.server_endpoint),
             server_ca_sha256: self.server_ca_sha256.or(base.server_ca_sha256),
             server_token_file: self.server_token_file.or(base.server_token_file),
             advertise_address: self.advertise_address.or(base.advertise_address),
-            application_sources: if self.application_sources.is_empty() {
-                base.application_sources
-            } else {
-                self.application_sources
-            },
+            application_sources: or_list(self.application_sources, base.application_sources),
         }
     }
+}
+
+/// A list flag given (non-empty) replaces the file's list; it does not add to it.
+fn or_list<T>(flags: Vec<T>, file: Vec<T>) -> Vec<T> {
+    if flags.is_empty() { file } else { flags }
 }
 
 #[cfg(test)]

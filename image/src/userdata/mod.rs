@@ -11,24 +11,32 @@
 //! The template is scanned once, line by line, so text that came from the deployment (a
 //! password that happens to read `# @@SECRET_FILES@@`) is never taken for a placeholder.
 //!
-//! The agent's configuration is written to `/etc/pilot/agent.yaml`, and carries no secret: the
-//! endpoint token's SHA-256 goes to `/etc/pilot/endpoint-token.sha256`, which agent.yaml's
-//! `endpoint.token_sha256_file` names (the section turns the agent's HTTPS endpoint on), and
-//! the database admin password to `/etc/pilot/db-admin-password`, which
-//! `database.admin_password_file` names.
+//! The agent's configuration is written to `/etc/pilot/agent.yaml`, and carries no secret and
+//! no token hash. The `endpoint:` section (it turns the agent's HTTPS endpoint on) names a
+//! 0600 file per token hash: `/etc/pilot/endpoint-token.sha256` for the single-token form
+//! (`--endpoint-token-sha256`, an `admin` token named `default`, `endpoint.token_sha256_file`),
+//! `/etc/pilot/endpoint-token-NAME.sha256` for each scoped token of `endpoint.tokens`, given by
+//! its hash (`--endpoint-token NAME:SCOPE:SHA256`) or generated (`--generate-endpoint-token
+//! NAME:SCOPE`, [`token`]: the command prints the token once, the VM gets only its SHA-256);
+//! `endpoint.sources` when given. The database admin password goes to
+//! `/etc/pilot/db-admin-password`, which `database.admin_password_file` names.
 //!
 //! A runner-only host (`--role runner`) gets `role: runner` and a `server:` section instead of
 //! `database:`: the server VM's endpoint, the SHA-256 pin of its CA, and the path of that
+//! host's copy of a `runner`-scope endpoint token of the server VM (`/etc/pilot/server-token`,
+//! 0600, `server.token_file`).
 //!
 //! The parts, lowest first: [`error`]; [`input`], what is given (the flags and the `--from`
 //! file); [`validate`], the pure checks on single values (host names, `HOST[:PORT]`,
-//! fingerprints, networks, roles, runner counts, one-line secret files); [`spec`], the checked
-//! input, made from the input with those checks; [`render`], the cloud-config text from a spec.
+//! fingerprints, networks, roles, runner counts, one-line secret files); [`token`], endpoint
+//! token names, scopes and generation; [`spec`], the checked input, made from the input with
+//! those checks; [`render`], the cloud-config text from a spec.
 
 pub mod error;
 pub mod input;
 pub mod render;
 pub mod spec;
+pub mod token;
 pub mod validate;
 
 pub use error::UserDataError;
@@ -38,4 +46,5 @@ pub use render::{
     USER_DATA_LIMIT, agent_config, render, write_atomic, yaml_quote,
 };
 pub use spec::{DatabaseSpec, ServerLinkSpec, UserDataSpec};
+pub use token::{EndpointTokenSpec, Scope, TokenHashInput, token_lines};
 pub use validate::MAX_RUNNERS;

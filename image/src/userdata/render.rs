@@ -18,7 +18,9 @@ pub const USER_DATA_LIMIT: usize = 16 * 1024;
 pub const AGENT_CONFIG_PATH: &str = "/etc/pilot/agent.yaml";
 /// The database admin password, named by `database.admin_password_file`.
 pub const DB_ADMIN_PASSWORD_PATH: &str = "/etc/pilot/db-admin-password";
-/// The SHA-256 (hex) of the endpoint's bearer token, named by `endpoint.token_sha256_file`.
+/// The SHA-256 (hex) of the single-token form's `admin` token (`--endpoint-token-sha256`),
+/// named by `endpoint.token_sha256_file`. The tokens of `endpoint.tokens` have a file each,
+/// [`EndpointTokenSpec::sha256_path`](super::token::EndpointTokenSpec::sha256_path).
 pub const ENDPOINT_TOKEN_SHA256_PATH: &str = "/etc/pilot/endpoint-token.sha256";
 /// The server VM's endpoint token on a runner-only host, named by `server.token_file`
 /// (the agent's default, agent/src/config/server.rs DEFAULT_TOKEN_FILE).
@@ -116,12 +118,39 @@ pub fn agent_config(spec: &UserDataSpec) -> String {
             yaml_quote(&server.ca_sha256)
         ));
     }
+    s.push_str(&endpoint_section(spec));
+    s
+}
+
+/// `endpoint:`, when there is a token (the section turns the endpoint on). Every hash is in
+/// its own 0600 file (see `secret_files`), not inline: agent.yaml stays free of anything that
+/// helps an attacker, and emptying a token's file revokes that token without a restart.
+fn endpoint_section(spec: &UserDataSpec) -> String {
+    if spec.endpoint_token_sha256.is_none() && spec.endpoint_tokens.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("endpoint:\n");
     if spec.endpoint_token_sha256.is_some() {
-        // The hash in its own 0600 file (see `secret_files`), not inline: agent.yaml stays
-        // free of anything that helps an attacker.
         s.push_str(&format!(
-            "endpoint:\n  token_sha256_file: {ENDPOINT_TOKEN_SHA256_PATH}\n"
+            "  token_sha256_file: {ENDPOINT_TOKEN_SHA256_PATH}\n"
         ));
+    }
+    if !spec.endpoint_tokens.is_empty() {
+        s.push_str("  tokens:\n");
+        for t in &spec.endpoint_tokens {
+            s.push_str(&format!(
+                "    - name: {}\n      scope: {}\n      sha256_file: {}\n",
+                yaml_quote(&t.name),
+                t.scope,
+                yaml_quote(&t.sha256_path())
+            ));
+        }
+    }
+    if !spec.endpoint_sources.is_empty() {
+        s.push_str("  sources:\n");
+        for net in &spec.endpoint_sources {
+            s.push_str(&format!("    - {}\n", yaml_quote(net)));
+        }
     }
     s
 }
@@ -130,7 +159,8 @@ pub fn agent_config(spec: &UserDataSpec) -> String {
 fn secret_files(spec: &UserDataSpec) -> String {
     let entry = |path: &str, content: &str| {
         format!(
-            "- path: {path}\n  owner: root:root\n  permissions: '0600'\n  content: {}\n",
+            "- path: {}\n  owner: root:root\n  permissions: '0600'\n  content: {}\n",
+            yaml_quote(path),
             yaml_quote(&format!("{content}\n"))
         )
     };
@@ -147,6 +177,10 @@ fn secret_files(spec: &UserDataSpec) -> String {
     }
     if let Some(hash) = &spec.endpoint_token_sha256 {
         s.push_str(&entry(ENDPOINT_TOKEN_SHA256_PATH, hash));
+    }
+    for t in &spec.endpoint_tokens {
+        // The hash only: a generated token is printed by the command, never written here.
+        s.push_str(&entry(&t.sha256_path(), &t.sha256));
     }
     s
 }
@@ -340,6 +374,123 @@ mod tests {
         let mut s = spec(Flavour::Gcp);
         s.endpoint_token_sha256 = None;
         assert!(!agent_config(&s).contains("endpoint"));
+    }
+
+    fn with_scoped_tokens(flavour: Flavour) -> UserDataSpec {
+        use super::super::token::{EndpointTokenSpec, Scope};
+        let mut s = spec(flavour);
+        s.endpoint_tokens = vec![
+            EndpointTokenSpec {
+                name: "prom".into(),
+                scope: Scope::Read,
+                sha256: "cd".repeat(32),
+                generated: None,
+            },
+            EndpointTokenSpec::generate("runners".into(), Scope::Runner).unwrap(),
+        ];
+        s.endpoint_sources = vec!["10.0.1.0/24".into(), "2001:db8::/32".into()];
+        s
+    }
+
+    #[test]
+    fn scoped_tokens_render_a_hash_file_each_and_sources() {
+        for f in Flavour::ALL {
+            let s = with_scoped_tokens(f);
+            let text = render(&s).unwrap();
+            let y = parse(&text);
+            let files = y["write_files"].as_vec().unwrap();
+            let paths: Vec<_> = files.iter().map(|e| e["path"].as_str().unwrap()).collect();
+            assert_eq!(
+                paths,
+                [
+                    AGENT_CONFIG_PATH,
+                    DB_ADMIN_PASSWORD_PATH,
+                    ENDPOINT_TOKEN_SHA256_PATH,
+                    "/etc/pilot/endpoint-token-prom.sha256",
+                    "/etc/pilot/endpoint-token-runners.sha256",
+                ]
+            );
+            for e in files {
+                assert_eq!(e["permissions"].as_str(), Some("0600"));
+            }
+            let cd = format!("{}\n", "cd".repeat(32));
+            assert_eq!(files[3]["content"].as_str(), Some(cd.as_str()));
+            let config = agent_config(&s);
+            let c = parse(&config);
+            let e = &c["endpoint"];
+            assert_eq!(
+                e["token_sha256_file"].as_str(),
+                Some(ENDPOINT_TOKEN_SHA256_PATH)
+            );
+            let tokens: Vec<_> = e["tokens"]
+                .as_vec()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    (
+                        t["name"].as_str().unwrap(),
+                        t["scope"].as_str().unwrap(),
+                        t["sha256_file"].as_str().unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                tokens,
+                [
+                    ("prom", "read", "/etc/pilot/endpoint-token-prom.sha256"),
+                    (
+                        "runners",
+                        "runner",
+                        "/etc/pilot/endpoint-token-runners.sha256"
+                    )
+                ]
+            );
+            let sources: Vec<_> = e["sources"]
+                .as_vec()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap())
+                .collect();
+            assert_eq!(sources, ["10.0.1.0/24", "2001:db8::/32"]);
+            // No hash in agent.yaml.
+            for t in &s.endpoint_tokens {
+                assert!(!config.contains(&t.sha256), "{config}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_generated_token_lands_as_its_sha256_only() {
+        let s = with_scoped_tokens(Flavour::Aws);
+        let t = &s.endpoint_tokens[1];
+        let token = t.generated.as_ref().unwrap().expose();
+        let text = render(&s).unwrap();
+        assert!(
+            !text.contains(token),
+            "the token itself is in the user-data"
+        );
+        let y = parse(&text);
+        let entry = y["write_files"]
+            .as_vec()
+            .unwrap()
+            .iter()
+            .find(|e| e["path"].as_str() == Some("/etc/pilot/endpoint-token-runners.sha256"))
+            .unwrap();
+        let want = format!("{}\n", super::super::token::sha256_hex(token));
+        assert_eq!(entry["content"].as_str(), Some(want.as_str()));
+        // agent.yaml does not depend on the token (another one gives the same file).
+        let again = with_scoped_tokens(Flavour::Aws);
+        assert_eq!(agent_config(&again), agent_config(&s));
+    }
+
+    #[test]
+    fn scoped_tokens_alone_turn_the_endpoint_on() {
+        let mut s = with_scoped_tokens(Flavour::Gcp);
+        s.endpoint_token_sha256 = None;
+        let config = agent_config(&s);
+        let c = parse(&config);
+        assert!(c["endpoint"].as_mapping_get("token_sha256_file").is_none());
+        assert_eq!(c["endpoint"]["tokens"].as_vec().unwrap().len(), 2);
     }
 
     #[test]

@@ -1,17 +1,19 @@
 //! The checked input ([`UserDataSpec`]), made from [`UserDataInput`] by
 //! [`UserDataInput::validate`]: which values are required or refused together (per flavour,
-//! per role), each value checked by [`super::validate`], the password and token files read.
+//! per role), each value checked by [`super::validate`], the password and token files read,
+//! the endpoint tokens asked for generated ([`super::token`]).
 
 use std::fmt;
 use std::path::Path;
 
 use super::error::{UserDataError, invalid};
 use super::input::{DbTls, Flavour, Role, UserDataInput};
+use super::token::{self, DEFAULT_TOKEN_NAME, EndpointTokenSpec};
 use super::validate;
 
 impl UserDataInput {
-    /// Checks every value (naming the flag of the first bad one) and reads the password and
-    /// token files.
+    /// Checks every value (naming the flag of the first bad one), reads the password and
+    /// token files, and generates the endpoint tokens of `--generate-endpoint-token`.
     pub fn validate(self) -> Result<UserDataSpec, UserDataError> {
         let flavour = self.flavour.unwrap_or(Flavour::Aws);
         let role = self.role.unwrap_or_default();
@@ -42,6 +44,22 @@ impl UserDataInput {
                 validate::check_sha256_hex(h).or_else(|why| invalid("--endpoint-token-sha256", why))
             })
             .transpose()?;
+        let endpoint_tokens = self.endpoint_tokens(endpoint_token_sha256.as_deref())?;
+        let endpoint_sources = self
+            .endpoint_sources
+            .iter()
+            .map(|s| validate::parse_cidr(s).or_else(|why| invalid("--endpoint-sources", why)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !endpoint_sources.is_empty()
+            && endpoint_token_sha256.is_none()
+            && endpoint_tokens.is_empty()
+        {
+            return invalid(
+                "--endpoint-sources",
+                "needs an endpoint token (--endpoint-token-sha256, --endpoint-token or \
+                 --generate-endpoint-token): without one the endpoint is off",
+            );
+        }
         let agent_deb_url = match (flavour, self.agent_deb_url) {
             (Flavour::Stock, None) => {
                 return invalid("--agent-deb-url", "required with --flavour stock");
@@ -73,6 +91,8 @@ impl UserDataInput {
             flavour,
             database,
             endpoint_token_sha256,
+            endpoint_tokens,
+            endpoint_sources,
             agent_deb_url,
             runners,
             extra_names: self.extra_names,
@@ -80,6 +100,76 @@ impl UserDataInput {
             advertise_address,
             application_sources,
         })
+    }
+
+    /// `endpoint.tokens`: the given hashes (`--endpoint-token`), then the generated tokens,
+    /// each in the order given. Names are unique (`default` is the single-token form's when
+    /// `legacy` is given), and so are hashes (two tokens with one hash would make its scope
+    /// ambiguous); the agent refuses either. Generation comes last, after every check.
+    fn endpoint_tokens(
+        &self,
+        legacy: Option<&str>,
+    ) -> Result<Vec<EndpointTokenSpec>, UserDataError> {
+        let mut names: Vec<String> = legacy
+            .map(|_| DEFAULT_TOKEN_NAME.to_owned())
+            .into_iter()
+            .collect();
+        let mut unique_name = |flag: &'static str, name: &str| {
+            if names.iter().any(|n| n == name) {
+                let by = if legacy.is_some() && name == DEFAULT_TOKEN_NAME {
+                    "the token of --endpoint-token-sha256"
+                } else {
+                    "another endpoint token"
+                };
+                return invalid(flag, format!("name \"{name}\" is taken by {by}"));
+            }
+            names.push(name.to_owned());
+            Ok(())
+        };
+        let mut tokens = Vec::new();
+        for given in &self.endpoint_token {
+            let (name, scope, sha256) = given
+                .parse()
+                .or_else(|why| invalid("--endpoint-token", why))?;
+            unique_name("--endpoint-token", &name)?;
+            let same = legacy
+                .filter(|h| *h == sha256)
+                .map(|_| "--endpoint-token-sha256".to_owned())
+                .or_else(|| {
+                    tokens
+                        .iter()
+                        .find(|t: &&EndpointTokenSpec| t.sha256 == sha256)
+                        .map(|t| format!("token \"{}\"", t.name))
+                });
+            if let Some(other) = same {
+                return invalid(
+                    "--endpoint-token",
+                    format!("\"{name}\" has the same hash as {other}"),
+                );
+            }
+            tokens.push(EndpointTokenSpec {
+                name,
+                scope,
+                sha256,
+                generated: None,
+            });
+        }
+        let mut asked = Vec::new();
+        for spelled in &self.generate_endpoint_token {
+            let (name, scope) = token::parse_name_scope(spelled)
+                .or_else(|why| invalid("--generate-endpoint-token", why))?;
+            unique_name("--generate-endpoint-token", &name)?;
+            asked.push((name, scope));
+        }
+        for (name, scope) in asked {
+            let t =
+                EndpointTokenSpec::generate(name, scope).map_err(|e| UserDataError::Random {
+                    flag: "--generate-endpoint-token",
+                    reason: e.to_string(),
+                })?;
+            tokens.push(t);
+        }
+        Ok(tokens)
     }
 
     /// The flags of the other role, refused (see [`validate::check_role_flags`]).
@@ -191,8 +281,13 @@ impl UserDataInput {
 pub struct UserDataSpec {
     pub flavour: Flavour,
     pub database: Option<DatabaseSpec>,
-    /// Lowercase hex.
+    /// The single-token form (`endpoint.token_sha256_file`, an `admin` token named
+    /// `default`): lowercase hex.
     pub endpoint_token_sha256: Option<String>,
+    /// `endpoint.tokens`, each hash in its own file; generated ones hold their token.
+    pub endpoint_tokens: Vec<EndpointTokenSpec>,
+    /// `endpoint.sources`, in canonical `ADDR/LEN` form; only with a token above.
+    pub endpoint_sources: Vec<String>,
     /// Only for [`Flavour::Stock`].
     pub agent_deb_url: Option<String>,
     pub runners: u32,
@@ -284,6 +379,8 @@ pub(super) mod fixtures {
                 tls: DbTls::Require,
             }),
             endpoint_token_sha256: Some("ab".repeat(32)),
+            endpoint_tokens: Vec::new(),
+            endpoint_sources: Vec::new(),
             agent_deb_url: (flavour == Flavour::Stock)
                 .then(|| "https://example.com/pilot-agent.deb".into()),
             runners: 2,
@@ -606,6 +703,157 @@ mod tests {
         };
         let s = ok.validate().unwrap();
         assert_eq!(s.application_sources, ["203.0.113.7/32"]);
+    }
+
+    #[test]
+    fn endpoint_token_flags_name_their_flag() {
+        let h = "cd".repeat(32);
+        let legacy = || UserDataInput {
+            endpoint_token_sha256: Some("ab".repeat(32)),
+            ..input()
+        };
+        let cases: Vec<(UserDataInput, &str)> = vec![
+            (
+                UserDataInput {
+                    endpoint_token: vec![format!("bad name:read:{h}").parse().unwrap()],
+                    ..input()
+                },
+                "--endpoint-token",
+            ),
+            (
+                UserDataInput {
+                    endpoint_token: vec![format!("prom:write:{h}").parse().unwrap()],
+                    ..input()
+                },
+                "--endpoint-token",
+            ),
+            (
+                UserDataInput {
+                    endpoint_token: vec!["prom:read:abc".parse().unwrap()],
+                    ..input()
+                },
+                "--endpoint-token",
+            ),
+            (
+                UserDataInput {
+                    endpoint_token: vec![format!("default:admin:{h}").parse().unwrap()],
+                    ..legacy()
+                },
+                "--endpoint-token",
+            ),
+            (
+                UserDataInput {
+                    endpoint_token: vec![format!("ops:admin:{}", "AB".repeat(32)).parse().unwrap()],
+                    ..legacy()
+                },
+                "--endpoint-token",
+            ),
+            (
+                UserDataInput {
+                    endpoint_token: vec![
+                        format!("a:admin:{h}").parse().unwrap(),
+                        format!("b:read:{h}").parse().unwrap(),
+                    ],
+                    ..input()
+                },
+                "--endpoint-token",
+            ),
+            (
+                UserDataInput {
+                    generate_endpoint_token: vec!["runners".into()],
+                    ..input()
+                },
+                "--generate-endpoint-token",
+            ),
+            (
+                UserDataInput {
+                    generate_endpoint_token: vec!["runners:Runner".into()],
+                    ..input()
+                },
+                "--generate-endpoint-token",
+            ),
+            (
+                UserDataInput {
+                    endpoint_token: vec![format!("runners:read:{h}").parse().unwrap()],
+                    generate_endpoint_token: vec!["runners:runner".into()],
+                    ..input()
+                },
+                "--generate-endpoint-token",
+            ),
+            (
+                UserDataInput {
+                    generate_endpoint_token: vec!["default:admin".into()],
+                    ..legacy()
+                },
+                "--generate-endpoint-token",
+            ),
+            (
+                UserDataInput {
+                    endpoint_sources: vec!["10.0.0.0/8".into()],
+                    ..input()
+                },
+                "--endpoint-sources",
+            ),
+            (
+                UserDataInput {
+                    endpoint_sources: vec!["10.0.0.1/8".into()],
+                    ..legacy()
+                },
+                "--endpoint-sources",
+            ),
+        ];
+        for (i, want) in cases {
+            let shown = format!("{i:?}");
+            let r = i.validate();
+            if let Err(e) = &r {
+                assert!(!e.to_string().contains(&h), "{e}");
+            }
+            assert_eq!(flag_of(r), want, "{shown}");
+        }
+    }
+
+    #[test]
+    fn endpoint_tokens_given_then_generated_with_sources() {
+        let h = "CD".repeat(32);
+        let s = UserDataInput {
+            endpoint_token_sha256: Some("ab".repeat(32)),
+            endpoint_token: vec![format!("prom:read:{h}").parse().unwrap()],
+            generate_endpoint_token: vec!["ops:admin".into(), "runners:runner".into()],
+            endpoint_sources: vec!["10.0.1.0/24".into(), "2001:db8::1".into()],
+            ..input()
+        }
+        .validate()
+        .unwrap();
+        let got: Vec<_> = s
+            .endpoint_tokens
+            .iter()
+            .map(|t| (t.name.as_str(), t.scope, t.generated.is_some()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("prom", token::Scope::Read, false),
+                ("ops", token::Scope::Admin, true),
+                ("runners", token::Scope::Runner, true)
+            ]
+        );
+        assert_eq!(s.endpoint_tokens[0].sha256, h.to_lowercase());
+        for t in &s.endpoint_tokens[1..] {
+            let g = t.generated.as_ref().unwrap();
+            assert_eq!(t.sha256, token::sha256_hex(g.expose()));
+            assert!(!format!("{s:?}").contains(g.expose()));
+        }
+        assert_eq!(s.endpoint_sources, ["10.0.1.0/24", "2001:db8::1/128"]);
+        // A name is free without the single-token form, `default` included; sources with a
+        // scoped token alone.
+        let s = UserDataInput {
+            generate_endpoint_token: vec!["default:read".into()],
+            endpoint_sources: vec!["10.0.0.0/8".into()],
+            ..input()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(s.endpoint_tokens[0].name, "default");
     }
 
     #[test]

@@ -18,6 +18,15 @@
 //! ```
 //!
 //! [`Vm::import_standin`](crate::vm::Vm::import_standin) does exactly that.
+//!
+//! A second variant, [`build_rootfs_tar_uid100`], mirrors the official Waypoint image's users
+//! (its `Dockerfile`): the binary at `/usr/bin/waypoint` (and `/usr/bin/waypoint-entrypoint`),
+//! user `waypoint` with uid 100 (group `waypoint`, gid 1000), `HOME=/home/waypoint`, `/data`
+//! owned by uid 100, `/run/user/100`, subuid/subgid ranges, and `USER waypoint`: a container
+//! of it runs as uid 100 unless told otherwise, so it cannot read root-only files (a 0600
+//! root-owned key, a `data.db` written by the root variant). [`import_standin_uid100`]
+//! imports it with [`docker_import_changes_uid100`]. Pilot's own image runs the stand-in as
+//! root and keeps using the first variant.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -30,6 +39,14 @@ use anyhow::{Context, Result, bail};
 /// Where the stand-in lives in the image.
 pub const STANDIN_PATH: &str = "/bin/waypoint";
 
+/// Where the official image (and the uid-100 variant) keeps the binary.
+pub const STANDIN_PATH_UID100: &str = "/usr/bin/waypoint";
+
+/// The uid and gid of the `waypoint` user of the uid-100 variant (the official image makes
+/// the user with `adduser -S`, uid 100; its group gets the first free gid, 1000).
+pub const WAYPOINT_UID: u64 = 100;
+pub const WAYPOINT_GID: u64 = 1000;
+
 /// The image's entrypoint in exec form, as JSON-serialised into `ENTRYPOINT [...]` by
 /// [`Vm::import_standin`](crate::vm::Vm::import_standin).
 pub const STANDIN_ENTRYPOINT: &[&str] = &[STANDIN_PATH];
@@ -37,6 +54,32 @@ pub const STANDIN_ENTRYPOINT: &[&str] = &[STANDIN_PATH];
 /// The `--change` argument for `docker import`: `ENTRYPOINT ["/bin/waypoint"]`.
 pub fn docker_import_change() -> String {
     format!("ENTRYPOINT [\"{STANDIN_PATH}\"]")
+}
+
+/// The `--change` arguments for `docker import` of the uid-100 variant: the official image's
+/// `USER`, environment, volume and entrypoint (no `WORKDIR`, so `/`).
+pub fn docker_import_changes_uid100() -> Vec<String> {
+    vec![
+        "USER waypoint".to_string(),
+        "ENV USER=waypoint".to_string(),
+        "ENV HOME=/home/waypoint".to_string(),
+        "ENV XDG_RUNTIME_DIR=/run/user/100".to_string(),
+        "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        "VOLUME [\"/data\"]".to_string(),
+        format!("ENTRYPOINT [\"{STANDIN_PATH_UID100}\"]"),
+    ]
+}
+
+/// Imports the uid-100 variant of the stand-in as image `tag` into `vm`'s dockerd (see the
+/// module docs); [`Vm::import_standin`](crate::vm::Vm::import_standin) stays the root one.
+pub fn import_standin_uid100(vm: &crate::vm::Vm, tag: &str) -> Result<()> {
+    let tar = vm.dir().join("standin-uid100-rootfs.tar");
+    write_standin_rootfs_tar_uid100(&tar).context("cannot package the Waypoint stand-in")?;
+    let changes = docker_import_changes_uid100();
+    let refs: Vec<&str> = changes.iter().map(String::as_str).collect();
+    let res = vm.import_rootfs(&tar, tag, &refs);
+    let _ = fs::remove_file(&tar);
+    res
 }
 
 /// Busybox applets linked into `/bin`. Tests use `sh`, `cat`, `ls`, `sleep`, `wget` and `nc`;
@@ -60,13 +103,27 @@ pub fn standin_binary() -> Result<PathBuf> {
 
 /// Writes the stand-in's root file system tarball to `out` (see the module docs).
 pub fn write_standin_rootfs_tar(out: &Path) -> Result<()> {
+    write_tar(out, |binary, writer| build_rootfs_tar(binary, writer))
+}
+
+/// Writes the uid-100 variant's root file system tarball to `out` (see the module docs).
+pub fn write_standin_rootfs_tar_uid100(out: &Path) -> Result<()> {
+    write_tar(out, |binary, writer| {
+        build_rootfs_tar_uid100(binary, writer)
+    })
+}
+
+fn write_tar(
+    out: &Path,
+    build: impl FnOnce(&Path, &mut BufWriter<File>) -> Result<()>,
+) -> Result<()> {
     let binary = standin_binary()?;
     let partial = out.with_extension("tar.partial");
     let written = File::create(&partial)
         .with_context(|| format!("cannot create {}", partial.display()))
         .and_then(|file| {
             let mut writer = BufWriter::new(file);
-            build_rootfs_tar(&binary, &mut writer)?;
+            build(&binary, &mut writer)?;
             let file = writer.into_inner().context("cannot flush the tarball")?;
             file.sync_all().context("cannot fsync the tarball")
         })
@@ -149,11 +206,15 @@ struct RootfsTar<W: Write> {
 
 impl<W: Write> RootfsTar<W> {
     fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        Self::header_owned(kind, mode, size, 0, 0)
+    }
+
+    fn header_owned(kind: tar::EntryType, mode: u32, size: u64, uid: u64, gid: u64) -> tar::Header {
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(kind);
         header.set_mode(mode);
-        header.set_uid(0);
-        header.set_gid(0);
+        header.set_uid(uid);
+        header.set_gid(gid);
         header.set_mtime(FIXED_MTIME);
         header.set_size(size);
         header
@@ -180,6 +241,21 @@ impl<W: Write> RootfsTar<W> {
                 .with_context(|| format!("cannot add directory {path}"))?;
         }
         Ok(())
+    }
+
+    /// A directory owned by `uid:gid` (its parents are root's).
+    fn dir_owned(&mut self, path: &str, mode: u32, uid: u64, gid: u64) -> Result<()> {
+        let rel = Self::relative(path)?.to_string();
+        if let Some((parent, _)) = rel.rsplit_once('/') {
+            self.dir(&format!("/{parent}"), 0o755)?;
+        }
+        if !self.dirs.insert(rel.clone()) {
+            bail!("directory {path} was added before its owner was set");
+        }
+        let mut header = Self::header_owned(tar::EntryType::Directory, mode, 0, uid, gid);
+        self.builder
+            .append_data(&mut header, format!("{rel}/"), io::empty())
+            .with_context(|| format!("cannot add directory {path}"))
     }
 
     fn parent_of(&mut self, path: &str) -> Result<()> {
@@ -223,20 +299,62 @@ impl<W: Write> RootfsTar<W> {
 /// Writes the stand-in image's root file system (the binary, its libraries, busybox) as a
 /// tar to `out` (public for the chroot test in `tests/standin_chroot.rs`).
 pub fn build_rootfs_tar(binary: &Path, out: impl Write) -> Result<()> {
-    let libraries = shared_libraries(binary)?;
-    let busybox = find_static_busybox()?;
     let mut tar = RootfsTar {
         builder: tar::Builder::new(out),
         dirs: BTreeSet::new(),
     };
-
     tar.dir("/bin", 0o755)?;
     tar.dir("/etc", 0o755)?;
     tar.dir("/tmp", 0o1777)?;
     tar.dir("/data", 0o755)?;
     tar.dir("/root", 0o700)?;
-
     tar.copy(binary, STANDIN_PATH, 0o755)?;
+    add_common(&mut tar, binary)?;
+    tar.text(
+        "/etc/passwd",
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    )?;
+    tar.text("/etc/group", "root:x:0:\nnogroup:x:65534:\n")?;
+    finish(tar)
+}
+
+/// Writes the uid-100 variant's root file system (see the module docs) as a tar to `out`.
+pub fn build_rootfs_tar_uid100(binary: &Path, out: impl Write) -> Result<()> {
+    let mut tar = RootfsTar {
+        builder: tar::Builder::new(out),
+        dirs: BTreeSet::new(),
+    };
+    tar.dir("/bin", 0o755)?;
+    tar.dir("/etc", 0o755)?;
+    tar.dir("/tmp", 0o1777)?;
+    tar.dir("/root", 0o700)?;
+    tar.dir_owned("/data", 0o755, WAYPOINT_UID, WAYPOINT_GID)?;
+    tar.dir_owned("/home/waypoint", 0o755, WAYPOINT_UID, WAYPOINT_GID)?;
+    tar.dir_owned("/run/user/100", 0o700, WAYPOINT_UID, WAYPOINT_GID)?;
+    tar.copy(binary, STANDIN_PATH_UID100, 0o755)?;
+    tar.symlink("/usr/bin/waypoint-entrypoint", "waypoint")?;
+    add_common(&mut tar, binary)?;
+    tar.text(
+        "/etc/passwd",
+        &format!(
+            "root:x:0:0:root:/root:/bin/sh\n\
+             waypoint:x:{WAYPOINT_UID}:{WAYPOINT_GID}:Linux User,,,:/home/waypoint:/sbin/nologin\n\
+             nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+        ),
+    )?;
+    tar.text(
+        "/etc/group",
+        &format!("root:x:0:\nwaypoint:x:{WAYPOINT_GID}:waypoint\nnogroup:x:65534:\n"),
+    )?;
+    tar.text("/etc/subuid", "waypoint:100000:65536\n")?;
+    tar.text("/etc/subgid", "waypoint:100000:65536\n")?;
+    finish(tar)
+}
+
+/// What both variants hold besides the binary and the users: the libraries, busybox.
+fn add_common<W: Write>(tar: &mut RootfsTar<W>, binary: &Path) -> Result<()> {
+    let libraries = shared_libraries(binary)?;
+    let busybox = find_static_busybox()?;
     for lib in &libraries {
         let path = lib
             .to_str()
@@ -248,15 +366,12 @@ pub fn build_rootfs_tar(binary: &Path, out: impl Write) -> Result<()> {
         tar.symlink(&format!("/bin/{applet}"), "busybox")?;
     }
     tar.text(
-        "/etc/passwd",
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-    )?;
-    tar.text("/etc/group", "root:x:0:\nnogroup:x:65534:\n")?;
-    tar.text(
         "/etc/nsswitch.conf",
         "passwd: files\ngroup: files\nhosts: files dns\n",
-    )?;
+    )
+}
 
+fn finish<W: Write>(tar: RootfsTar<W>) -> Result<()> {
     tar.builder
         .into_inner()
         .context("cannot finish the tarball")?
@@ -292,6 +407,72 @@ mod tests {
     fn entrypoint_is_exec_form() {
         assert_eq!(docker_import_change(), r#"ENTRYPOINT ["/bin/waypoint"]"#);
         assert_eq!(STANDIN_ENTRYPOINT, ["/bin/waypoint"]);
+    }
+
+    fn entries_of(
+        bytes: &[u8],
+    ) -> BTreeMap<String, (tar::EntryType, u32, u64, u64, Option<String>)> {
+        let mut entries = BTreeMap::new();
+        let mut archive = tar::Archive::new(bytes);
+        for entry in archive.entries().unwrap() {
+            let entry = entry.unwrap();
+            let path = format!("/{}", entry.path().unwrap().display())
+                .trim_end_matches('/')
+                .to_string();
+            let header = entry.header();
+            let link = entry.link_name().unwrap().map(|l| l.display().to_string());
+            entries.insert(
+                path,
+                (
+                    header.entry_type(),
+                    header.mode().unwrap(),
+                    header.uid().unwrap(),
+                    header.gid().unwrap(),
+                    link,
+                ),
+            );
+        }
+        entries
+    }
+
+    /// The static busybox stands in for the binary here, so no release build is needed.
+    #[test]
+    fn uid100_variant_has_the_official_images_user_home_and_data_owner() {
+        let binary = find_static_busybox().unwrap();
+        let mut bytes = Vec::new();
+        build_rootfs_tar_uid100(&binary, &mut bytes).unwrap();
+        let entries = entries_of(&bytes);
+        let (kind, mode, uid, _, _) = &entries["/usr/bin/waypoint"];
+        assert!(kind.is_file());
+        assert_eq!((mode & 0o777, *uid), (0o755, 0));
+        assert_eq!(
+            entries["/usr/bin/waypoint-entrypoint"].4.as_deref(),
+            Some("waypoint")
+        );
+        assert!(
+            !entries.contains_key("/bin/waypoint"),
+            "the official image has no /bin/waypoint"
+        );
+        for dir in ["/data", "/home/waypoint", "/run/user/100"] {
+            let (kind, _, uid, gid, _) = &entries[dir];
+            assert!(kind.is_dir(), "{dir}");
+            assert_eq!((*uid, *gid), (WAYPOINT_UID, WAYPOINT_GID), "{dir}");
+        }
+        assert_eq!(entries["/tmp"].1 & 0o7777, 0o1777);
+        assert_eq!(entries["/root"].2, 0);
+        let changes = docker_import_changes_uid100();
+        assert!(changes.contains(&"USER waypoint".to_string()));
+        assert!(changes.contains(&"ENV HOME=/home/waypoint".to_string()));
+        assert_eq!(
+            changes.last().unwrap(),
+            r#"ENTRYPOINT ["/usr/bin/waypoint"]"#
+        );
+        // The root variant is unchanged: root-owned /data, /bin/waypoint.
+        let mut bytes = Vec::new();
+        build_rootfs_tar(&binary, &mut bytes).unwrap();
+        let root = entries_of(&bytes);
+        assert_eq!(root["/data"].2, 0);
+        assert!(root.contains_key("/bin/waypoint"));
     }
 
     /// Needs the release build of the stand-in (`cargo build --release --workspace`).

@@ -139,13 +139,63 @@ impl HttpClient {
         .map_err(|_| ClientError::Timeout { target, secs })?
     }
 
-    async fn send_inner(
+    /// Sends one request and returns the status and the body as it streams in (no deadline
+    /// once the headers arrived; the connection lives as long as the returned stream).
+    pub async fn stream(
         &self,
         method: Method,
         path: &str,
         bearer: Option<&str>,
         json_body: Option<Vec<u8>>,
-    ) -> Result<Reply, ClientError> {
+    ) -> Result<StreamReply, ClientError> {
+        let target = self.target.to_string();
+        let secs = self.timeout.as_secs();
+        tokio::time::timeout(self.timeout, async {
+            let (request, target) = self.request(method, path, bearer, json_body)?;
+            match &self.target {
+                Target::Unix(_) => Err(ClientError::Request {
+                    target,
+                    message: "streams are only for tcp".into(),
+                }),
+                Target::Tcp { host, port } => {
+                    let tcp = self.tcp(host, *port, &target).await?;
+                    match &self.tls {
+                        None => open_stream(tcp, request, &target).await,
+                        Some((config, name)) => {
+                            let tls = TlsConnector::from(config.clone())
+                                .connect(name.clone(), tcp)
+                                .await
+                                .map_err(|source| ClientError::Handshake {
+                                    target: target.clone(),
+                                    source,
+                                })?;
+                            open_stream(tls, request, &target).await
+                        }
+                    }
+                }
+            }
+        })
+        .await
+        .map_err(|_| ClientError::Timeout { target, secs })?
+    }
+
+    async fn tcp(&self, host: &str, port: u16, target: &str) -> Result<TcpStream, ClientError> {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        connect_tcp(bare, port, self.source)
+            .await
+            .map_err(|source| ClientError::Connect {
+                target: target.to_string(),
+                source,
+            })
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        bearer: Option<&str>,
+        json_body: Option<Vec<u8>>,
+    ) -> Result<(Request<Full<Bytes>>, String), ClientError> {
         let target = self.target.to_string();
         let host_header = match &self.target {
             Target::Tcp { host, port } => format!("{host}:{port}"),
@@ -158,7 +208,8 @@ impl HttpClient {
             .header(hyper::header::HOST, host_header)
             .header(hyper::header::USER_AGENT, "waypoint-standin");
         if let Some(token) = bearer {
-            builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+            // As Waypoint's gRPC metadata carries it: the bare token, no scheme.
+            builder = builder.header(hyper::header::AUTHORIZATION, token);
         }
         let body = match json_body {
             Some(bytes) => {
@@ -172,7 +223,17 @@ impl HttpClient {
             // The error text never contains header values, so no token can leak through it.
             message: e.to_string(),
         })?;
+        Ok((request, target))
+    }
 
+    async fn send_inner(
+        &self,
+        method: Method,
+        path: &str,
+        bearer: Option<&str>,
+        json_body: Option<Vec<u8>>,
+    ) -> Result<Reply, ClientError> {
+        let (request, target) = self.request(method, path, bearer, json_body)?;
         match &self.target {
             Target::Unix(path) => {
                 let stream =
@@ -185,13 +246,7 @@ impl HttpClient {
                 exchange(stream, request, &target).await
             }
             Target::Tcp { host, port } => {
-                let bare = host.trim_start_matches('[').trim_end_matches(']');
-                let tcp = connect_tcp(bare, *port, self.source)
-                    .await
-                    .map_err(|source| ClientError::Connect {
-                        target: target.clone(),
-                        source,
-                    })?;
+                let tcp = self.tcp(host, *port, &target).await?;
                 match &self.tls {
                     None => exchange(tcp, request, &target).await,
                     Some((config, name)) => {
@@ -237,6 +292,62 @@ async fn connect_tcp(host: &str, port: u16, source: Option<IpAddr>) -> std::io::
             format!("{host} has no address of the source address {source}'s family"),
         )
     }))
+}
+
+/// A streaming answer: the status and the body frames as they arrive.
+pub struct StreamReply {
+    pub status: u16,
+    pub body: hyper::body::Incoming,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl StreamReply {
+    /// The next chunk of the body; `Ok(None)` at its end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        loop {
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for StreamReply {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+async fn open_stream<S>(
+    stream: S,
+    request: Request<Full<Bytes>>,
+    target: &str,
+) -> Result<StreamReply, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let http_err = |source| ClientError::Http {
+        target: target.to_string(),
+        source,
+    };
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http_err)?;
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let response = sender.send_request(request).await.map_err(http_err)?;
+    Ok(StreamReply {
+        status: response.status().as_u16(),
+        body: response.into_body(),
+        driver,
+    })
 }
 
 async fn exchange<S>(

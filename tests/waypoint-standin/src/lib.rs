@@ -1,31 +1,37 @@
-//! A STAND-IN for HashiCorp Waypoint, for tests only.
+//! A STAND-IN for HashiCorp Waypoint 0.11.4, for tests only.
 //!
 //! Waypoint's binaries and container images cannot be fetched on the machines that build and
-//! test pilot-agent, yet the agent drives Waypoint through exactly two surfaces: its container
-//! image and its command line. This crate builds a small binary named `waypoint` that speaks
-//! that same surface, so the end-to-end suites can run the agent unchanged:
+//! test pilot-agent (and Waypoint is archived), yet the agent drives Waypoint through exactly
+//! two surfaces: its container image and its command line. This crate builds a small binary
+//! named `waypoint` that speaks that same surface with Waypoint 0.11.4's rules, so that the
+//! end-to-end suites fail where the agent would fail against a real Waypoint:
 //!
-//! - `waypoint server run -accept-tos -db=/data/data.db -listen-grpc=… -listen-http=…` serves a
-//!   small HTTPS JSON API on both ports with a self-signed certificate kept in the data dir;
-//! - `waypoint server bootstrap` mints the first token exactly once, as Waypoint does: a second
-//!   bootstrap, even after a restart, fails with "server is already bootstrapped" and exit 1;
-//! - `waypoint token new`, `waypoint runner token`, `waypoint server config-set`;
-//! - `waypoint runner agent` registers with the server and checks the Docker API at
-//!   `DOCKER_HOST` with the Docker client's TLS rules (`DOCKER_TLS_VERIFY`, `DOCKER_CERT_PATH`),
-//!   and reports what worked in a JSON status file that tests read;
+//! - the command line: each command's exact flag set, Go's flag errors, errors printed as
+//!   `! ...` on stdout, exit codes (1, 127 for an unknown command), the CLI directory and the
+//!   contexts `server bootstrap` writes (see [`cli`], [`flags`], [`ui`], [`context`]);
+//! - `server run`: the `-accept-tos` rule, the URL service start that holds the listeners
+//!   back, a fresh self-signed certificate per listener and start, bootstrap open to any
+//!   client but only once ([`server`], [`state`], [`tls`]);
+//! - tokens shaped like Waypoint's (base58, `wp24` magic, HMAC-signed, stateless): login
+//!   tokens that can do everything, runner tokens bound to a runner id and expiring, and
+//!   Waypoint's refusal texts ([`token`], [`service`]);
+//! - `runner agent`: exits 1 if it cannot reach the server within 10 s at start, registers
+//!   with a held stream, reconnects after, is listed by the server only while connected
+//!   ([`runner`]); it also checks the Docker API at `DOCKER_HOST` after registering, which the
+//!   real runner does not, and reports it in a JSON status file that tests read;
+//! - `server snapshot` / `server restore` with the signing key in the snapshot;
 //! - `waypoint entrypoint [--] CMD...` (or the binary named `waypoint-entrypoint`) plays
-//!   Waypoint's entrypoint: it tries the server at `WAYPOINT_SERVER_ADDR` for at most 5 s, prints
-//!   one JSON line saying whether it connected and what address the server advertises, then
-//!   executes CMD either way (fail open); `WAYPOINT_CEB_DISABLE` skips the connection;
-//! - `waypoint version` prints `Waypoint v0.11.4 (stand-in)`.
+//!   Waypoint's entrypoint (see [`entrypoint`]).
 //!
-//! It is NOT Waypoint: nothing here speaks gRPC, builds or deploys. Every log line starts with
-//! `waypoint stand-in:` so nobody mistakes its output for the real thing. Waypoint's code is
-//! BUSL-licensed; it was read for behaviour only and nothing of it is copied here.
+//! It is NOT Waypoint: nothing here speaks gRPC (the ports serve an HTTPS JSON API), builds or
+//! deploys. Every log line starts with `waypoint stand-in:` and goes to stderr, so nobody
+//! mistakes its output for the real thing. Waypoint's code is BUSL-licensed; it was read for
+//! behaviour only and nothing of it is copied here.
 
 pub mod cli;
 pub mod client;
 pub mod conn;
+pub mod context;
 pub mod docker;
 pub mod entrypoint;
 pub mod error;
@@ -33,8 +39,11 @@ pub mod flags;
 pub mod fsutil;
 pub mod runner;
 pub mod server;
+pub mod service;
 pub mod state;
 pub mod tls;
+pub mod token;
+pub mod ui;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

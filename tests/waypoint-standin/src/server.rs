@@ -1,43 +1,59 @@
 //! `waypoint server run`: the stand-in server. Both Waypoint ports (gRPC 9701 and HTTP 9702)
-//! serve the same small HTTPS JSON API with the self-signed certificate from the data dir:
+//! serve the same small HTTPS JSON API (HTTP/1.1, not gRPC), each with its own self-signed
+//! certificate made at this start (or the `-tls-cert-file` pair):
 //!
-//! | method, path        | auth     | what                                                   |
-//! |---------------------|----------|--------------------------------------------------------|
-//! | `GET /`             | none     | `waypoint stand-in server` (readiness probe)           |
-//! | `GET /v1/status`    | none     | bootstrapped?, advertise address, runner count         |
-//! | `POST /v1/bootstrap`| loopback | first call mints the bootstrap token; later ones 409   |
-//! | `GET /v1/whoami`    | token    | the kind of the presented token                        |
-//! | `POST /v1/tokens`   | token    | mints a login or runner token                          |
-//! | `POST /v1/runners`  | token    | a runner registers or beats (`id`, docker status)      |
-//! | `GET /v1/runners`   | token    | registered runners with last-seen times                |
-//! | `POST /v1/config`   | token    | sets the advertise address (`server config-set`)       |
+//! | method, path              | Waypoint RPC it stands for | auth  |
+//! |---------------------------|----------------------------|-------|
+//! | `GET /`                   | the browser UI             | none  |
+//! | `GET /v1/version`         | `GetVersionInfo`           | none  |
+//! | `GET /v1/status`          | (stand-in: state summary)  | none  |
+//! | `POST /v1/bootstrap`      | `BootstrapToken`           | none  |
+//! | `GET /v1/whoami`          | (stand-in: the token)      | token |
+//! | `POST /v1/tokens`         | `GenerateLoginToken`, `GenerateRunnerToken` | token |
+//! | `POST /v1/runner/config`  | `RunnerConfig` (a stream held while the runner is up) | token |
+//! | `POST /v1/runners`        | a runner's further calls (it reports Docker) | token |
+//! | `GET /v1/runners`         | `ListRunners`              | token |
+//! | `POST /v1/runners/forget` | `ForgetRunner`             | token |
+//! | `POST`/`GET /v1/config`   | `SetServerConfig`, `GetServerConfig` | token |
+//! | `GET /v1/snapshot`        | `CreateSnapshot`           | token |
+//! | `POST /v1/restore`        | `RestoreSnapshot` (`?exit=true`: exit 2 after staging) | token |
 //!
-//! Tokens go in `Authorization: Bearer TOKEN` (a bare token is accepted too, as Waypoint's
-//! gRPC metadata carries it). Error bodies are plain text.
+//! The token goes in `Authorization` bare, as Waypoint's gRPC metadata carries it
+//! (`Bearer TOKEN` is accepted too). Authentication and the calls follow Waypoint's rules
+//! ([`crate::service`]); errors are JSON `{"code": "...", "message": "..."}` with Waypoint's
+//! message. As in Waypoint, bootstrap is open to every client that reaches a port.
 
+use std::collections::HashMap;
+use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Bytes, Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::error::{Error, IoContext, Result};
-use crate::state::{Advertise, Bootstrap, StateStore, TokenKind};
+use crate::service::{self, Auth, Code, Endpoint, Principal, RpcError};
+use crate::state::{Advertise, Bootstrap, OpenError, StateStore};
 use crate::{debug_log, log, tls};
 
-/// Largest request body the API reads; its documents are tiny.
-const MAX_REQUEST_BODY: usize = 64 * 1024;
+/// Largest request body the API reads (snapshots included).
+const MAX_REQUEST_BODY: usize = 16 * 1024 * 1024;
+
+/// How often the runner configuration stream sends a keepalive line.
+pub const STREAM_KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// The exact text Waypoint answers a second bootstrap with; the agent keys on it.
 pub const ALREADY_BOOTSTRAPPED: &str = "server is already bootstrapped";
@@ -53,21 +69,69 @@ pub struct ServerOptions {
     pub listen_http: String,
     /// `-advertise-addr` and friends, if given.
     pub advertise: Option<Advertise>,
-    /// `-tls-cert-file` and `-tls-key-file`, if given; otherwise a self-signed pair is used.
+    /// `-tls-cert-file` and `-tls-key-file`, if given; otherwise each listener self-signs.
     pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// `-disable-ui`: `GET /` answers 404.
+    pub disable_ui: bool,
 }
 
 /// State shared by all connections.
 pub struct Shared {
     store: Mutex<StateStore>,
+    /// Open configuration streams per runner id (lower case).
+    live: std::sync::Mutex<HashMap<String, u32>>,
+    exit: watch::Sender<Option<i32>>,
+    ui: bool,
+    /// The CLI's in-memory local server: every call is the superuser's.
+    superuser: bool,
 }
 
 impl Shared {
     /// Opens (or creates) the state at `db_path`.
-    pub fn open(db_path: &Path) -> Result<Self> {
+    pub fn open(db_path: &Path) -> std::result::Result<Self, OpenError> {
+        let store = StateStore::open(db_path)?;
+        if store.restored {
+            log!(
+                "server: applied the staged restore to {}",
+                db_path.display()
+            );
+        }
         Ok(Shared {
-            store: Mutex::new(StateStore::open(db_path)?),
+            store: Mutex::new(store),
+            live: std::sync::Mutex::new(HashMap::new()),
+            exit: watch::channel(None).0,
+            ui: true,
+            superuser: false,
         })
+    }
+
+    /// The state for the CLI's local server (Waypoint's in-memory server on `data.db` in the
+    /// working directory, used by some commands when no server is configured): no auth.
+    pub fn open_local(db_path: &Path) -> std::result::Result<Self, OpenError> {
+        let mut shared = Shared::open(db_path)?;
+        shared.superuser = true;
+        Ok(shared)
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        match self.live.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn is_online(&self, id: &str) -> bool {
+        self.live().get(&id.to_lowercase()).is_some_and(|n| *n > 0)
+    }
+
+    /// Whether the server was bootstrapped already.
+    pub async fn bootstrapped(&self) -> bool {
+        self.store.lock().await.bootstrapped()
+    }
+
+    /// Stores the `-advertise-addr` of `server run`.
+    pub async fn set_advertise(&self, advertise: Advertise) -> crate::error::Result<()> {
+        self.store.lock().await.set_advertise(advertise)
     }
 }
 
@@ -75,105 +139,113 @@ impl Shared {
 pub struct Server {
     grpc: TcpListener,
     http: TcpListener,
-    acceptor: TlsAcceptor,
+    grpc_tls: TlsAcceptor,
+    http_tls: TlsAcceptor,
     shared: Arc<Shared>,
 }
 
+/// Go's `net.Listen` error text.
+fn listen_error(addr: &str, e: &std::io::Error) -> String {
+    let reason = crate::context::go_errno_text(e);
+    if e.kind() == std::io::ErrorKind::AddrInUse || e.raw_os_error() == Some(13) {
+        format!("listen tcp {addr}: bind: {reason}")
+    } else {
+        format!("listen tcp {addr}: {reason}")
+    }
+}
+
 impl Server {
-    /// Prepares the data dir, state, certificate and both listeners.
-    pub async fn bind(opts: &ServerOptions) -> Result<Server> {
-        let data_dir = match opts.db_path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&data_dir)
-            .io_context(|| format!("failed to create data dir {}", data_dir.display()))?;
-        let shared = Shared::open(&opts.db_path)?;
-        if let Some(adv) = &opts.advertise {
-            shared.store.lock().await.set_advertise(adv.clone())?;
-        }
-
-        let identity = match &opts.tls_files {
-            Some((cert, key)) => tls::load_identity(cert, key)?,
-            None => {
-                let names: Vec<String> = opts
-                    .advertise
-                    .iter()
-                    .filter_map(|a| split_host(&a.addr))
-                    .collect();
-                let (identity, created) = tls::load_or_create_server_identity(&data_dir, &names)?;
-                if created {
-                    log!(
-                        "server: generated a self-signed tls certificate in {}",
-                        data_dir.display()
-                    );
-                } else {
-                    log!(
-                        "server: reusing the tls certificate in {}",
-                        data_dir.display()
-                    );
-                }
-                identity
-            }
-        };
-        let acceptor = TlsAcceptor::from(tls::server_config(identity)?);
-
+    /// Binds both listeners and gives each its certificate, as `server run` does after the
+    /// database and the URL service. Errors are the texts `server run` prints.
+    pub async fn bind(
+        mut shared: Shared,
+        opts: &ServerOptions,
+    ) -> std::result::Result<Server, String> {
+        shared.ui = !opts.disable_ui;
         let grpc = TcpListener::bind(&opts.listen_grpc)
             .await
-            .io_context(|| format!("failed to listen on {} (-listen-grpc)", opts.listen_grpc))?;
+            .map_err(|e| listen_error(&opts.listen_grpc, &e))?;
         let http = TcpListener::bind(&opts.listen_http)
             .await
-            .io_context(|| format!("failed to listen on {} (-listen-http)", opts.listen_http))?;
+            .map_err(|e| listen_error(&opts.listen_http, &e))?;
+        let cert = match &opts.tls_files {
+            None => tls::ServerCert::SelfSigned,
+            Some((cert, key)) => tls::ServerCert::Files(Arc::new(
+                tls::FileCertResolver::new(cert, key).map_err(|e| e.to_string())?,
+            )),
+        };
+        if opts.tls_files.is_none() {
+            log!(
+                "server: each listener uses its own self-signed certificate, made now, kept in memory"
+            );
+        }
+        let grpc_tls = TlsAcceptor::from(tls::server_config(&cert).map_err(|e| e.to_string())?);
+        let http_tls = TlsAcceptor::from(tls::server_config(&cert).map_err(|e| e.to_string())?);
         Ok(Server {
             grpc,
             http,
-            acceptor,
+            grpc_tls,
+            http_tls,
             shared: Arc::new(shared),
         })
     }
 
     /// The bound "gRPC" address (useful with port 0).
-    pub fn grpc_addr(&self) -> Result<SocketAddr> {
-        self.grpc
-            .local_addr()
-            .io_context(|| "failed to read the grpc listener address".into())
+    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
+        self.grpc.local_addr()
     }
 
     /// The bound HTTP address.
-    pub fn http_addr(&self) -> Result<SocketAddr> {
-        self.http
-            .local_addr()
-            .io_context(|| "failed to read the http listener address".into())
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http.local_addr()
     }
 
     /// Whether the server was bootstrapped already.
     pub async fn bootstrapped(&self) -> bool {
-        self.shared.store.lock().await.state().bootstrapped
+        self.shared.bootstrapped().await
     }
 
-    /// Serves both ports until `shutdown` completes.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+    /// Serves both ports until `shutdown` completes (exit code 0) or a restore with `-exit`
+    /// asks the server to exit (code 2). Open runner streams end as the server stops, so the
+    /// runners that only a stream kept registered are forgotten, as in Waypoint.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> i32 {
         let grpc = tokio::spawn(accept_loop(
             self.grpc,
-            self.acceptor.clone(),
+            self.grpc_tls,
             self.shared.clone(),
             "grpc",
         ));
-        let http = tokio::spawn(accept_loop(self.http, self.acceptor, self.shared, "http"));
-        shutdown.await;
+        let http = tokio::spawn(accept_loop(
+            self.http,
+            self.http_tls,
+            self.shared.clone(),
+            "http",
+        ));
+        let mut exit = self.shared.exit.subscribe();
+        let code = tokio::select! {
+            _ = shutdown => 0,
+            code = async {
+                loop {
+                    if let Some(code) = *exit.borrow_and_update() {
+                        return code;
+                    }
+                    if exit.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            } => code,
+        };
         grpc.abort();
         http.abort();
+        let ids: Vec<String> = self.shared.live().drain().map(|(id, _)| id).collect();
+        let mut store = self.shared.store.lock().await;
+        for id in ids {
+            if let Err(e) = store.runner_offline(&id) {
+                log!("server: failed to mark runner {id} offline: {e}");
+            }
+        }
+        code
     }
-}
-
-/// The host part of `HOST:PORT` (brackets removed), if any.
-fn split_host(addr: &str) -> Option<String> {
-    let host = match addr.rsplit_once(':') {
-        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => addr,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    (!host.is_empty()).then(|| host.to_string())
 }
 
 async fn accept_loop(
@@ -211,7 +283,7 @@ async fn accept_loop(
                 };
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&shared, peer, req).await) }
+                async move { Ok::<_, Infallible>(handle(shared, peer, req).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
@@ -223,49 +295,52 @@ async fn accept_loop(
     }
 }
 
-async fn handle(
-    shared: &Shared,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let auth = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let reply = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
-        .collect()
-        .await
-    {
-        Ok(body) => {
-            route(
-                shared,
-                peer.ip(),
-                &method,
-                &path,
-                auth.as_deref(),
-                &body.to_bytes(),
-            )
-            .await
-        }
-        Err(e) => ApiReply::text(
-            StatusCode::BAD_REQUEST,
-            format!("cannot read the request body: {e}"),
-        ),
-    };
-    debug_log!(
-        "server: {method} {path} from {peer} -> {}",
-        reply.status.as_u16()
-    );
-    let mut response = Response::new(Full::new(Bytes::from(reply.body)));
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+fn full(bytes: Vec<u8>) -> Body {
+    Full::new(Bytes::from(bytes)).boxed_unsync()
+}
+
+fn respond(reply: ApiReply) -> Response<Body> {
+    let mut response = Response::new(full(reply.body));
     *response.status_mut() = reply.status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static(reply.content_type),
     );
     response
+}
+
+async fn handle(shared: Arc<Shared>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let auth = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = match Limited::new(req.into_body(), MAX_REQUEST_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(e) => {
+            return respond(ApiReply::error(RpcError::new(
+                Code::InvalidArgument,
+                format!("cannot read the request body: {e}"),
+            )));
+        }
+    };
+    if method == Method::POST && path == "/v1/runner/config" {
+        return runner_config(shared, peer, auth.as_deref(), &body).await;
+    }
+    let reply = route(&shared, &method, &path, &query, auth.as_deref(), &body).await;
+    debug_log!(
+        "server: {method} {path} from {peer} -> {}",
+        reply.status.as_u16()
+    );
+    respond(reply)
 }
 
 /// An API answer before it becomes an HTTP response.
@@ -285,7 +360,7 @@ impl ApiReply {
         }
     }
 
-    fn json(value: serde_json::Value) -> Self {
+    fn json(value: Value) -> Self {
         ApiReply {
             status: StatusCode::OK,
             content_type: "application/json",
@@ -293,16 +368,17 @@ impl ApiReply {
         }
     }
 
-    fn internal(context: &str, err: Error) -> Self {
-        log!("server: {context}: {err}");
-        ApiReply::text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("{context}: {err}"),
-        )
+    fn error(err: RpcError) -> Self {
+        ApiReply {
+            status: StatusCode::from_u16(err.code.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            content_type: "application/json",
+            body: err.to_json().to_string().into_bytes(),
+        }
     }
 }
 
-/// The token from an `Authorization` header: `Bearer TOKEN` or a bare token.
+/// The token from an `Authorization` header: a bare token or `Bearer TOKEN`.
 fn bearer(header: Option<&str>) -> Option<&str> {
     let value = header?.trim();
     let token = match value.split_once(' ') {
@@ -313,14 +389,56 @@ fn bearer(header: Option<&str>) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> std::result::Result<T, ApiReply> {
+    let body = if body.is_empty() { b"{}" } else { body };
+    serde_json::from_slice(body).map_err(|e| {
+        ApiReply::error(RpcError::new(
+            Code::InvalidArgument,
+            format!("bad json request body: {e}"),
+        ))
+    })
+}
+
+async fn authorize(
+    shared: &Shared,
+    authorization: Option<&str>,
+    endpoint: Endpoint,
+) -> std::result::Result<Principal, RpcError> {
+    if shared.superuser {
+        return Ok(Principal::Superuser);
+    }
+    let outcome = {
+        let store = shared.store.lock().await;
+        service::authenticate(&store, bearer(authorization), endpoint)
+    };
+    match outcome {
+        Auth::Ok(p) => Ok(p),
+        Auth::Refused(e) => {
+            log!("server: refused {endpoint:?}: {}", e.message);
+            Err(e)
+        }
+        Auth::Tarpit(e) => {
+            log!(
+                "server: refused {endpoint:?} after the {} s tarpit: {}",
+                service::TARPIT.as_secs(),
+                e.message
+            );
+            tokio::time::sleep(service::TARPIT).await;
+            Err(e)
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct MintRequest {
     #[serde(default)]
     kind: Option<String>,
+    #[serde(flatten)]
+    rest: Value,
 }
 
 #[derive(Deserialize)]
-struct RegisterRequest {
+struct ReportRequest {
     id: String,
     #[serde(default)]
     docker_ok: bool,
@@ -329,7 +447,14 @@ struct RegisterRequest {
 }
 
 #[derive(Deserialize)]
+struct ForgetRequest {
+    #[serde(default)]
+    id: String,
+}
+
+#[derive(Deserialize)]
 struct ConfigRequest {
+    #[serde(default)]
     advertise_addr: String,
     #[serde(default = "default_true")]
     advertise_tls: bool,
@@ -341,350 +466,666 @@ fn default_true() -> bool {
     true
 }
 
-fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> std::result::Result<T, ApiReply> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiReply::text(
-            StatusCode::BAD_REQUEST,
-            format!("bad json request body: {e}"),
-        )
+fn endpoint_of(method: &Method, path: &str, body: &[u8]) -> Option<Endpoint> {
+    Some(match (method, path) {
+        (&Method::GET, "/v1/whoami") => Endpoint::Whoami,
+        (&Method::POST, "/v1/tokens") => {
+            let kind = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v["kind"].as_str().map(str::to_string));
+            if kind.as_deref() == Some("runner") {
+                Endpoint::GenerateRunnerToken
+            } else {
+                Endpoint::GenerateLoginToken
+            }
+        }
+        (&Method::POST, "/v1/runners") => Endpoint::RunnerReport,
+        (&Method::GET, "/v1/runners") => Endpoint::ListRunners,
+        (&Method::POST, "/v1/runners/forget") => Endpoint::ForgetRunner,
+        (&Method::POST, "/v1/config") => Endpoint::SetServerConfig,
+        (&Method::GET, "/v1/config") => Endpoint::GetServerConfig,
+        (&Method::GET, "/v1/snapshot") => Endpoint::CreateSnapshot,
+        (&Method::POST, "/v1/restore") => Endpoint::RestoreSnapshot,
+        _ => return None,
     })
 }
 
-/// Routes one request. Separate from the socket code so unit tests can call it directly.
+/// Routes one unary request. Separate from the socket code so unit tests can call it.
 pub async fn route(
     shared: &Shared,
-    peer: IpAddr,
     method: &Method,
     path: &str,
+    query: &str,
     authorization: Option<&str>,
     body: &[u8],
 ) -> ApiReply {
     match (method, path) {
-        (&Method::GET, "/") => ApiReply::text(StatusCode::OK, "waypoint stand-in server"),
+        (&Method::GET, "/") if shared.ui => {
+            return ApiReply::text(StatusCode::OK, "waypoint stand-in server");
+        }
+        (&Method::GET, "/") => return ApiReply::text(StatusCode::NOT_FOUND, "404 page not found"),
+        (&Method::GET, "/v1/version") => {
+            return ApiReply::json(json!({
+                "standin": true,
+                "version": "v0.11.4",
+                "version_line": crate::VERSION_LINE,
+            }));
+        }
         (&Method::GET, "/v1/status") => {
             let store = shared.store.lock().await;
             let state = store.state();
-            ApiReply::json(json!({
+            return ApiReply::json(json!({
                 "standin": true,
                 "version": crate::VERSION_LINE,
-                "bootstrapped": state.bootstrapped,
+                "bootstrapped": store.bootstrapped(),
                 "advertise_addr": state.advertise.as_ref().map(|a| a.addr.clone()),
                 "advertise_tls": state.advertise.as_ref().map(|a| a.tls),
                 "advertise_tls_skip_verify": state.advertise.as_ref().map(|a| a.tls_skip_verify),
                 "runners": state.runners.len(),
-            }))
+            }));
         }
         (&Method::POST, "/v1/bootstrap") => {
-            // Only from inside the server's own network namespace (the agent runs
-            // `docker exec SERVER waypoint server bootstrap`), so nobody on the network can
-            // race the agent for the one bootstrap token.
-            if !peer.to_canonical().is_loopback() {
-                log!(
-                    "server: refused a bootstrap request from {peer}: bootstrap is only allowed from loopback"
-                );
-                return ApiReply::text(
-                    StatusCode::FORBIDDEN,
-                    "bootstrap is only allowed from loopback",
-                );
-            }
             let mut store = shared.store.lock().await;
-            match store.bootstrap() {
+            return match store.bootstrap() {
                 Ok(Bootstrap::Minted(token)) => {
-                    log!("server: bootstrapped; the bootstrap token is persisted");
+                    log!("server: bootstrapped; the signing key and the user are persisted");
                     ApiReply::json(json!({ "token": token }))
                 }
                 Ok(Bootstrap::AlreadyBootstrapped) => {
                     log!("server: refused a second bootstrap: {ALREADY_BOOTSTRAPPED}");
-                    ApiReply::text(StatusCode::CONFLICT, ALREADY_BOOTSTRAPPED)
+                    ApiReply::error(RpcError::new(Code::PermissionDenied, ALREADY_BOOTSTRAPPED))
                 }
-                Err(e) => ApiReply::internal("failed to persist the bootstrap", e),
-            }
-        }
-        (_, "/" | "/v1/status" | "/v1/bootstrap") => method_not_allowed(),
-        (_, "/v1/whoami" | "/v1/tokens" | "/v1/runners" | "/v1/config") => {
-            let mut store = shared.store.lock().await;
-            let kind = match bearer(authorization).and_then(|t| store.authenticate(t)) {
-                Some(kind) => kind,
-                None => {
-                    log!("server: rejected {method} {path} from {peer}: missing or unknown token");
-                    return ApiReply::text(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized: missing or unknown token",
-                    );
-                }
+                Err(e) => ApiReply::error(RpcError::new(
+                    Code::Internal,
+                    format!("failed to persist the bootstrap: {e}"),
+                )),
             };
-            authenticated(&mut store, kind, method, path, body)
         }
-        _ => ApiReply::text(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
+        _ => {}
+    }
+    let Some(endpoint) = endpoint_of(method, path, body) else {
+        let known = [
+            "/",
+            "/v1/version",
+            "/v1/status",
+            "/v1/bootstrap",
+            "/v1/whoami",
+            "/v1/tokens",
+            "/v1/runners",
+            "/v1/runners/forget",
+            "/v1/config",
+            "/v1/snapshot",
+            "/v1/restore",
+            "/v1/runner/config",
+        ];
+        return if known.contains(&path) {
+            ApiReply::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        } else {
+            ApiReply::text(StatusCode::NOT_FOUND, "404 page not found")
+        };
+    };
+    let who = match authorize(shared, authorization, endpoint).await {
+        Ok(p) => p,
+        Err(e) => return ApiReply::error(e),
+    };
+    match call(shared, endpoint, &who, query, body).await {
+        Ok(reply) => reply,
+        Err(e) => ApiReply::error(e),
     }
 }
 
-fn method_not_allowed() -> ApiReply {
-    ApiReply::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-}
-
-fn authenticated(
-    store: &mut StateStore,
-    kind: TokenKind,
-    method: &Method,
-    path: &str,
+async fn call(
+    shared: &Shared,
+    endpoint: Endpoint,
+    who: &Principal,
+    query: &str,
     body: &[u8],
-) -> ApiReply {
-    match (method, path) {
-        (&Method::GET, "/v1/whoami") => {
-            ApiReply::json(json!({ "token_kind": kind.as_str(), "standin": true }))
-        }
-        (&Method::POST, "/v1/tokens") => {
-            let request: MintRequest = if body.is_empty() {
-                MintRequest { kind: None }
+) -> std::result::Result<ApiReply, RpcError> {
+    let bad = |reply: ApiReply| -> RpcError {
+        serde_json::from_slice(&reply.body)
+            .unwrap_or_else(|_| RpcError::new(Code::InvalidArgument, "bad json request body"))
+    };
+    Ok(match endpoint {
+        Endpoint::Whoami => ApiReply::json(service::whoami(who)),
+        Endpoint::GenerateLoginToken | Endpoint::GenerateRunnerToken => {
+            let request: MintRequest = parse_json(body).map_err(bad)?;
+            let mut store = shared.store.lock().await;
+            let token = if endpoint == Endpoint::GenerateRunnerToken {
+                let req = serde_json::from_value(request.rest).map_err(|e| {
+                    RpcError::new(Code::InvalidArgument, format!("bad request: {e}"))
+                })?;
+                service::generate_runner(&mut store, who, &req)?
             } else {
-                match parse_json(body) {
-                    Ok(r) => r,
-                    Err(reply) => return reply,
+                if request.kind.as_deref().is_some_and(|k| k != "login") {
+                    return Err(RpcError::new(Code::InvalidArgument, "unknown token kind"));
                 }
+                let req = serde_json::from_value(request.rest).map_err(|e| {
+                    RpcError::new(Code::InvalidArgument, format!("bad request: {e}"))
+                })?;
+                service::generate_login(&mut store, who, &req)?
             };
-            let new_kind = match request.kind.as_deref() {
-                None | Some("login") => TokenKind::Login,
-                Some("runner") => TokenKind::Runner,
-                Some(other) => {
-                    return ApiReply::text(
-                        StatusCode::BAD_REQUEST,
-                        format!("unknown token kind {other:?}"),
-                    );
+            log!("server: issued a token ({endpoint:?})");
+            ApiReply::json(json!({ "token": token }))
+        }
+        Endpoint::RunnerReport => {
+            let req: ReportRequest = parse_json(body).map_err(bad)?;
+            let other_runner = matches!(who, Principal::Runner { id, .. }
+                if !id.is_empty() && !id.eq_ignore_ascii_case(&req.id));
+            if other_runner {
+                return Err(RpcError::new(
+                    Code::PermissionDenied,
+                    "provided runner token is for a different runner",
+                ));
+            }
+            let mut store = shared.store.lock().await;
+            match store.report_docker(&req.id, req.docker_ok, req.docker_version.clone()) {
+                Ok(true) => ApiReply::json(json!({ "id": req.id, "recorded": true })),
+                Ok(false) => return Err(RpcError::new(Code::NotFound, "runner not found")),
+                Err(e) => {
+                    return Err(RpcError::new(
+                        Code::Internal,
+                        format!("failed to update runner: {e}"),
+                    ));
                 }
-            };
-            match store.mint(new_kind) {
-                Ok(token) => {
-                    log!("server: issued a {} token", new_kind.as_str());
-                    ApiReply::json(json!({ "token": token, "token_kind": new_kind.as_str() }))
-                }
-                Err(e) => ApiReply::internal("failed to persist the new token", e),
             }
         }
-        (&Method::POST, "/v1/runners") => {
-            let request: RegisterRequest = match parse_json(body) {
-                Ok(r) => r,
-                Err(reply) => return reply,
-            };
-            if request.id.is_empty() || request.id.len() > 128 {
-                return ApiReply::text(
-                    StatusCode::BAD_REQUEST,
-                    "runner id must be 1 to 128 characters",
-                );
-            }
-            match store.register_runner(
-                &request.id,
-                request.docker_ok,
-                request.docker_version.clone(),
-            ) {
-                Ok(changed) => {
-                    if changed {
-                        log!(
-                            "server: runner {} registered (docker_ok={}, docker_version={})",
-                            request.id,
-                            request.docker_ok,
-                            request.docker_version.as_deref().unwrap_or("-")
-                        );
-                    }
-                    ApiReply::json(json!({ "id": request.id, "registered": true }))
-                }
-                Err(e) => ApiReply::internal("failed to persist the runner", e),
-            }
+        Endpoint::ListRunners => {
+            let store = shared.store.lock().await;
+            ApiReply::json(service::list_runners(&store, &|id| shared.is_online(id)))
         }
-        (&Method::GET, "/v1/runners") => {
-            let runners: Vec<_> = store.state().runners.values().cloned().collect();
-            ApiReply::json(json!({ "runners": runners }))
+        Endpoint::ForgetRunner => {
+            let req: ForgetRequest = parse_json(body).map_err(bad)?;
+            let mut store = shared.store.lock().await;
+            service::forget_runner(&mut store, &req.id)?;
+            log!("server: forgot runner {:?}", req.id);
+            ApiReply::json(json!({ "forgotten": req.id }))
         }
-        (&Method::POST, "/v1/config") => {
-            let request: ConfigRequest = match parse_json(body) {
-                Ok(r) => r,
-                Err(reply) => return reply,
-            };
-            if split_host(&request.advertise_addr).is_none() {
-                return ApiReply::text(StatusCode::BAD_REQUEST, "advertise_addr must be HOST:PORT");
-            }
+        Endpoint::SetServerConfig => {
+            let req: ConfigRequest = parse_json(body).map_err(bad)?;
             let advertise = Advertise {
-                addr: request.advertise_addr,
-                tls: request.advertise_tls,
-                tls_skip_verify: request.advertise_tls_skip_verify,
+                addr: req.advertise_addr,
+                tls: req.advertise_tls,
+                tls_skip_verify: req.advertise_tls_skip_verify,
             };
-            match store.set_advertise(advertise.clone()) {
-                Ok(()) => {
-                    log!("server: advertise address set to {}", advertise.addr);
-                    ApiReply::json(json!({ "advertise_addr": advertise.addr }))
-                }
-                Err(e) => ApiReply::internal("failed to persist the configuration", e),
+            let mut store = shared.store.lock().await;
+            service::set_server_config(&mut store, advertise.clone())?;
+            log!("server: advertise address set to {:?}", advertise.addr);
+            ApiReply::json(json!({ "advertise_addr": advertise.addr }))
+        }
+        Endpoint::GetServerConfig => {
+            let store = shared.store.lock().await;
+            ApiReply::json(json!({ "advertise": store.state().advertise }))
+        }
+        Endpoint::CreateSnapshot => {
+            let store = shared.store.lock().await;
+            let bytes = store
+                .snapshot()
+                .map_err(|e| RpcError::new(Code::Internal, e.to_string()))?;
+            ApiReply {
+                status: StatusCode::OK,
+                content_type: "application/octet-stream",
+                body: bytes,
             }
         }
-        _ => method_not_allowed(),
+        Endpoint::RestoreSnapshot => {
+            let store = shared.store.lock().await;
+            store
+                .stage_restore(body)
+                .map_err(|e| RpcError::new(Code::Internal, e))?;
+            log!("server: staged a restore; it is applied at the next start");
+            if query
+                .split('&')
+                .any(|kv| kv == "exit=true" || kv == "exit=1")
+            {
+                log!("server: exiting with code 2 so the restore is applied at the restart");
+                let exit = shared.exit.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = exit.send(Some(2));
+                });
+            }
+            ApiReply::json(json!({ "staged": true }))
+        }
+        Endpoint::RunnerConfig => {
+            return Err(RpcError::new(Code::InvalidArgument, "use the stream"));
+        }
+    })
+}
+
+#[derive(Deserialize)]
+struct RunnerConfigRequest {
+    id: String,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+/// `RunnerConfig`: registers the runner and holds the answer open, one keepalive line a
+/// second, for as long as the runner is connected. When the stream ends the runner goes
+/// offline ([`StateStore::runner_offline`]).
+async fn runner_config(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    authorization: Option<&str>,
+    body: &[u8],
+) -> Response<Body> {
+    let who = match authorize(&shared, authorization, Endpoint::RunnerConfig).await {
+        Ok(p) => p,
+        Err(e) => return respond(ApiReply::error(e)),
+    };
+    let req: RunnerConfigRequest = match parse_json(body) {
+        Ok(r) => r,
+        Err(reply) => return respond(reply),
+    };
+    let adoption = {
+        let mut store = shared.store.lock().await;
+        let adoption = service::register_runner(&mut store, &who, &req.id, &req.labels);
+        if adoption.is_ok() {
+            // Counted while the store is held, so a previous stream's offline cannot slip
+            // between this registration and its count.
+            *shared.live().entry(req.id.to_lowercase()).or_insert(0) += 1;
+        }
+        adoption
+    };
+    let adoption = match adoption {
+        Ok(a) => a,
+        Err(e) => {
+            log!(
+                "server: refused runner {:?} from {peer}: {}",
+                req.id,
+                e.message
+            );
+            return respond(ApiReply::error(e));
+        }
+    };
+    log!(
+        "server: runner {} registered ({}) from {peer}",
+        req.id,
+        adoption.as_str()
+    );
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let first = json!({ "registered": true, "adoption_state": adoption.as_str() });
+    let _ = tx.try_send(Bytes::from(format!("{first}\n")));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(STREAM_KEEPALIVE).await;
+            if tx
+                .send(Bytes::from_static(b"{\"keepalive\":true}\n"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let body = StreamBody {
+        rx,
+        guard: Some(OfflineGuard {
+            shared: shared.clone(),
+            id: req.id.clone(),
+        }),
+    };
+    let mut response = Response::new(body.boxed_unsync());
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
+/// The configuration stream's body: lines from a channel; dropping it (the runner went away,
+/// the server stops) marks the runner offline.
+struct StreamBody {
+    rx: mpsc::Receiver<Bytes>,
+    guard: Option<OfflineGuard>,
+}
+
+impl hyper::body::Body for StreamBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(bytes)) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+            Poll::Ready(None) => {
+                this.guard.take();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
+}
+
+struct OfflineGuard {
+    shared: Arc<Shared>,
+    id: String,
+}
+
+impl Drop for OfflineGuard {
+    fn drop(&mut self) {
+        let key = self.id.to_lowercase();
+        // Waypoint marks a runner offline when its stream ends. gRPC notices a dead stream at
+        // once; the stand-in notices at its next keepalive, so a runner that restarted may
+        // already hold a new stream: only the last stream's end takes the runner offline.
+        let last = {
+            let mut live = self.shared.live();
+            match live.get_mut(&key) {
+                Some(n) => {
+                    *n = n.saturating_sub(1);
+                    let last = *n == 0;
+                    if last {
+                        live.remove(&key);
+                    }
+                    last
+                }
+                // The server's shutdown already took it offline.
+                None => false,
+            }
+        };
+        if !last {
+            return;
+        }
+        let shared = self.shared.clone();
+        let id = self.id.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let mut store = shared.store.lock().await;
+                if shared.is_online(&id) {
+                    return;
+                }
+                match store.runner_offline(&id) {
+                    Ok(true) => log!("server: runner {id} disconnected; its record is removed"),
+                    Ok(false) => log!("server: runner {id} disconnected"),
+                    Err(e) => log!("server: failed to mark runner {id} offline: {e}"),
+                }
+            });
+        }
+    }
+}
+
+/// The URL service settings of `server run`.
+#[derive(Debug, Clone)]
+pub struct UrlOptions {
+    pub enabled: bool,
+    pub api_addr: String,
+    pub api_insecure: bool,
+}
+
+/// gRPC's minimum connect timeout: how long one attempt to reach the URL service may take.
+pub const URL_CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The URL service start of `server run`, which happens before the listeners open: one
+/// synchronous attempt to reach `-url-api-addr` (name resolution and TCP connect, bounded by
+/// gRPC's 20 s connect timeout); when it fails, Waypoint logs
+/// `URL service unavailable, will retry in the background`, sleeps one backoff interval
+/// (0.5 s ± 50 %) and goes on, retrying in the background. The stand-in does the same (it
+/// cannot speak the URL service's protocol, so an address that answers is treated as
+/// unavailable too). Returns how long the start was held up.
+pub async fn init_url_service(opts: &UrlOptions) -> Duration {
+    let started = std::time::Instant::now();
+    if !opts.enabled {
+        log!("server: URL service is not configured or explicitly disabled");
+        return Duration::ZERO;
+    }
+    let attempt = tokio::time::timeout(
+        URL_CONNECT_TIMEOUT,
+        tokio::net::TcpStream::connect(opts.api_addr.as_str()),
+    )
+    .await;
+    match attempt {
+        Ok(Ok(_)) => log!(
+            "server: the URL service at {} accepted a connection; the stand-in does not speak \
+             its protocol and treats it as unavailable",
+            opts.api_addr
+        ),
+        Ok(Err(e)) => debug_log!("server: URL service at {} failed: {e}", opts.api_addr),
+        Err(_) => debug_log!(
+            "server: URL service at {} did not connect within {} s",
+            opts.api_addr,
+            URL_CONNECT_TIMEOUT.as_secs()
+        ),
+    }
+    let jitter = crate::token::random_bytes::<1>().map_or(128, |b| b[0]);
+    let sleep = Duration::from_millis(250 + u64::from(jitter) * 500 / 255);
+    log!(
+        "server: URL service unavailable, will retry in the background (sleep {} ms, tls={})",
+        sleep.as_millis(),
+        !opts.api_insecure
+    );
+    tokio::time::sleep(sleep).await;
+    let api_addr = opts.api_addr.clone();
+    tokio::spawn(async move {
+        let mut wait = Duration::from_millis(750);
+        loop {
+            tokio::time::sleep(wait).await;
+            let ok = tokio::time::timeout(
+                URL_CONNECT_TIMEOUT,
+                tokio::net::TcpStream::connect(api_addr.as_str()),
+            )
+            .await;
+            debug_log!(
+                "server: URL service retry at {api_addr}: {}",
+                match ok {
+                    Ok(Ok(_)) => "connected (not modelled)".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "timed out".to_string(),
+                }
+            );
+            wait = (wait.mul_f64(1.5)).min(Duration::from_secs(60));
+        }
+    });
+    started.elapsed()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
 
-    const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    const REMOTE: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7));
-
-    fn json_of(reply: &ApiReply) -> serde_json::Value {
+    fn json_of(reply: &ApiReply) -> Value {
         serde_json::from_slice(&reply.body).unwrap()
     }
 
+    async fn post(shared: &Shared, path: &str, auth: Option<&str>, body: &[u8]) -> ApiReply {
+        route(shared, &Method::POST, path, "", auth, body).await
+    }
+
+    async fn get(shared: &Shared, path: &str, auth: Option<&str>) -> ApiReply {
+        route(shared, &Method::GET, path, "", auth, b"").await
+    }
+
     #[tokio::test]
-    async fn bootstrap_only_once_and_only_from_loopback() {
+    async fn bootstrap_is_open_to_anyone_but_only_once() {
         let dir = tempfile::tempdir().unwrap();
         let shared = Shared::open(&dir.path().join("data.db")).unwrap();
-        let remote = route(&shared, REMOTE, &Method::POST, "/v1/bootstrap", None, b"").await;
-        assert_eq!(remote.status, StatusCode::FORBIDDEN);
-        let first = route(&shared, LOOPBACK, &Method::POST, "/v1/bootstrap", None, b"").await;
+        let first = post(&shared, "/v1/bootstrap", None, b"").await;
         assert_eq!(first.status, StatusCode::OK);
         let token = json_of(&first)["token"].as_str().unwrap().to_string();
-        let second = route(&shared, LOOPBACK, &Method::POST, "/v1/bootstrap", None, b"").await;
-        assert_eq!(second.status, StatusCode::CONFLICT);
-        assert_eq!(second.body, ALREADY_BOOTSTRAPPED.as_bytes());
-
-        // IPv4-mapped loopback counts as loopback.
-        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
-        let third = route(&shared, mapped, &Method::POST, "/v1/bootstrap", None, b"").await;
-        assert_eq!(third.status, StatusCode::CONFLICT);
-
-        let auth = format!("Bearer {token}");
-        let who = route(
-            &shared,
-            REMOTE,
-            &Method::GET,
-            "/v1/whoami",
-            Some(&auth),
-            b"",
-        )
-        .await;
-        assert_eq!(json_of(&who)["token_kind"], "bootstrap");
-        let status = route(&shared, REMOTE, &Method::GET, "/v1/status", None, b"").await;
-        assert_eq!(json_of(&status)["bootstrapped"], true);
+        let second = post(&shared, "/v1/bootstrap", None, b"").await;
+        assert_eq!(second.status, StatusCode::FORBIDDEN);
+        assert_eq!(json_of(&second)["message"], ALREADY_BOOTSTRAPPED);
+        assert_eq!(json_of(&second)["code"], "PermissionDenied");
+        let who = get(&shared, "/v1/whoami", Some(&token)).await;
+        assert_eq!(json_of(&who)["token_kind"], "login");
+        let who = get(&shared, "/v1/whoami", Some(&format!("Bearer {token}"))).await;
+        assert_eq!(who.status, StatusCode::OK);
     }
 
     #[tokio::test]
-    async fn authenticated_endpoints_need_an_issued_token() {
+    async fn authentication_failures_carry_waypoints_texts() {
         let dir = tempfile::tempdir().unwrap();
         let shared = Shared::open(&dir.path().join("data.db")).unwrap();
-        for (method, path) in [
-            (Method::GET, "/v1/whoami"),
-            (Method::POST, "/v1/tokens"),
-            (Method::GET, "/v1/runners"),
-            (Method::POST, "/v1/runners"),
-            (Method::POST, "/v1/config"),
-        ] {
-            for auth in [
-                None,
-                Some("Bearer nope"),
-                Some("Basic abc"),
-                Some("Bearer "),
-            ] {
-                let reply = route(&shared, LOOPBACK, &method, path, auth, b"{}").await;
-                assert_eq!(
-                    reply.status,
-                    StatusCode::UNAUTHORIZED,
-                    "{method} {path} {auth:?}"
-                );
-            }
+        let boot = json_of(&post(&shared, "/v1/bootstrap", None, b"").await)["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let cases: &[(Option<&str>, &str)] = &[
+            (None, "Authorization token is not supplied"),
+            (Some("Basic abc"), "Authorization token is not supplied"),
+            (
+                Some("0123456789abcdef"),
+                "failed to base58 decode token: Invalid base58 digit ('0')",
+            ),
+        ];
+        for (auth, message) in cases {
+            let reply = get(&shared, "/v1/whoami", *auth).await;
+            assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{auth:?}");
+            assert_eq!(json_of(&reply)["message"], *message);
         }
+        // A token of another server (another key) has a bad signature.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = Shared::open(&other_dir.path().join("data.db")).unwrap();
+        let foreign = json_of(&post(&other, "/v1/bootstrap", None, b"").await)["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let reply = get(&shared, "/v1/whoami", Some(&foreign)).await;
+        assert_eq!(
+            json_of(&reply)["message"],
+            "bad token signature: invalid authentication token"
+        );
+        assert_eq!(
+            get(&shared, "/v1/whoami", Some(&boot)).await.status,
+            StatusCode::OK
+        );
     }
 
     #[tokio::test]
-    async fn tokens_runners_and_config() {
+    async fn runner_tokens_are_scoped_like_waypoints() {
         let dir = tempfile::tempdir().unwrap();
         let shared = Shared::open(&dir.path().join("data.db")).unwrap();
-        let boot = route(&shared, LOOPBACK, &Method::POST, "/v1/bootstrap", None, b"").await;
-        let boot = json_of(&boot)["token"].as_str().unwrap().to_string();
-
-        let minted = route(
+        let boot = json_of(&post(&shared, "/v1/bootstrap", None, b"").await)["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let minted = post(
             &shared,
-            REMOTE,
-            &Method::POST,
             "/v1/tokens",
             Some(&boot),
-            br#"{"kind":"runner"}"#,
+            br#"{"kind":"runner","id":"host-runner-1","duration_ns":0}"#,
         )
         .await;
         assert_eq!(minted.status, StatusCode::OK);
-        let runner_token = format!("bearer {}", json_of(&minted)["token"].as_str().unwrap());
-        let who = route(
+        let runner = json_of(&minted)["token"].as_str().unwrap().to_string();
+
+        // Not registered yet: every call but the registration is refused, after the tarpit.
+        let t0 = std::time::Instant::now();
+        let reply = post(&shared, "/v1/tokens", Some(&runner), br#"{"kind":"login"}"#).await;
+        assert!(t0.elapsed() >= service::TARPIT, "{:?}", t0.elapsed());
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+        assert_eq!(json_of(&reply)["message"], "runner is not adopted");
+
+        // Registered (pre-adopted by its token): a login token still cannot be had ...
+        {
+            let mut store = shared.store.lock().await;
+            let who = match service::authenticate(&store, Some(&runner), Endpoint::RunnerConfig) {
+                Auth::Ok(p) => p,
+                other => panic!("{other:?}"),
+            };
+            assert!(
+                service::register_runner(&mut store, &who, "other-runner", &Default::default())
+                    .unwrap_err()
+                    .message
+                    .contains("different runner")
+            );
+            service::register_runner(&mut store, &who, "host-runner-1", &Default::default())
+                .unwrap();
+        }
+        let reply = post(&shared, "/v1/tokens", Some(&runner), br#"{"kind":"login"}"#).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            json_of(&reply)["message"],
+            "no user found from current context"
+        );
+        // ... nor a token for another runner; its own id is fine.
+        let reply = post(
             &shared,
-            REMOTE,
-            &Method::GET,
-            "/v1/whoami",
-            Some(&runner_token),
-            b"",
+            "/v1/tokens",
+            Some(&runner),
+            br#"{"kind":"runner","id":"host-runner-2"}"#,
         )
         .await;
-        assert_eq!(json_of(&who)["token_kind"], "runner");
-
-        let reg = br#"{"id":"r1","docker_ok":true,"docker_version":"20.10.24"}"#;
-        let reply = route(
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            json_of(&reply)["message"],
+            "cannot generate a token for runner host-runner-2 using a runner token for runner host-runner-1"
+        );
+        let reply = post(
             &shared,
-            REMOTE,
-            &Method::POST,
-            "/v1/runners",
-            Some(&runner_token),
-            reg,
+            "/v1/tokens",
+            Some(&runner),
+            br#"{"kind":"runner","id":"host-runner-1"}"#,
         )
         .await;
         assert_eq!(reply.status, StatusCode::OK);
-        let list = route(
+        // Waypoint 0.11 has no RBAC: the adopted runner's token may set the server config.
+        let reply = post(
             &shared,
-            REMOTE,
-            &Method::GET,
-            "/v1/runners",
-            Some(&runner_token),
-            b"",
-        )
-        .await;
-        assert_eq!(json_of(&list)["runners"][0]["docker_version"], "20.10.24");
-        assert!(json_of(&list)["runners"][0]["last_seen"].is_string());
-
-        let bad = route(
-            &shared,
-            REMOTE,
-            &Method::POST,
             "/v1/config",
-            Some(&boot),
-            br#"{"advertise_addr":""}"#,
+            Some(&runner),
+            br#"{"advertise_addr":"192.0.2.1:9701"}"#,
         )
         .await;
-        assert_eq!(bad.status, StatusCode::BAD_REQUEST);
-        let cfg = br#"{"advertise_addr":"192.0.2.10:9701","advertise_tls":true,"advertise_tls_skip_verify":true}"#;
-        let set = route(
-            &shared,
-            REMOTE,
-            &Method::POST,
-            "/v1/config",
-            Some(&boot),
-            cfg,
-        )
-        .await;
-        assert_eq!(set.status, StatusCode::OK);
-        let status = route(&shared, REMOTE, &Method::GET, "/v1/status", None, b"").await;
-        let status = json_of(&status);
-        assert_eq!(status["advertise_addr"], "192.0.2.10:9701");
-        assert_eq!(status["runners"], 1);
-        drop(shared);
+        assert_eq!(reply.status, StatusCode::OK);
 
-        // Everything survives a restart.
-        let reopened = Shared::open(&dir.path().join("data.db")).unwrap();
-        let status = route(&reopened, REMOTE, &Method::GET, "/v1/status", None, b"").await;
-        assert_eq!(json_of(&status)["advertise_addr"], "192.0.2.10:9701");
-        let who = route(
-            &reopened,
-            REMOTE,
-            &Method::GET,
-            "/v1/whoami",
-            Some(&runner_token),
-            b"",
+        // Listing and forgetting.
+        let list = get(&shared, "/v1/runners", Some(&boot)).await;
+        assert_eq!(json_of(&list)["runners"][0]["id"], "host-runner-1");
+        assert_eq!(json_of(&list)["runners"][0]["adoption_state"], "preadopted");
+        let reply = post(
+            &shared,
+            "/v1/runners/forget",
+            Some(&boot),
+            br#"{"id":"host-runner-1"}"#,
         )
         .await;
-        assert_eq!(who.status, StatusCode::OK);
+        assert_eq!(reply.status, StatusCode::OK);
+        let list = get(&shared, "/v1/runners", Some(&boot)).await;
+        assert_eq!(json_of(&list)["runners"].as_array().unwrap().len(), 0);
+    }
+
+    #[tokio::test]
+    async fn expired_runner_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::open(&dir.path().join("data.db")).unwrap();
+        let boot = json_of(&post(&shared, "/v1/bootstrap", None, b"").await)["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let minted = post(
+            &shared,
+            "/v1/tokens",
+            Some(&boot),
+            br#"{"kind":"runner","duration_ns":1000000}"#,
+        )
+        .await;
+        let runner = json_of(&minted)["token"].as_str().unwrap().to_string();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let reply = get(&shared, "/v1/runners", Some(&runner)).await;
+        let message = json_of(&reply)["message"].as_str().unwrap().to_string();
+        assert!(
+            message.starts_with("Token has expired. The token was valid until: "),
+            "{message}"
+        );
+        assert!(
+            message.ends_with(": invalid authentication token"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_ui_can_be_disabled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shared = Shared::open(&dir.path().join("data.db")).unwrap();
+        assert_eq!(get(&shared, "/", None).await.status, StatusCode::OK);
+        shared.ui = false;
+        assert_eq!(get(&shared, "/", None).await.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            get(&shared, "/v1/nothing", None).await.status,
+            StatusCode::NOT_FOUND
+        );
     }
 
     #[test]
@@ -695,16 +1136,5 @@ mod tests {
         assert_eq!(bearer(Some("Basic abc")), None);
         assert_eq!(bearer(Some("")), None);
         assert_eq!(bearer(None), None);
-    }
-
-    #[test]
-    fn splits_hosts() {
-        assert_eq!(split_host("10.0.0.1:9701").as_deref(), Some("10.0.0.1"));
-        assert_eq!(split_host("[::1]:9701").as_deref(), Some("::1"));
-        assert_eq!(
-            split_host("pilot.example").as_deref(),
-            Some("pilot.example")
-        );
-        assert_eq!(split_host(":9701"), None);
     }
 }

@@ -1,26 +1,30 @@
-//! TLS for the stand-in: the server's self-signed certificate (made once, kept in the data dir,
-//! like Waypoint's own), the server's rustls config, and the client configs used to reach the
-//! server (`-server-tls-skip-verify` or system roots) and Docker (CA and client certificate from
-//! `DOCKER_CERT_PATH`, as the Docker client does).
+//! TLS for the stand-in: the server's certificates, the server's rustls config, and the client
+//! configs used to reach the server (`-server-tls-skip-verify` or system roots) and Docker (CA
+//! and client certificate from `DOCKER_CERT_PATH`, as the Docker client does).
+//!
+//! Server certificates follow `waypoint server run`: without `-tls-cert-file`/`-tls-key-file`
+//! EACH listener gets its own self-signed certificate, made fresh at every start and kept in
+//! memory only (ECDSA P-384, subject `O=Waypoint`, serial = Unix time, ten years, server-auth
+//! usage, no DNS or IP subject alternative names). Nothing is written to the data dir, so a
+//! client that pins or verifies the certificate breaks at the next restart, as with Waypoint.
+//! With the two flags, the files are used and re-read when they change.
 //!
 //! Every config is built with an explicit aws-lc-rs provider, so the binary never depends on
 //! which rustls crypto features other crates in the build happen to enable.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::write_atomic;
-
-/// File names of the generated server certificate and key inside the data dir.
-pub const CERT_FILE: &str = "standin-tls-cert.pem";
-pub const KEY_FILE: &str = "standin-tls-key.pem";
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -64,46 +68,137 @@ pub fn load_identity(cert: &Path, key: &Path) -> Result<Identity> {
     Ok(Identity { certs, key })
 }
 
-/// Loads the server certificate from `dir`, or makes a self-signed one on first start.
-///
-/// Kept across restarts like Waypoint's, so clients that pinned it keep working. `names` are
-/// extra subject alternative names (the advertise host); localhost and loopback are always in.
-pub fn load_or_create_server_identity(dir: &Path, names: &[String]) -> Result<(Identity, bool)> {
-    let cert_path = dir.join(CERT_FILE);
-    let key_path = dir.join(KEY_FILE);
-    if cert_path.exists() && key_path.exists() {
-        return Ok((load_identity(&cert_path, &key_path)?, false));
-    }
-    let mut sans = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "::1".to_string(),
+/// A fresh self-signed server certificate shaped like the one `waypoint server run` makes for
+/// each listener (see the module docs). Never written anywhere.
+pub fn self_signed_identity() -> Result<Identity> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)?;
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::OrganizationName, "Waypoint");
+    params.distinguished_name = dn;
+    params.subject_alt_names = Vec::new();
+    let now = time::OffsetDateTime::now_utc();
+    let serial = now.unix_timestamp().max(1) as u64;
+    let serial_bytes: Vec<u8> = serial
+        .to_be_bytes()
+        .iter()
+        .copied()
+        .skip_while(|b| *b == 0)
+        .collect();
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial_bytes));
+    params.not_before = now;
+    params.not_after = now + time::Duration::days(365 * 10);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+        rcgen::KeyUsagePurpose::DigitalSignature,
     ];
-    for name in names {
-        if !sans.contains(name) {
-            sans.push(name.clone());
-        }
-    }
-    let certified = rcgen::generate_simple_self_signed(sans)?;
-    // Key first: a crash between the two writes leaves no certificate without its key, and the
-    // next start (which needs both) simply makes a new pair.
-    write_atomic(
-        &key_path,
-        certified.signing_key.serialize_pem().as_bytes(),
-        0o600,
-    )?;
-    write_atomic(&cert_path, certified.cert.pem().as_bytes(), 0o644)?;
-    Ok((load_identity(&cert_path, &key_path)?, true))
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    let cert = params.self_signed(&key)?;
+    Ok(Identity {
+        certs: vec![cert.der().clone()],
+        key: PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| Error::Config(format!("failed to use the generated key: {e}")))?,
+    })
 }
 
-/// The rustls server config for both listeners.
-pub fn server_config(identity: Identity) -> Result<Arc<ServerConfig>> {
+fn certified_key(identity: Identity) -> Result<Arc<CertifiedKey>> {
+    let signer = provider()
+        .key_provider
+        .load_private_key(identity.key)
+        .map_err(tls_err("failed to use the server key"))?;
+    Ok(Arc::new(CertifiedKey::new(identity.certs, signer)))
+}
+
+/// Serves the certificate and key files given to `server run`, re-reading them when their
+/// modification time or size changes (Waypoint watches them too). A broken new pair is logged
+/// and the previous one kept.
+#[derive(Debug)]
+pub struct FileCertResolver {
+    cert: PathBuf,
+    key: PathBuf,
+    current: Mutex<(Option<FileStamp>, Arc<CertifiedKey>)>,
+}
+
+type FileStamp = (Option<SystemTime>, u64, Option<SystemTime>, u64);
+
+fn stamp(cert: &Path, key: &Path) -> Option<FileStamp> {
+    let c = std::fs::metadata(cert).ok()?;
+    let k = std::fs::metadata(key).ok()?;
+    Some((c.modified().ok(), c.len(), k.modified().ok(), k.len()))
+}
+
+impl FileCertResolver {
+    /// Loads the pair now; errors are what `server run` reports before serving.
+    pub fn new(cert: &Path, key: &Path) -> Result<FileCertResolver> {
+        let loaded = certified_key(load_identity(cert, key)?)?;
+        Ok(FileCertResolver {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: Mutex::new((stamp(cert, key), loaded)),
+        })
+    }
+
+    fn current(&self) -> Arc<CertifiedKey> {
+        let mut guard = match self.current.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let now = stamp(&self.cert, &self.key);
+        if now.is_some() && now != guard.0 {
+            match load_identity(&self.cert, &self.key).and_then(certified_key) {
+                Ok(key) => {
+                    crate::log!(
+                        "server: reloaded the tls certificate from {}",
+                        self.cert.display()
+                    );
+                    *guard = (now, key);
+                }
+                Err(e) => {
+                    crate::log!("server: keeping the previous tls certificate: {e}");
+                    guard.0 = now;
+                }
+            }
+        }
+        guard.1.clone()
+    }
+}
+
+impl ResolvesServerCert for FileCertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// A fixed certificate (the per-listener self-signed one).
+#[derive(Debug)]
+struct FixedCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Where a listener's certificate comes from.
+pub enum ServerCert {
+    /// A fresh self-signed certificate for this listener.
+    SelfSigned,
+    /// The `-tls-cert-file`/`-tls-key-file` pair (shared by the listeners).
+    Files(Arc<FileCertResolver>),
+}
+
+/// The rustls server config for one listener.
+pub fn server_config(cert: &ServerCert) -> Result<Arc<ServerConfig>> {
+    let resolver: Arc<dyn ResolvesServerCert> = match cert {
+        ServerCert::SelfSigned => Arc::new(FixedCert(certified_key(self_signed_identity()?)?)),
+        ServerCert::Files(r) => r.clone(),
+    };
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(tls_err("failed to set tls versions"))?
         .with_no_client_auth()
-        .with_single_cert(identity.certs, identity.key)
-        .map_err(tls_err("failed to use the server certificate"))?;
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -232,21 +327,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn server_identity_is_made_once_and_reused() {
+    fn self_signed_certificates_are_fresh_and_have_no_names() {
+        let a = self_signed_identity().unwrap();
+        let b = self_signed_identity().unwrap();
+        assert_ne!(a.certs, b.certs, "one per listener and start");
+        let der = a.certs[0].as_ref();
+        // O=Waypoint is in, and no subjectAltName extension (OID 2.5.29.17) at all.
+        assert!(der.windows(8).any(|w| w == b"Waypoint"));
+        assert!(!der.windows(3).any(|w| w == [0x55, 0x1d, 0x11]), "no SANs");
+        server_config(&ServerCert::SelfSigned).unwrap();
+    }
+
+    #[test]
+    fn file_certificates_are_reloaded_when_they_change() {
         let dir = tempfile::tempdir().unwrap();
-        let (first, created) =
-            load_or_create_server_identity(dir.path(), &["pilot.example".into()]).unwrap();
-        assert!(created);
-        let (second, created) = load_or_create_server_identity(dir.path(), &[]).unwrap();
-        assert!(!created);
-        assert_eq!(first.certs, second.certs);
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        server_config(second).unwrap();
+        let write = |name: &str| {
+            let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+            std::fs::write(dir.path().join("cert.pem"), c.cert.pem()).unwrap();
+            std::fs::write(dir.path().join("key.pem"), c.signing_key.serialize_pem()).unwrap();
+            c.cert.der().clone()
+        };
+        let first = write("one.example");
+        let r = FileCertResolver::new(&dir.path().join("cert.pem"), &dir.path().join("key.pem"))
+            .unwrap();
+        assert_eq!(r.current().cert[0], first);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let second = write("second.example.org");
+        assert_eq!(r.current().cert[0], second);
+        std::fs::write(dir.path().join("cert.pem"), b"garbage that is longer").unwrap();
+        assert_eq!(
+            r.current().cert[0],
+            second,
+            "a broken pair keeps the old one"
+        );
+        assert!(
+            FileCertResolver::new(&dir.path().join("nope"), &dir.path().join("key.pem")).is_err()
+        );
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! Drives the real `waypoint` stand-in binary on loopback: server, bootstrap-once across a
-//! restart, tokens, config, and the runner agent against the server and against a fake Docker
-//! API that demands mutual TLS. No Docker daemon needed. Every process started here is killed
-//! by its own handle when its guard drops, even when an assertion fails.
+//! Drives the real `waypoint` stand-in binary on loopback and checks it behaves as Waypoint
+//! 0.11.4 does: the command line (flag sets, Go's errors, `! ` errors on stdout, exit codes),
+//! bootstrap (open to all, once, the CLI context it writes), tokens (base58, scoped runner
+//! tokens, expiry, Waypoint's refusal texts), the runner's life (10 s start-up dial, held
+//! registration, reconnects, listed only while connected), the URL service start, the
+//! certificate flags, snapshot and restore, and the runner's Docker check over mutual TLS
+//! against a fake Docker API. No Docker daemon needed. Every process started here is killed by
+//! its own handle when its guard drops, even when an assertion fails.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -26,7 +30,7 @@ use waypoint_standin::client::{HttpClient, Reply, Target};
 use waypoint_standin::tls;
 
 const BIN: &str = env!("CARGO_BIN_EXE_waypoint");
-const DEADLINE: Duration = Duration::from_secs(20);
+const DEADLINE: Duration = Duration::from_secs(30);
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -51,33 +55,43 @@ fn poll<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// A child process with its stderr captured line by line; killed (by PID, via its handle) on drop.
+/// A child process with stdout and stderr captured line by line; killed (by PID, via its
+/// handle) on drop.
 struct Proc {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    out: Arc<Mutex<Vec<String>>>,
+}
+
+fn capture(stream: impl Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>, tag: &'static str) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            eprintln!("[child {tag}] {line}");
+            sink.lock().unwrap().push(line);
+        }
+    });
 }
 
 impl Proc {
     fn spawn(cmd: &mut Command) -> Proc {
         let mut child = cmd
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn waypoint");
-        let stderr = child.stderr.take().expect("piped stderr");
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[child] {line}");
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Proc { child, lines }
+        let out = Arc::new(Mutex::new(Vec::new()));
+        capture(child.stderr.take().expect("stderr"), lines.clone(), "err");
+        capture(child.stdout.take().expect("stdout"), out.clone(), "out");
+        Proc { child, lines, out }
     }
 
     fn log(&self) -> String {
         self.lines.lock().unwrap().join("\n")
+    }
+
+    fn stdout(&self) -> String {
+        self.out.lock().unwrap().join("\n")
     }
 
     fn wait_line(&self, needle: &str) -> String {
@@ -99,7 +113,11 @@ impl Proc {
             .status()
             .expect("run kill");
         assert!(sent.success(), "kill -TERM {pid} failed");
-        poll("the child to exit after SIGTERM", || {
+        self.wait_exit()
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        poll("the child to exit", || {
             self.child.try_wait().expect("try_wait")
         })
     }
@@ -130,25 +148,67 @@ fn addr_after(line: &str, marker: &str) -> String {
     rest.split_whitespace().next().expect("address").to_string()
 }
 
-fn start_server(db: &Path, grpc: &str) -> ServerProc {
-    let proc = Proc::spawn(
-        Command::new(BIN)
-            .arg("server")
-            .arg("run")
-            .arg("-accept-tos")
+/// An isolated HOME (the CLI directory and contexts go there) for the processes of a test.
+struct Home(tempfile::TempDir);
+
+impl Home {
+    fn new() -> Home {
+        Home(tempfile::tempdir().unwrap())
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(BIN);
+        for var in [
+            "WAYPOINT_SERVER_ADDR",
+            "WAYPOINT_SERVER_TOKEN",
+            "WAYPOINT_SERVER_TLS",
+            "WAYPOINT_SERVER_TLS_SKIP_VERIFY",
+            "WAYPOINT_CONTEXT",
+            "WAYPOINT_SERVER_COOKIE",
+            "WAYPOINT_WORKSPACE",
+            "XDG_CONFIG_HOME",
+            "DOCKER_HOST",
+            "DOCKER_TLS_VERIFY",
+            "DOCKER_CERT_PATH",
+            "DOCKER_TLS",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("HOME", self.path()).current_dir(self.path());
+        cmd
+    }
+
+    /// Runs the CLI with this HOME, a clean Waypoint/Docker environment plus `env`.
+    fn cli(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.command();
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null());
+        cmd.output().expect("run waypoint")
+    }
+
+    fn start_server(&self, db: &Path, grpc: &str, extra: &[&str]) -> ServerProc {
+        let mut cmd = self.command();
+        cmd.args(["server", "run", "-accept-tos", "-url-enabled=false"])
             .arg(format!("-db={}", db.display()))
             .arg(format!("-listen-grpc={grpc}"))
-            .args(["-listen-http", "127.0.0.1:0"]),
-    );
-    let grpc = addr_after(&proc.wait_line("grpc listening on "), "grpc listening on ");
-    let http = addr_after(&proc.wait_line("http listening on "), "http listening on ");
-    let server = ServerProc { proc, grpc, http };
-    // Readiness the way the agent checks it: HTTPS on the HTTP port answers.
-    poll("the server to answer GET / over tls", || {
-        let reply = api(&server.http, Method::GET, "/", None).ok()?;
-        (reply.status == 200 && reply.text() == "waypoint stand-in server").then_some(())
-    });
-    server
+            .args(["-listen-http", "127.0.0.1:0"])
+            .args(extra);
+        let proc = Proc::spawn(&mut cmd);
+        let grpc = addr_after(&proc.wait_line("grpc listening on "), "grpc listening on ");
+        let http = addr_after(&proc.wait_line("http listening on "), "http listening on ");
+        let server = ServerProc { proc, grpc, http };
+        // Readiness the way the agent checks it: HTTPS on the HTTP port answers.
+        poll("the server to answer GET / over tls", || {
+            let reply = api(&server.http, Method::GET, "/", None).ok()?;
+            (reply.status == 200).then_some(())
+        });
+        server
+    }
 }
 
 fn api(addr: &str, method: Method, path: &str, token: Option<&str>) -> Result<Reply, String> {
@@ -159,7 +219,7 @@ fn api(addr: &str, method: Method, path: &str, token: Option<&str>) -> Result<Re
     };
     let config = tls::client_config_skip_verify(None).map_err(|e| e.to_string())?;
     let name = tls::server_name(host).map_err(|e| e.to_string())?;
-    let client = HttpClient::new(target, Some((config, name)), Duration::from_secs(5));
+    let client = HttpClient::new(target, Some((config, name)), Duration::from_secs(10));
     block_on(client.send(method, path, token, None)).map_err(|e| e.to_string())
 }
 
@@ -169,44 +229,54 @@ fn api_json(addr: &str, method: Method, path: &str, token: Option<&str>) -> Valu
     serde_json::from_slice(&reply.body).expect("json")
 }
 
-/// Runs the CLI with a clean Waypoint/Docker environment plus `env`.
-fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args);
-    for var in [
-        "WAYPOINT_SERVER_ADDR",
-        "WAYPOINT_SERVER_TOKEN",
-        "WAYPOINT_SERVER_TLS",
-        "WAYPOINT_SERVER_TLS_SKIP_VERIFY",
-        "DOCKER_HOST",
-        "DOCKER_TLS_VERIFY",
-        "DOCKER_CERT_PATH",
-        "DOCKER_TLS",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.envs(env.iter().copied());
-    cmd.output().expect("run waypoint")
-}
-
 fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
 }
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
-fn bootstrap(grpc: &str) -> Output {
-    cli(
-        &[
-            "server",
-            "bootstrap",
-            &format!("-server-addr={grpc}"),
-            "-server-tls-skip-verify",
-        ],
-        &[],
-    )
+/// The error-style block on stdout (`! ` line and its `  ` continuations), unwrapped.
+fn error_block(text: &str) -> Option<String> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with("! "));
+    let mut block = lines.next()?[2..].to_string();
+    for l in lines.take_while(|l| l.starts_with("  ")) {
+        block.push(' ');
+        block.push_str(&l[2..]);
+    }
+    Some(block)
+}
+
+/// Asserts Waypoint's error style: exit 1, `! TEXT` on stdout (word-wrapped at 80 columns
+/// like Waypoint's, continuation lines indented), stderr free of it.
+fn assert_wp_error(out: &Output, first_line: &str) {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = stdout(out);
+    let block = error_block(&text).unwrap_or_default();
+    assert!(
+        block.starts_with(first_line),
+        "wanted `! {first_line}` on stdout, got: {text:?} (stderr: {:?})",
+        stderr(out)
+    );
+    assert!(
+        text.lines()
+            .all(|l| l.chars().count() <= 82 || !l[2..].contains(' ')),
+        "{text}"
+    );
+    assert!(!stderr(out).contains(first_line), "{}", stderr(out));
+}
+
+fn bootstrap(home: &Home, grpc: &str, extra: &[&str]) -> Output {
+    let addr = format!("-server-addr={grpc}");
+    let mut args = vec![
+        "server",
+        "bootstrap",
+        addr.as_str(),
+        "-server-tls-skip-verify",
+    ];
+    args.extend_from_slice(extra);
+    home.cli(&args, &[])
 }
 
 fn client_env<'a>(grpc: &'a str, token: &'a str) -> Vec<(&'a str, &'a str)> {
@@ -218,196 +288,15 @@ fn client_env<'a>(grpc: &'a str, token: &'a str) -> Vec<(&'a str, &'a str)> {
     ]
 }
 
+const BASE58: &str = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+
 fn assert_token(text: &str) {
-    assert_eq!(text.len(), 64, "a token is 64 hex characters: {text:?}");
-    assert!(text.chars().all(|c| c.is_ascii_hexdigit()), "{text:?}");
-}
-
-#[test]
-fn version_help_and_usage_errors() {
-    let out = cli(&["version"], &[]);
-    assert!(out.status.success());
-    assert_eq!(stdout(&out), "Waypoint v0.11.4 (stand-in)");
-    let out = cli(&["--help"], &[]);
-    assert!(out.status.success());
-    assert!(stdout(&out).contains("STAND-IN"));
-    let out = cli(&["frobnicate"], &[]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("unknown command"));
-    let out = cli(&["server", "bootstrap", "-no-such-flag"], &[]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("flag provided but not defined: -no-such-flag"));
-    // Like Waypoint, the server refuses to start without -accept-tos.
-    let dir = tempfile::tempdir().unwrap();
-    let out = cli(
-        &[
-            "server",
-            "run",
-            &format!("-db={}/data.db", dir.path().display()),
-        ],
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("-accept-tos"), "{}", stderr(&out));
+    assert!(text.len() > 100, "a Waypoint-like token is long: {text:?}");
+    assert!(text.chars().all(|c| BASE58.contains(c)), "base58: {text:?}");
     assert!(
-        !dir.path().join("data.db").exists(),
-        "a refused start must not touch the data dir"
+        !text.chars().all(|c| c.is_ascii_hexdigit()),
+        "not hex: {text:?}"
     );
-}
-
-#[test]
-fn bootstrap_once_survives_restart_and_tokens_work() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("data/data.db");
-    let mut server = start_server(&db, "127.0.0.1:0");
-
-    let status = api_json(&server.grpc, Method::GET, "/v1/status", None);
-    assert_eq!(status["standin"], true);
-    assert_eq!(status["bootstrapped"], false);
-
-    // First bootstrap: only the token on stdout.
-    let first = bootstrap(&server.grpc);
-    assert!(first.status.success(), "{}", stderr(&first));
-    let boot = stdout(&first);
-    assert_token(&boot);
-    // Second bootstrap: Waypoint's refusal, exit 1.
-    let second = bootstrap(&server.grpc);
-    assert_eq!(second.status.code(), Some(1));
-    assert!(
-        stderr(&second).contains("server is already bootstrapped"),
-        "{}",
-        stderr(&second)
-    );
-    assert_eq!(stdout(&second), "");
-
-    // whoami: 401 without or with a wrong token, 200 with the bootstrap token.
-    assert_eq!(
-        api(&server.grpc, Method::GET, "/v1/whoami", None)
-            .unwrap()
-            .status,
-        401
-    );
-    assert_eq!(
-        api(&server.grpc, Method::GET, "/v1/whoami", Some("wrong"))
-            .unwrap()
-            .status,
-        401
-    );
-    let who = api_json(&server.http, Method::GET, "/v1/whoami", Some(&boot));
-    assert_eq!(who["token_kind"], "bootstrap");
-
-    // token new with the bootstrap token (environment), then with a wrong one.
-    let out = cli(&["token", "new"], &client_env(&server.grpc, &boot));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let login = stdout(&out);
-    assert_token(&login);
-    assert_eq!(
-        api_json(&server.grpc, Method::GET, "/v1/whoami", Some(&login))["token_kind"],
-        "login"
-    );
-    let wrong = "0123456789abcdef-not-a-token";
-    let out = cli(&["token", "new"], &client_env(&server.grpc, wrong));
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("rejected the token"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(
-        !stderr(&out).contains(wrong) && stdout(&out).is_empty(),
-        "no token may be echoed"
-    );
-    // As in Waypoint, the environment means plain gRPC unless WAYPOINT_SERVER_TLS says TLS;
-    // against a TLS-only server that fails.
-    let out = cli(
-        &["token", "new"],
-        &[
-            ("WAYPOINT_SERVER_ADDR", server.grpc.as_str()),
-            ("WAYPOINT_SERVER_TOKEN", boot.as_str()),
-        ],
-    );
-    assert_eq!(out.status.code(), Some(1));
-    // Flags instead of the environment, and the runner-token alias.
-    let out = cli(
-        &[
-            "runner",
-            "token",
-            &format!("-server-addr={}", server.grpc),
-            &format!("-server-auth-token={login}"),
-            "-server-tls-skip-verify",
-        ],
-        &[],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(
-        api_json(&server.grpc, Method::GET, "/v1/whoami", Some(&stdout(&out)))["token_kind"],
-        "runner"
-    );
-
-    // config-set persists and shows in /v1/status.
-    let out = cli(
-        &[
-            "server",
-            "config-set",
-            "-advertise-addr=192.0.2.10:9701",
-            "-advertise-tls-skip-verify=true",
-        ],
-        &client_env(&server.grpc, &login),
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = cli(
-        &["server", "config-set", "-advertise-addr=192.0.2.10:9701"],
-        &client_env(&server.grpc, wrong),
-    );
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        api_json(&server.http, Method::GET, "/v1/status", None)["advertise_addr"],
-        "192.0.2.10:9701"
-    );
-
-    // The state file is private; the certificate is kept for the restart.
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&db).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
-    let cert_before = std::fs::read(dir.path().join("data").join(tls::CERT_FILE)).unwrap();
-
-    // Restart: SIGTERM ends the server cleanly; the new one refuses a second bootstrap.
-    assert!(
-        server.proc.terminate().success(),
-        "server should exit 0 on SIGTERM"
-    );
-    let first_log = server.proc.log();
-    let server = start_server(&db, "127.0.0.1:0");
-    let again = bootstrap(&server.grpc);
-    assert_eq!(again.status.code(), Some(1));
-    assert!(stderr(&again).contains("server is already bootstrapped"));
-    assert_eq!(
-        api_json(&server.grpc, Method::GET, "/v1/whoami", Some(&boot))["token_kind"],
-        "bootstrap"
-    );
-    let status = api_json(&server.grpc, Method::GET, "/v1/status", None);
-    assert_eq!(status["bootstrapped"], true);
-    assert_eq!(status["advertise_addr"], "192.0.2.10:9701");
-    let cert_after = std::fs::read(dir.path().join("data").join(tls::CERT_FILE)).unwrap();
-    assert_eq!(
-        cert_before, cert_after,
-        "the self-signed certificate is reused after a restart"
-    );
-
-    // No token value ever reaches the server's logs.
-    let logs = format!("{first_log}\n{}", server.proc.log());
-    assert!(
-        logs.lines().all(|l| l.starts_with("waypoint stand-in:")),
-        "{logs}"
-    );
-    for secret in [&boot, &login] {
-        assert!(
-            !logs.contains(secret.as_str()),
-            "a token leaked into the server log"
-        );
-    }
 }
 
 fn read_status(path: &Path) -> Option<Value> {
@@ -425,6 +314,7 @@ fn free_port() -> u16 {
 }
 
 fn start_runner(
+    home: &Home,
     grpc: &str,
     token: &str,
     docker_port: u16,
@@ -432,7 +322,7 @@ fn start_runner(
     status_file: &Path,
     id: &str,
 ) -> Proc {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = home.command();
     cmd.args(["runner", "agent", "-vv", &format!("-id={id}")]);
     for (k, v) in client_env(grpc, token) {
         cmd.env(k, v);
@@ -440,9 +330,654 @@ fn start_runner(
     cmd.env("DOCKER_HOST", format!("tcp://127.0.0.1:{docker_port}"))
         .env("DOCKER_TLS_VERIFY", "1")
         .env("DOCKER_CERT_PATH", cert_dir)
-        .env_remove("DOCKER_TLS")
         .env("WAYPOINT_STANDIN_STATUS_FILE", status_file);
     Proc::spawn(&mut cmd)
+}
+
+#[test]
+fn dispatch_help_exit_codes_and_go_flag_errors() {
+    let home = Home::new();
+    let out = home.cli(&["version"], &[]);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), "Waypoint v0.11.4 (stand-in)");
+    assert_eq!(
+        stdout(&home.cli(&["-v"], &[])),
+        "Waypoint v0.11.4 (stand-in)"
+    );
+
+    // Help goes to stderr with exit 0; unknown commands exit 127; an unknown word under a
+    // parent shows the parent's help with exit 1.
+    for help in [
+        &["--help"][..],
+        &["runner", "token", "-h"],
+        &["server", "run", "-help"],
+    ] {
+        let out = home.cli(help, &[]);
+        assert_eq!(out.status.code(), Some(0), "{help:?}");
+        assert!(stdout(&out).is_empty(), "{help:?}: help is on stderr");
+        assert!(!stderr(&out).is_empty());
+    }
+    assert_eq!(home.cli(&["frobnicate"], &[]).status.code(), Some(127));
+    assert_eq!(home.cli(&[], &[]).status.code(), Some(127));
+    let out = home.cli(&["server", "bogus"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("subcommands"), "{}", stderr(&out));
+    let out = home.cli(&["-plain", "token", "new"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("Invalid flags before the subcommand"));
+
+    // Connection flags exist only where Waypoint has them; no token flags anywhere.
+    for cmd in [
+        &["token", "new"][..],
+        &["user", "token"],
+        &["runner", "token"],
+        &["server", "config-set"],
+        &["runner", "agent"],
+        &["server", "run"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("-server-addr=127.0.0.1:9701");
+        assert_wp_error(
+            &home.cli(&args, &[]),
+            "flag provided but not defined: -server-addr",
+        );
+    }
+    for flag in ["-server-auth-token=x", "-server-require-auth"] {
+        let name = flag.split('=').next().unwrap();
+        assert_wp_error(
+            &home.cli(&["server", "bootstrap", flag], &[]),
+            &format!("flag provided but not defined: {name}"),
+        );
+    }
+    // Go's other texts; -v/-vv are stripped wherever they are.
+    assert_wp_error(
+        &home.cli(&["runner", "token", "-vv", "-expires-in=5d"], &[]),
+        "invalid value \"5d\" for flag -expires-in: time: unknown unit \"ds\" in duration \"5ds\"",
+    );
+    assert_wp_error(
+        &home.cli(&["runner", "token", "-label=nokey"], &[]),
+        "invalid value \"nokey\" for flag -label: missing = in KV pair: \"nokey\"",
+    );
+    assert_wp_error(
+        &home.cli(&["server", "bootstrap", "-server-tls=maybe"], &[]),
+        "invalid boolean value \"maybe\" for -server-tls: strconv.ParseBool: parsing \"maybe\": invalid syntax",
+    );
+    assert_wp_error(
+        &home.cli(&["server", "bootstrap", "-server-addr"], &[]),
+        "flag needs an argument: -server-addr",
+    );
+    assert_wp_error(
+        &home.cli(&["runner", "agent", "-concurrency=x"], &[]),
+        "invalid value \"x\" for flag -concurrency: strconv.ParseInt: parsing \"x\": invalid syntax",
+    );
+    assert_wp_error(
+        &home.cli(&["runner", "forget", "some-id", "-plain"], &[]),
+        "Flags must be specified before positional arguments in the CLI command.",
+    );
+    // Telemetry flags have Waypoint's names (the TOS refusal proves the parse went through).
+    assert_wp_error(
+        &home.cli(
+            &["server", "run", "-telemetry-opencensus-agent-addr=x"],
+            &[],
+        ),
+        "flag provided but not defined: -telemetry-opencensus-agent-addr",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("-db={}/data.db", dir.path().display());
+    let out = home.cli(
+        &[
+            "server",
+            "run",
+            &db,
+            "-telemetry-oc-agent-addr=x",
+            "-url-api-addr=a:1",
+            "-p",
+            "x",
+            "-w=y",
+            "-a",
+            "z",
+            "-plain",
+        ],
+        &[],
+    );
+    assert_wp_error(
+        &out,
+        "The \"-accept-tos\" flag must be provided to use the Waypoint URL service.",
+    );
+    assert!(
+        !dir.path().join("data.db").exists(),
+        "a refused start must not touch the data dir"
+    );
+    // The TOS rule only holds with the default control address.
+    let missing = format!("-db={}/no/such/dir/data.db", dir.path().display());
+    let out = home.cli(
+        &[
+            "server",
+            "run",
+            &missing,
+            "-url-control-addr=https://example.invalid",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("! Error opening database: open ")
+            && stdout(&out).contains("no such file or directory"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Every command creates the CLI directory first, and fails without it.
+    assert!(home.path().join(".config/waypoint").is_dir());
+    let blocked = tempfile::tempdir().unwrap();
+    std::fs::write(blocked.path().join(".config"), b"a file").unwrap();
+    let out = Command::new(BIN)
+        .args(["token", "new"])
+        .env("HOME", blocked.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .output()
+        .unwrap();
+    assert_wp_error(
+        &out,
+        &format!(
+            "could not create any of the following paths: {}/.config/waypoint",
+            blocked.path().display()
+        ),
+    );
+}
+
+#[test]
+fn bootstrap_once_writes_a_context_and_tokens_follow_waypoints_rules() {
+    let home = Home::new();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data.db");
+    let mut server = home.start_server(&db, "127.0.0.1:0", &[]);
+    assert_eq!(
+        api_json(&server.grpc, Method::GET, "/v1/status", None)["bootstrapped"],
+        false
+    );
+    assert!(
+        server
+            .proc
+            .stdout()
+            .contains("» Server requires bootstrapping!")
+    );
+
+    // First bootstrap: only the token on stdout, and a default CLI context with it.
+    let first = bootstrap(&home, &server.grpc, &[]);
+    assert!(first.status.success(), "{first:?}");
+    let boot = stdout(&first);
+    assert_token(&boot);
+    let ctx_dir = home.path().join(".config/waypoint/context");
+    let default = std::fs::read_link(ctx_dir.join("_default.hcl")).unwrap();
+    let name = default.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        name.starts_with("bootstrap-") && name.ends_with(".hcl"),
+        "{name}"
+    );
+    let ctx = std::fs::read_to_string(ctx_dir.join(&name)).unwrap();
+    assert!(
+        ctx.contains(&boot) && ctx.contains("require_auth     = true"),
+        "{ctx}"
+    );
+    // Commands without any environment now connect through that context.
+    let out = home.cli(&["user", "token"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert_token(&stdout(&out));
+
+    // Second bootstrap: Waypoint's refusal, on stdout, exit 1.
+    assert_wp_error(
+        &bootstrap(&home, &server.grpc, &["-context-create="]),
+        "Error bootstrapping the server: server is already bootstrapped",
+    );
+
+    // token new: the deprecation note on stderr, the token alone on stdout.
+    let bare = Home::new();
+    let out = bare.cli(&["token", "new"], &client_env(&server.grpc, &boot));
+    assert!(out.status.success(), "{out:?}");
+    let login = stdout(&out);
+    assert_token(&login);
+    assert!(stderr(&out).contains("deprecated"));
+    assert_eq!(
+        api_json(&server.grpc, Method::GET, "/v1/whoami", Some(&login))["token_kind"],
+        "login"
+    );
+
+    // Refusals with Waypoint's texts.
+    assert_wp_error(
+        &bare.cli(
+            &["token", "new"],
+            &client_env(&server.grpc, "0123456789abcdef0123"),
+        ),
+        "failed to base58 decode token: Invalid base58 digit ('0')",
+    );
+    let other_home = Home::new();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = other_home.start_server(&other_dir.path().join("data.db"), "127.0.0.1:0", &[]);
+    let foreign = stdout(&bootstrap(&other_home, &other.grpc, &["-context-create="]));
+    assert_wp_error(
+        &bare.cli(&["token", "new"], &client_env(&server.grpc, &foreign)),
+        "bad token signature: invalid authentication token",
+    );
+    assert_wp_error(
+        &bare.cli(
+            &["token", "new"],
+            &[
+                ("WAYPOINT_SERVER_ADDR", &server.grpc),
+                ("WAYPOINT_SERVER_TLS", "1"),
+                ("WAYPOINT_SERVER_TLS_SKIP_VERIFY", "1"),
+            ],
+        ),
+        "Authorization token is not supplied",
+    );
+    assert_wp_error(
+        &bare.cli(&["user", "token"], &[]),
+        "failed to create client: no server connection configuration found",
+    );
+
+    // Runner tokens: scoped to their runner, refused for minting login tokens (after the
+    // tarpit while that runner is unknown), and they expire.
+    let out = bare.cli(
+        &["runner", "token", "-id=host-runner-1", "-expires-in=0"],
+        &client_env(&server.grpc, &boot),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let runner_token = stdout(&out);
+    assert_token(&runner_token);
+    let t0 = Instant::now();
+    assert_wp_error(
+        &bare.cli(&["token", "new"], &client_env(&server.grpc, &runner_token)),
+        "runner is not adopted",
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(5),
+        "the tarpit: {:?}",
+        t0.elapsed()
+    );
+    let out = bare.cli(
+        &["runner", "token", "-expires-in=1s"],
+        &client_env(&server.grpc, &boot),
+    );
+    let short = stdout(&out);
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = bare.cli(&["runner", "list"], &client_env(&server.grpc, &short));
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("! Token has expired. The token was valid until: "),
+        "{text}"
+    );
+    assert!(
+        text.lines().skip(1).all(|l| l.starts_with("  ")),
+        "wrapped lines are indented: {text}"
+    );
+    assert!(
+        text.replace("\n  ", " ")
+            .contains("invalid authentication token"),
+        "{text}"
+    );
+
+    // As in Waypoint, the environment means plain gRPC unless WAYPOINT_SERVER_TLS says TLS:
+    // against a TLS-only server the 10 s dial runs out.
+    let t0 = Instant::now();
+    assert_wp_error(
+        &bare.cli(
+            &["token", "new"],
+            &[
+                ("WAYPOINT_SERVER_ADDR", &server.grpc),
+                ("WAYPOINT_SERVER_TOKEN", &boot),
+            ],
+        ),
+        "failed to create client: error connecting to server: context deadline exceeded",
+    );
+    assert!(t0.elapsed() >= Duration::from_secs(9), "{:?}", t0.elapsed());
+
+    // config-set: Waypoint's output, persisted, shown in /v1/status.
+    let out = bare.cli(
+        &[
+            "server",
+            "config-set",
+            "-advertise-addr=192.0.2.10:9701",
+            "-advertise-tls-skip-verify=true",
+        ],
+        &client_env(&server.grpc, &login),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    assert!(
+        text.contains("» Modifying server configuration with the following settings:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("             advertise-addr: 192.0.2.10:9701"),
+        "{text}"
+    );
+    assert!(text.ends_with("Server configuration set!"), "{text}");
+    assert_eq!(
+        api_json(&server.http, Method::GET, "/v1/status", None)["advertise_addr"],
+        "192.0.2.10:9701"
+    );
+
+    // The state file is private; no certificate is kept in the data dir.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["data.db"],
+        "per-start certificates are not persisted"
+    );
+
+    // Restart: SIGTERM ends the server cleanly; tokens stay valid, bootstrap stays closed.
+    assert!(server.proc.terminate().success());
+    let first_log = server.proc.log();
+    let server = home.start_server(&db, &server.grpc, &[]);
+    assert_wp_error(
+        &bootstrap(&home, &server.grpc, &["-context-create="]),
+        "Error bootstrapping the server: server is already bootstrapped",
+    );
+    assert_eq!(
+        api(&server.grpc, Method::GET, "/v1/whoami", Some(&boot))
+            .unwrap()
+            .status,
+        200
+    );
+    // No token value ever reaches the server's logs, which are all stand-in lines on stderr.
+    let logs = format!("{first_log}\n{}", server.proc.log());
+    assert!(
+        logs.lines().all(|l| l.starts_with("waypoint stand-in:")),
+        "{logs}"
+    );
+    for secret in [&boot, &login, &runner_token] {
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a token leaked into the server log"
+        );
+    }
+    drop(other);
+}
+
+#[test]
+fn bootstrap_prints_the_token_then_fails_when_the_context_cannot_be_written() {
+    let home = Home::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server = home.start_server(&dir.path().join("data.db"), "127.0.0.1:0", &[]);
+    // The CLI directory exists, but its `context` entry is a dangling symlink: no default
+    // context (so the command starts), and no context directory can be made there.
+    let cli_dir = home.path().join(".config/waypoint");
+    std::fs::create_dir_all(&cli_dir).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/standin-context", cli_dir.join("context")).unwrap();
+    let out = bootstrap(&home, &server.grpc, &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let token = lines.next().unwrap();
+    assert_token(token);
+    let error = lines.next().unwrap();
+    assert!(
+        error.starts_with("! Error setting the CLI context: mkdir "),
+        "{text}"
+    );
+    assert!(
+        error.ends_with("/.config/waypoint/context: file exists"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "  The Waypoint server successfully bootstrapped, but creating the context failed."
+        ),
+        "{text}"
+    );
+    // The server is bootstrapped with exactly that token.
+    assert_eq!(
+        api_json(&server.grpc, Method::GET, "/v1/whoami", Some(token))["token_kind"],
+        "login"
+    );
+}
+
+#[test]
+fn runner_agent_lives_like_waypoints_runner() {
+    let home = Home::new();
+    // Nothing listens: exit 1 after the 10 s start-up dial, instead of retrying forever.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let t0 = Instant::now();
+    let out = home.cli(&["runner", "agent", "-id=x"], &client_env(&dead, "t"));
+    assert_wp_error(
+        &out,
+        "failed to create client: error connecting to server: context deadline exceeded",
+    );
+    assert!(t0.elapsed() >= Duration::from_secs(9), "{:?}", t0.elapsed());
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("data.db");
+    let mut server = home.start_server(&db, "127.0.0.1:0", &[]);
+    let boot = stdout(&bootstrap(&home, &server.grpc, &["-context-create="]));
+    let out = home.cli(
+        &["runner", "token", "-id=runner-one"],
+        &client_env(&server.grpc, &boot),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let runner_token = stdout(&out);
+
+    let certs = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test ca");
+    pki.write_client_dir(certs.path(), &pki);
+    let status_file = dir.path().join("runner-status.json");
+    let docker_port = free_port(); // nothing listens there
+    let mut runner = start_runner(
+        &home,
+        &server.grpc,
+        &runner_token,
+        docker_port,
+        certs.path(),
+        &status_file,
+        "runner-one",
+    );
+    let status = poll("the runner to register and report docker down", || {
+        let s = read_status(&status_file)?;
+        (s["server_ok"] == true && s["docker_error"].is_string()).then_some(s)
+    });
+    assert_eq!(status["registered_as"], "runner-one");
+    assert_eq!(status["docker_tls_verified"], true);
+    assert!(runner.stdout().contains("» Runner configuration:"));
+    let list = home.cli(&["runner", "list"], &client_env(&server.grpc, &boot));
+    assert!(
+        stdout(&list).contains("runner-one") && stdout(&list).contains("preadopted"),
+        "{list:?}"
+    );
+    let runners = api_json(&server.grpc, Method::GET, "/v1/runners", Some(&boot));
+    assert_eq!(runners["runners"][0]["online"], true);
+
+    // The same token used by a runner with another id is refused; that runner stays up,
+    // unregistered, and is not listed.
+    let other_status = dir.path().join("other-status.json");
+    let mut other = start_runner(
+        &home,
+        &server.grpc,
+        &runner_token,
+        docker_port,
+        certs.path(),
+        &other_status,
+        "runner-two",
+    );
+    let s = poll("the other runner to be refused", || {
+        let s = read_status(&other_status)?;
+        s["server_error"].is_string().then_some(s)
+    });
+    assert_eq!(
+        s["server_error"],
+        "provided runner token is for a different runner"
+    );
+    assert_eq!(
+        s["docker_host"], "",
+        "Docker is not touched before a registration"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        other.running(),
+        "Waypoint's runner does not exit after its start"
+    );
+    other.terminate();
+
+    // The server goes away and comes back on the same port: the runner registers again.
+    let grpc = server.grpc.clone();
+    assert!(server.proc.terminate().success());
+    poll("the runner to notice the server is gone", || {
+        let s = read_status(&status_file)?;
+        (s["server_ok"] == false).then_some(())
+    });
+    assert!(runner.running(), "the runner must survive a server outage");
+    let server = home.start_server(&db, &grpc, &[]);
+    poll("the runner to register again", || {
+        let s = read_status(&status_file)?;
+        (s["server_ok"] == true).then_some(())
+    });
+
+    // SIGTERM ends it cleanly; the server then lists exactly no runner.
+    assert!(runner.terminate().success());
+    poll("the server to forget the stopped runner", || {
+        let out = home.cli(&["runner", "list"], &client_env(&server.grpc, &boot));
+        (stdout(&out) == "No runners found").then_some(())
+    });
+    let out = home.cli(
+        &["runner", "forget", "never-seen"],
+        &client_env(&server.grpc, &boot),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "Runner \"never-seen\" forgotten.");
+    let log = runner.log();
+    assert!(
+        !log.contains(&runner_token),
+        "the token leaked into the runner log"
+    );
+    assert!(log.contains("runner: docker tcp://127.0.0.1:"), "{log}");
+}
+
+#[test]
+fn server_run_tries_the_url_service_and_uses_given_certificates() {
+    let home = Home::new();
+    let dir = tempfile::tempdir().unwrap();
+    // The URL service is on by default: the server tries it before opening its listeners.
+    let url = format!("-url-api-addr=127.0.0.1:{}", free_port());
+    let mut cmd = home.command();
+    cmd.args(["server", "run", "-accept-tos", &url])
+        .arg(format!("-db={}/data.db", dir.path().display()))
+        .args(["-listen-grpc=127.0.0.1:0", "-listen-http=127.0.0.1:0"]);
+    let server = Proc::spawn(&mut cmd);
+    server.wait_line("URL service unavailable, will retry in the background");
+    server.wait_line("grpc listening on ");
+    let banner = poll("the banner", || {
+        let s = server.stdout();
+        s.contains("URL Service:").then_some(s)
+    });
+    assert!(banner.contains("(account: guest)"), "{banner}");
+    drop(server);
+
+    // With -tls-cert-file/-tls-key-file the listeners serve that certificate.
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "given");
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+    let db2 = dir.path().join("db2.db");
+    let server = home.start_server(
+        &db2,
+        "127.0.0.1:0",
+        &[
+            &format!("-tls-cert-file={}", dir.path().join("cert.pem").display()),
+            &format!("-tls-key-file={}", dir.path().join("key.pem").display()),
+        ],
+    );
+    let (host, port) = server.http.rsplit_once(':').unwrap();
+    let config = tls::client_config_with_ca(&dir.path().join("cert.pem"), None).unwrap();
+    let client = HttpClient::new(
+        Target::Tcp {
+            host: host.to_string(),
+            port: port.parse().unwrap(),
+        },
+        Some((config, tls::server_name(host).unwrap())),
+        Duration::from_secs(5),
+    );
+    let reply = block_on(client.send(Method::GET, "/", None, None)).expect("verified tls");
+    assert_eq!(reply.status, 200);
+}
+
+#[test]
+fn snapshot_and_restore_bring_back_the_signing_key() {
+    let home = Home::new();
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let db_a = dir_a.path().join("data.db");
+    let mut a = home.start_server(&db_a, "127.0.0.1:0", &[]);
+    let b = home.start_server(&dir_b.path().join("data.db"), "127.0.0.1:0", &[]);
+    let token_a = stdout(&bootstrap(&home, &a.grpc, &["-context-create="]));
+    let token_b = stdout(&bootstrap(&home, &b.grpc, &["-context-create="]));
+
+    // A file target is created empty and fails, as in 0.11.4.
+    let file = home.path().join("snap.bin");
+    let out = home.cli(
+        &["server", "snapshot", file.to_str().unwrap()],
+        &client_env(&b.grpc, &token_b),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "Error generating Snapshot: rpc error: code = Unknown desc = error writing snapshot data: write {}: bad file descriptor",
+            file.display()
+        )
+    );
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0);
+    // Stdout works.
+    let out = home.cli(&["server", "snapshot", "-"], &client_env(&b.grpc, &token_b));
+    assert!(out.status.success(), "{out:?}");
+    let snapshot = out.stdout.clone();
+    assert!(!snapshot.is_empty());
+
+    // Restore B's snapshot into A with -exit: staged, A exits 2, nothing changed before that.
+    let mut restore = home.command();
+    restore
+        .args(["server", "restore", "-exit", "-"])
+        .envs(client_env(&a.grpc, &token_a))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = restore.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(&snapshot).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&out), "Server data restored.");
+    assert_eq!(
+        a.proc.wait_exit().code(),
+        Some(2),
+        "the server exits 2 after staging"
+    );
+
+    // At the next start A has B's data and key: A's own tokens are foreign now.
+    let a2 = home.start_server(&db_a, "127.0.0.1:0", &[]);
+    let reply = api(&a2.grpc, Method::GET, "/v1/whoami", Some(&token_a)).unwrap();
+    assert_eq!(reply.status, 401);
+    assert!(
+        reply
+            .text()
+            .contains("bad token signature: invalid authentication token"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(
+        api(&a2.grpc, Method::GET, "/v1/whoami", Some(&token_b))
+            .unwrap()
+            .status,
+        200
+    );
+    assert!(a2.proc.log().contains("applied the staged restore"));
 }
 
 /// A test PKI: a CA, a daemon certificate for 127.0.0.1 and a client certificate, written in
@@ -574,85 +1109,11 @@ impl Drop for FakeDocker {
 }
 
 #[test]
-fn runner_registers_survives_outages_and_reports_unreachable_docker() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("data.db");
-    let mut server = start_server(&db, "127.0.0.1:0");
-    let boot = stdout(&bootstrap(&server.grpc));
-    assert_token(&boot);
-    let out = cli(&["runner", "token"], &client_env(&server.grpc, &boot));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let runner_token = stdout(&out);
-
-    let certs = tempfile::tempdir().unwrap();
-    let pki = Pki::new("test ca");
-    pki.write_client_dir(certs.path(), &pki);
-    let status_file = dir.path().join("runner-status.json");
-    let docker_port = free_port(); // nothing listens there
-    let mut runner = start_runner(
-        &server.grpc,
-        &runner_token,
-        docker_port,
-        certs.path(),
-        &status_file,
-        "runner-one",
-    );
-
-    let status = poll("the runner to register and report docker down", || {
-        let s = read_status(&status_file)?;
-        (s["server_ok"] == true && s["docker_error"].is_string()).then_some(s)
-    });
-    assert_eq!(status["registered_as"], "runner-one");
-    assert_eq!(status["docker_ok"], false);
-    assert_eq!(status["docker_tls"], true);
-    assert_eq!(status["docker_tls_verified"], true);
-    assert!(
-        status["docker_error"]
-            .as_str()
-            .unwrap()
-            .contains("cannot connect"),
-        "{status}"
-    );
-    assert!(status["updated_at"].is_string());
-    let runners = api_json(&server.grpc, Method::GET, "/v1/runners", Some(&boot));
-    assert_eq!(runners["runners"][0]["id"], "runner-one");
-    assert_eq!(runners["runners"][0]["docker_ok"], false);
-
-    // The server goes away: the runner keeps running and says so; it comes back on the same
-    // port: the runner registers again by itself.
-    let grpc = server.grpc.clone();
-    assert!(server.proc.terminate().success());
-    poll("the runner to notice the server is gone", || {
-        let s = read_status(&status_file)?;
-        (s["server_ok"] == false && s["server_error"].is_string()).then_some(())
-    });
-    assert!(runner.running(), "the runner must survive a server outage");
-    let server = start_server(&db, &grpc);
-    poll("the runner to register again", || {
-        let s = read_status(&status_file)?;
-        (s["server_ok"] == true).then_some(())
-    });
-    assert!(runner.running());
-
-    // SIGTERM ends it cleanly; it never logged its token.
-    assert!(
-        runner.terminate().success(),
-        "runner should exit 0 on SIGTERM"
-    );
-    let log = runner.log();
-    assert!(
-        !log.contains(&runner_token),
-        "the token leaked into the runner log"
-    );
-    assert!(log.contains("runner: docker tcp://127.0.0.1:"), "{log}");
-    drop(server);
-}
-
-#[test]
 fn runner_verifies_docker_with_mutual_tls_and_recovers_when_docker_appears() {
+    let home = Home::new();
     let dir = tempfile::tempdir().unwrap();
-    let server = start_server(&dir.path().join("data.db"), "127.0.0.1:0");
-    let boot = stdout(&bootstrap(&server.grpc));
+    let server = home.start_server(&dir.path().join("data.db"), "127.0.0.1:0", &[]);
+    let boot = stdout(&bootstrap(&home, &server.grpc, &["-context-create="]));
     assert_token(&boot);
 
     let pki = Pki::new("docker ca");
@@ -666,7 +1127,9 @@ fn runner_verifies_docker_with_mutual_tls_and_recovers_when_docker_appears() {
     let docker_port = free_port();
     let good_status = dir.path().join("good.json");
     let bad_status = dir.path().join("bad.json");
+    // A login token is accepted by runners too (Waypoint's legacy pre-adoption).
     let good_runner = start_runner(
+        &home,
         &server.grpc,
         &boot,
         docker_port,
@@ -675,6 +1138,7 @@ fn runner_verifies_docker_with_mutual_tls_and_recovers_when_docker_appears() {
         "good",
     );
     let bad_runner = start_runner(
+        &home,
         &server.grpc,
         &boot,
         docker_port,

@@ -52,8 +52,9 @@ fn addr_after(line: &str, marker: &str) -> Option<String> {
 
 fn start_server(db: &Path, extra: &[&str]) -> ServerProc {
     let mut child = Command::new(BIN)
-        .args(["server", "run", "-accept-tos"])
+        .args(["server", "run", "-accept-tos", "-url-enabled=false"])
         .arg(format!("-db={}", db.display()))
+        .env("HOME", db.parent().expect("the data dir"))
         .args(["-listen-grpc=127.0.0.1:0", "-listen-http=127.0.0.1:0"])
         .args(extra)
         .stdout(Stdio::null())
@@ -174,19 +175,29 @@ fn reports_a_live_server_and_its_advertise_address_then_execs_the_app() {
     // Run as `waypoint-entrypoint` (no `--`), against the HTTP port, after `config-set` changed
     // the advertise address.
     let bootstrap = Command::new(BIN)
-        .args(["server", "bootstrap", "-server-tls-skip-verify"])
+        .args([
+            "server",
+            "bootstrap",
+            "-server-tls-skip-verify",
+            "-context-create=",
+        ])
         .arg(format!("-server-addr={}", server.grpc))
+        .env("HOME", dir.path())
         .output()
         .unwrap();
     assert!(bootstrap.status.success(), "{bootstrap:?}");
     let token = String::from_utf8_lossy(&bootstrap.stdout)
         .trim()
         .to_string();
+    // config-set has no connection flags in Waypoint: the environment says where and who.
     let set = Command::new(BIN)
-        .args(["server", "config-set", "-server-tls-skip-verify"])
-        .arg(format!("-server-addr={}", server.grpc))
-        .arg(format!("-server-auth-token={token}"))
-        .arg("-advertise-addr=203.0.113.9:9701")
+        .args(["server", "config-set", "-advertise-addr=203.0.113.9:9701"])
+        .env("HOME", dir.path())
+        .env("WAYPOINT_SERVER_ADDR", &server.grpc)
+        .env("WAYPOINT_SERVER_TOKEN", &token)
+        .env("WAYPOINT_SERVER_TLS", "true")
+        .env("WAYPOINT_SERVER_TLS_SKIP_VERIFY", "true")
+        .env_remove("WAYPOINT_CONTEXT")
         .output()
         .unwrap();
     assert!(set.status.success(), "{set:?}");
