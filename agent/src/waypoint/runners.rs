@@ -362,7 +362,10 @@ mod tests {
             "! failed to base58 decode token: invalid base58 digit ('0')",
         ] {
             let e = mint_outcome(&plan, &out(Some(1), said, "")).unwrap_err();
-            assert!(matches!(e, WaypointError::TokenRejected { .. }), "{said}: {e}");
+            assert!(
+                matches!(e, WaypointError::TokenRejected { .. }),
+                "{said}: {e}"
+            );
         }
         // Words the agent once looked for are not Waypoint's: a plain command error.
         let e = mint_outcome(&plan, &out(Some(1), "", "rpc error: Unauthorized")).unwrap_err();
