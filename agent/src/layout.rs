@@ -15,6 +15,8 @@
 //!                                    (docker CLI layout; keys 0600)
 //!     runner/{ca,cert,key}.pem       the runners' client certificate, mounted read-only
 //!     operator/{ca,cert,key}.pem     the operators' client certificate
+//!     waypoint/{ca,cert,key}.pem     the Waypoint server's certificate (serverAuth, the host's
+//!                                    names, `waypoint-server`, the Pilot network's gateway)
 //!   database/                        0700
 //!     password                       the application role's password (0600)
 //!     password.pending               a rotation's new password until ALTER ROLE committed
@@ -23,7 +25,13 @@
 //!                                    bootstrapped once: losing it loses the server)
 //!     runner-N-token                 runner N's token
 //!     advertise-address              the address last set with `server config-set`
-//!     server-address, server-token   runner-only host: what `server-link` fetched
+//!     server-tls/{ca,cert,key}.pem   0700, owned by the server image's user: the copy of
+//!                                    pki/waypoint mounted read-only into the server container
+//!     server-address                 runner-only host: the server VM's Waypoint address
+//!     server-ca/ca.pem               runner-only host: the server VM's CA, which verifies
+//!                                    its Waypoint server (mounted read-only into runners)
+//!     server-token                   removed if found (earlier versions kept the server's
+//!                                    bootstrap token on runner hosts)
 //! ```
 //!
 //! Everything else under the directory is foreign to the agent and left alone. Paths are
@@ -128,6 +136,17 @@ impl WaypointFiles {
     pub fn server_token(&self) -> PathBuf {
         self.dir.join("server-token")
     }
+
+    /// The Waypoint server's TLS files as its container reads them (owned by the image's user).
+    pub fn server_tls_dir(&self) -> PathBuf {
+        self.dir.join("server-tls")
+    }
+
+    /// On a runner-only host: the directory of the server VM's CA (`ca.pem`), which verifies
+    /// the Waypoint server the runners dial.
+    pub fn server_ca_dir(&self) -> PathBuf {
+        self.dir.join("server-ca")
+    }
 }
 
 /// Where the files of one certificate live (the docker CLI's layout).
@@ -184,10 +203,19 @@ impl PkiLayout {
     pub fn server(&self) -> LeafPaths {
         self.leaf(SERVER_LEAF)
     }
+
+    /// The Waypoint server's certificate.
+    pub fn waypoint(&self) -> LeafPaths {
+        self.leaf(WAYPOINT_LEAF)
+    }
 }
 
 /// The name of dockerd's server certificate under `pki/`.
 pub const SERVER_LEAF: &str = "server";
+
+/// The name of the Waypoint server's certificate under `pki/`: its own key, so that what the
+/// Waypoint container can read never includes dockerd's key.
+pub const WAYPOINT_LEAF: &str = "waypoint";
 
 #[cfg(test)]
 mod tests {
@@ -214,10 +242,13 @@ mod tests {
         );
         assert_eq!(w.server_address(), Path::new("/s/waypoint/server-address"));
         assert_eq!(w.server_token(), Path::new("/s/waypoint/server-token"));
+        assert_eq!(w.server_tls_dir(), Path::new("/s/waypoint/server-tls"));
+        assert_eq!(w.server_ca_dir(), Path::new("/s/waypoint/server-ca"));
         let pki = s.pki();
         assert_eq!(pki.ca_cert(), Path::new("/s/pki/ca/ca.pem"));
         assert_eq!(pki.ca_key(), Path::new("/s/pki/ca/ca-key.pem"));
         assert_eq!(pki.server().key, Path::new("/s/pki/server/key.pem"));
         assert_eq!(pki.leaf("runner").dir, Path::new("/s/pki/runner"));
+        assert_eq!(pki.waypoint().cert, Path::new("/s/pki/waypoint/cert.pem"));
     }
 }

@@ -5,6 +5,8 @@
 //! pki/server/{ca,cert,key}.pem       dockerd's TLS identity (serverAuth, host SANs)
 //! pki/runner/{ca,cert,key}.pem       client certificates (clientAuth) in the docker CLI's
 //! pki/operator/{ca,cert,key}.pem     layout: DOCKER_CERT_PATH=pki/operator
+//! pki/waypoint/{ca,cert,key}.pem     the Waypoint server's TLS identity (serverAuth, host
+//!                                    SANs, `waypoint-server`, the advertise address)
 //! ```
 //!
 //! [`ensure`] checks every file before it acts, and re-issues a certificate only when it is
@@ -64,7 +66,7 @@ pub enum PkiError {
     Random(String),
 }
 
-pub use crate::layout::{LeafPaths, PkiLayout, SERVER_LEAF as SERVER};
+pub use crate::layout::{LeafPaths, PkiLayout, SERVER_LEAF as SERVER, WAYPOINT_LEAF as WAYPOINT};
 
 /// What a certificate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -33,12 +33,13 @@
 //! move { ... })` here with `.after(&[...])` naming what it needs, and put anything later
 //! steps need from it in [`Facts`] (set once with `OnceLock::set`).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use std::time::Duration;
 
 use crate::addresses::{self, San};
-use crate::config::{Config, Role};
+use crate::config::{Advertise, Config, Role, WaypointConfig};
 use crate::database;
 use crate::docker::{self, DockerPlan};
 use crate::engine::{Outcome, Step, StepError, StepResult};
@@ -140,11 +141,16 @@ impl Ctx {
 /// The firewall step alone (also what `pilot-agent firewall` runs).
 pub fn firewall_step() -> Step<Ctx> {
     Step::new(FIREWALL, |ctx: Arc<Ctx>| async move {
-        let spec = FirewallSpec::from_config(&ctx.config);
-        let record = StateLayout::new(&ctx.config.state_dir).firewall_listing();
-        let report = firewall::converge(&spec, &ctx.nft, Some(&record)).await?;
+        let report = apply_firewall(&ctx).await?;
         Ok(outcome(report.changed, report.summary()))
     })
+}
+
+/// Applies the table as the host stands now ([`FirewallSpec::current`]).
+async fn apply_firewall(ctx: &Ctx) -> Result<firewall::FirewallReport, firewall::FirewallError> {
+    let spec = FirewallSpec::current(&ctx.config);
+    let record = StateLayout::new(&ctx.config.state_dir).firewall_listing();
+    firewall::converge(&spec, &ctx.nft, Some(&record)).await
 }
 
 /// Copies the pass's facts into the status file (register with
@@ -244,15 +250,27 @@ fn waypoint_steps() -> Vec<Step<Ctx>> {
     let mut steps = images_and_network_steps();
     steps.extend([
         Step::new(WAYPOINT_SERVER, |ctx: Arc<Ctx>| async move {
+            // A server without a stored token (a first boot, or a new volume whose old
+            // tokens the network step just discarded) must not publish its ports to anyone
+            // before the bootstrap step has its token: the table says so before it starts.
+            apply_firewall(&ctx).await?;
             Ok(report(
                 waypoint::converge_server(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
             ))
         })
         .after(&[IMAGES, NETWORK]),
         Step::new(WAYPOINT_BOOTSTRAP, |ctx: Arc<Ctx>| async move {
-            Ok(report(
-                waypoint::converge_bootstrap(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
-            ))
+            let mut r =
+                waypoint::converge_bootstrap(ctx.docker().await?, &waypoint_plan(&ctx)?).await?;
+            // The server's ports stay closed to everything outside the host until its token
+            // is stored (FirewallSpec::current); now they open to their sources. Checked on
+            // every pass: a run killed between the two finishes here.
+            let opened = apply_firewall(&ctx).await?;
+            if opened.changed {
+                r.changed = true;
+                r.detail.push_str("; its ports opened to their sources");
+            }
+            Ok(report(r))
         })
         .after(&[WAYPOINT_SERVER]),
         Step::new(WAYPOINT_ADVERTISE, |ctx: Arc<Ctx>| async move {
@@ -401,6 +419,24 @@ fn database_step() -> Step<Ctx> {
     })
 }
 
+/// The Waypoint server's certificate: every name of the host that dockerd's has (its
+/// addresses, names, the cloud's public address, loopback for the agent's own `waypoint`
+/// commands in the container, the Pilot network's gateway), the server's name on the Pilot
+/// network (how local runners dial it) and a fixed advertise address (how runner-only hosts
+/// and the Pilot CLI dial it).
+fn waypoint_leaf(w: &WaypointConfig, host_sans: &BTreeSet<San>) -> LeafSpec {
+    let mut sans = host_sans.clone();
+    sans.insert(San::Dns(crate::waypoint::SERVER_NAME.into()));
+    if let Advertise::Fixed { host, .. } = &w.advertise {
+        sans.insert(San::parse(host));
+    }
+    LeafSpec {
+        name: pki::WAYPOINT.into(),
+        profile: pki::Profile::Server,
+        sans,
+    }
+}
+
 /// The clone check, then the CA and certificates with the identity's names among the SANs,
 /// then the new marker (see [`identity::marker`]).
 fn pki_step(config: &Config, resolution: &Resolution) -> StepResult {
@@ -435,7 +471,13 @@ fn pki_step(config: &Config, resolution: &Resolution) -> StepResult {
     // The cloud's addresses and names: a public IPv4 is on no interface (EC2 and GCE NAT
     // it), yet it is what the Pilot CLI connects to.
     sans.extend(resolution.identity.sans());
-    let mut leaves = vec![LeafSpec::server(sans)];
+    let mut leaves = Vec::new();
+    if let Some(w) = &config.waypoint
+        && config.role == Role::Server
+    {
+        leaves.push(waypoint_leaf(w, &sans));
+    }
+    leaves.insert(0, LeafSpec::server(sans));
     leaves.extend(pki::CLIENTS.iter().map(|c| LeafSpec::client(c)));
     let report = pki::ensure(
         &PkiLayout::new(config.pki_dir()),

@@ -603,8 +603,9 @@ async fn the_watcher_puts_the_table_back_after_a_flush_or_an_edit() {
     assert!(!answers(&c.outside, "10.251.0.1", 2375));
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watched = spec.clone();
     let watcher = tokio::spawn(pilot_agent::firewall::watch::watch(
-        spec.clone(),
+        move || watched.clone(),
         c.vm.nft(),
         c.vm.record(),
         move |r| {

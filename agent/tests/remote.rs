@@ -375,7 +375,8 @@ async fn right_pin_fetches_the_credentials() {
             format!("pilot.example.com:{}", WaypointConfig::default().grpc_port)
         );
         assert_eq!(c.waypoint_token.expose(), WAYPOINT_TOKEN);
-        assert!(c.waypoint_tls_skip_verify);
+        // Waypoint serves a certificate of the agent CA: the CLI verifies it.
+        assert!(!c.waypoint_tls_skip_verify);
         assert_eq!(c.ca_pem, vm.ca_pem());
         assert_eq!(c.raw["waypoint"]["address"], json!(c.waypoint_address));
         for text in [c.raw.to_string(), format!("{c:?}")] {

@@ -235,7 +235,7 @@ fn status_never_prints_secrets_and_credentials_does() {
     let v = json(&out);
     assert_eq!(v["waypoint"]["token"], TOKEN);
     assert_eq!(v["waypoint"]["address"], "pilot.example.com:9701");
-    assert_eq!(v["waypoint"]["tls_skip_verify"], true);
+    assert_eq!(v["waypoint"]["tls_skip_verify"], false);
     assert_eq!(v["database"]["password"], PASSWORD);
     assert_eq!(v["database"]["host"], "db.internal");
     assert_eq!(v["database"]["port"], 5432);

@@ -37,7 +37,7 @@ fn distinctive(secret: &str, json: &str) -> bool {
         && !dir().to_string_lossy().contains(secret.trim())
 }
 
-fn check_spec(spec: &UserDataSpec, password: &str, token: &str, json: &str) {
+fn check_spec(spec: &UserDataSpec) {
     let agent = agent_config(spec);
     let config = Config::from_yaml(&agent).unwrap_or_else(|d| {
         panic!("the agent refuses the configuration the image wrote: {d:?}\n{agent}")
@@ -89,14 +89,13 @@ fn check_spec(spec: &UserDataSpec, password: &str, token: &str, json: &str) {
         agent,
         "agent.yaml depends on a secret"
     );
-    for secret in [password, token] {
-        if distinctive(secret, json) {
-            assert!(
-                !format!("{spec:?}").contains(secret.trim()),
-                "a secret in the spec's Debug"
-            );
-        }
-    }
+    // Nor does the spec's Debug: compared with other secrets rather than searched for the
+    // secret's text, which may equal any text at all (a field name, for one).
+    assert_eq!(
+        format!("{other:?}"),
+        format!("{spec:?}"),
+        "the spec's Debug depends on a secret"
+    );
 
     let text = match render(spec) {
         Ok(text) => text,
@@ -150,10 +149,21 @@ fuzz_target!(|data: &[u8]| {
         std::fs::write(&token_file, token).unwrap();
         input.server_token_file = Some(token_file);
     }
-    let password = String::from_utf8_lossy(password).into_owned();
-    let token = String::from_utf8_lossy(token).into_owned();
+    // Only what the input made the image read is a secret of this run: bytes never read may
+    // equal any text at all (a field name in a Debug output, for one: a kept crash had
+    // "agent_deb_url:" as its unread password).
+    let password = if input.db_admin_password_file.is_some() {
+        String::from_utf8_lossy(password).into_owned()
+    } else {
+        String::new()
+    };
+    let token = if input.server_token_file.is_some() {
+        String::from_utf8_lossy(token).into_owned()
+    } else {
+        String::new()
+    };
     match input.validate() {
-        Ok(spec) => check_spec(&spec, &password, &token, &json),
+        Ok(spec) => check_spec(&spec),
         Err(e) => {
             let shown = format!("{e} / {e:?}");
             assert!(shown.starts_with("--"), "an error naming no flag: {shown}");

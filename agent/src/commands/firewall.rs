@@ -44,5 +44,5 @@ pub async fn firewall(config_path: &Path) -> Result<FirewallReport, FirewallComm
     let record = config.state().firewall_listing();
     crate::fsutil::ensure_dir(&config.state_dir, crate::fsutil::MODE_PRIVATE_DIR)
         .map_err(FirewallError::from)?;
-    Ok(firewall::converge(&FirewallSpec::from_config(&config), &nft, Some(&record)).await?)
+    Ok(firewall::converge(&FirewallSpec::current(&config), &nft, Some(&record)).await?)
 }

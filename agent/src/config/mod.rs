@@ -38,7 +38,7 @@ pub use schema::Diagnostic;
 use schema::Walker;
 pub use server::{Role, ServerLink};
 pub use service::ServiceSettings;
-pub use waypoint::WaypointConfig;
+pub use waypoint::{Advertise, WaypointConfig};
 
 use crate::layout::StateLayout;
 pub use database::DatabaseSettings;

@@ -853,8 +853,8 @@ async fn mint_for(
             "waypoint": {
                 "address": address,
                 "token": token.expose(),
-                // Waypoint serves its own self-signed certificate, not one of the agent CA.
-                "tls_skip_verify": true,
+                // Waypoint serves a certificate of the agent's CA (`ca_pem`).
+                "tls_skip_verify": false,
             },
             "ca_pem": ca_pem,
             "ca_sha256": ca_sha256,

@@ -134,6 +134,22 @@ impl FirewallSpec {
         }
     }
 
+    /// The table as the host stands now: [`FirewallSpec::from_config`], except that a
+    /// Waypoint server that is not bootstrapped yet (no bootstrap token stored) is reachable
+    /// through its published ports from nobody. Waypoint accepts `server bootstrap` from any
+    /// client and only the first one gets the token; the agent bootstraps over the server's
+    /// own loopback, so nothing outside the host can be first. The bootstrap step applies the
+    /// full table once the token is stored.
+    pub fn current(config: &Config) -> Self {
+        let mut spec = FirewallSpec::from_config(config);
+        if let Some((_, sources)) = &mut spec.waypoint
+            && !waypoint_bootstrapped(config)
+        {
+            sources.clear();
+        }
+        spec
+    }
+
     /// The table for a host whose configuration does not load (`pilot-agent firewall` at
     /// boot): the default table name, 2375 dropped, the metadata service closed to
     /// containers, and Docker's TLS port, the endpoint and the Waypoint ports (at their
@@ -578,6 +594,17 @@ fn prefix_set(nets: &[IpNet]) -> Expression<'static> {
     ))
 }
 
+/// Whether the Waypoint server's bootstrap token is stored (see [`FirewallSpec::current`]);
+/// an unreadable file counts as stored, so that a permission problem does not close the
+/// server to its users (the Waypoint steps report the problem).
+fn waypoint_bootstrapped(config: &Config) -> bool {
+    let token = config.state().waypoint().bootstrap_token();
+    match std::fs::metadata(&token) {
+        Ok(m) => m.len() > 0,
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+    }
+}
+
 fn addr_string(ip: IpAddr) -> String {
     ip.to_string()
 }
@@ -689,6 +716,36 @@ mod tests {
         assert_eq!(
             v[3]["match"]["right"]["set"][0]["prefix"]["addr"],
             "198.51.100.0"
+        );
+    }
+
+    #[test]
+    fn waypoint_ports_open_only_once_the_server_is_bootstrapped() {
+        use crate::config::WaypointConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config {
+            state_dir: dir.path().to_path_buf(),
+            waypoint: Some(WaypointConfig {
+                application_sources: vec!["198.51.100.0/24".parse().unwrap()],
+                ..WaypointConfig::default()
+            }),
+            ..Config::default()
+        };
+        let (ports, sources) = FirewallSpec::current(&c).waypoint.unwrap();
+        assert_eq!(ports, vec![9701, 9702]);
+        assert!(sources.is_empty(), "open before the bootstrap: {sources:?}");
+        let token = c.state().waypoint().bootstrap_token();
+        std::fs::create_dir_all(token.parent().unwrap()).unwrap();
+        std::fs::write(&token, "").unwrap();
+        assert!(FirewallSpec::current(&c).waypoint.unwrap().1.is_empty());
+        std::fs::write(&token, "wp24token\n").unwrap();
+        assert_eq!(FirewallSpec::current(&c), FirewallSpec::from_config(&c));
+        assert!(
+            FirewallSpec::current(&c)
+                .waypoint
+                .unwrap()
+                .1
+                .contains(&"198.51.100.0/24".parse().unwrap())
         );
     }
 

@@ -33,9 +33,11 @@ pub struct Restored {
 }
 
 /// Runs until the task is dropped or aborted (which also ends the `nft monitor` child).
-/// `restored` is called for every repair (metrics, tests).
+/// `spec` gives the desired table at each check (it changes when the Waypoint server is
+/// bootstrapped: [`FirewallSpec::current`]). `restored` is called for every repair (metrics,
+/// tests).
 pub async fn watch(
-    spec: FirewallSpec,
+    spec: impl Fn() -> FirewallSpec + Send + 'static,
     nft: Nft,
     record: PathBuf,
     restored: impl Fn(&Restored) + Send + 'static,
@@ -67,12 +69,12 @@ pub async fn watch(
         let mut lines = BufReader::new(stdout).lines();
         let started = Instant::now();
         // A change between the last pass and the monitor's start has sent no event.
-        check(&spec, &nft, &record, Instant::now(), &restored).await;
+        check(&spec(), &nft, &record, Instant::now(), &restored).await;
         while let Ok(Some(_)) = lines.next_line().await {
             let first = Instant::now();
             // The rest of the burst.
             while let Ok(Ok(Some(_))) = tokio::time::timeout(QUIET, lines.next_line()).await {}
-            check(&spec, &nft, &record, first, &restored).await;
+            check(&spec(), &nft, &record, first, &restored).await;
         }
         let _ = child.kill().await;
         tracing::warn!("`{text}` ended; restarting it in {} s", delay.as_secs());

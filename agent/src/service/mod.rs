@@ -249,8 +249,9 @@ impl Service {
     /// Puts the firewall table back whenever the ruleset changes ([`firewall::watch`]).
     fn watch_firewall(&self) -> JoinHandle<()> {
         let telemetry = self.telemetry.clone();
+        let config = self.config.clone();
         tokio::spawn(firewall::watch::watch(
-            FirewallSpec::from_config(&self.config),
+            move || FirewallSpec::current(&config),
             Nft::default(),
             self.config.state().firewall_listing(),
             move |_| telemetry.record_firewall_restore(),

@@ -7,7 +7,7 @@
 //! `ca_pem`), so a script can tell "not yet" from "never". The JSON field names are an API:
 //!
 //! ```json
-//! {"waypoint": {"address": "pilot.example.com:9701", "token": "...", "tls_skip_verify": true},
+//! {"waypoint": {"address": "pilot.example.com:9701", "token": "...", "tls_skip_verify": false},
 //!  "database": {"host": "...", "port": 5432, "name": "pilot", "user": "pilot_app",
 //!               "password": "..."},
 //!  "ca_pem": "-----BEGIN CERTIFICATE-----\n...", "ca_sha256": "3F:9A:...", "missing": []}
@@ -22,8 +22,9 @@
 //! name, with `waypoint.grpc_port`. `ca_sha256` is the CA certificate's SHA-256 fingerprint, the
 //! value a runner-only host pins (`server.ca_sha256`). On a runner-only host `waypoint` is
 //! missing: the server VM's credentials have it.
-//! `tls_skip_verify` is true because Waypoint serves its own self-signed certificate, not one
-//! from the agent's CA.
+//! `tls_skip_verify` is false: Waypoint serves a certificate of the agent's CA (`ca_pem`) with
+//! the host's names and addresses, so the CLI verifies it (Go: `SSL_CERT_FILE=ca.pem`). Agents
+//! of earlier builds answered true (Waypoint's own self-signed certificate); the field stays.
 //!
 //! The secrets are held as [`Secret`] (redacted in `Debug`/`Display`) and exposed only when the
 //! output is rendered.
@@ -282,7 +283,7 @@ impl Credentials {
     pub fn to_json(&self) -> Value {
         json!({
             "waypoint": self.waypoint.as_ref().map(|w| {
-                let mut v = json!({"address": w.address, "tls_skip_verify": true});
+                let mut v = json!({"address": w.address, "tls_skip_verify": false});
                 if let Some(t) = &w.token {
                     v["token"] = json!(t.expose());
                 }
@@ -400,7 +401,7 @@ mod tests {
             json!({
                 "waypoint": {"address": format!("pilot.example.com:{}",
                     WaypointConfig::default().grpc_port), "token": "tok-123",
-                    "tls_skip_verify": true},
+                    "tls_skip_verify": false},
                 "database": {"host": "db.internal", "port": 5432, "name": "pilot",
                     "user": "pilot_app", "password": "pw-456"},
                 "ca_pem": "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",

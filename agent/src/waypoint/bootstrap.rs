@@ -29,6 +29,7 @@ use bollard::query_parameters::CreateContainerOptionsBuilder;
 
 use super::containers;
 use super::spec::ContainerSpec;
+use super::tls::SERVER_TLS_PATH;
 use super::{
     BOOTSTRAP_NAME, GRPC_PORT, Role, SERVER_NAME, WaypointError, WaypointPlan, images, read_token,
     token_from_output, write_token,
@@ -77,14 +78,19 @@ pub fn spec(plan: &WaypointPlan, image_id: &str) -> ContainerSpec {
         cmd: vec![
             "server".into(),
             "bootstrap".into(),
+            // Loopback is among the names of the server's certificate, which is verified
+            // against the agent's CA (SSL_CERT_FILE): the token is printed only after the
+            // server proved it is the one the agent started.
             format!("-server-addr=127.0.0.1:{GRPC_PORT}"),
-            "-server-tls-skip-verify".into(),
             // No CLI context under $HOME: nothing uses it, and a failed write makes the
             // command exit 1 after printing the token.
             "-context-create=".into(),
         ],
-        env: Vec::new(),
-        binds: Vec::new(),
+        env: vec![format!("SSL_CERT_FILE={SERVER_TLS_PATH}/ca.pem")],
+        binds: vec![format!(
+            "{}:{SERVER_TLS_PATH}:ro",
+            plan.server_tls_dir().display()
+        )],
         publish: Vec::new(),
         // The server's own network namespace: its loopback reaches the server whatever
         // the published ports and the firewall admit. (Waypoint accepts a bootstrap from any

@@ -115,6 +115,20 @@ fn store_address(plan: &WaypointPlan, address: &str) -> Result<bool, WaypointErr
     Ok(true)
 }
 
+/// Stores the server VM's CA (its fingerprint already checked against `server.ca_sha256` by
+/// the call that brought it): the runners verify the Waypoint server with it.
+fn store_server_ca(plan: &WaypointPlan, ca_pem: &str) -> Result<bool, WaypointError> {
+    let dir = plan.server_ca_dir();
+    let mut changed = crate::fsutil::ensure_dir(&dir, crate::fsutil::MODE_PUBLIC_DIR)?;
+    changed |= crate::fsutil::write_atomic(
+        &dir.join("ca.pem"),
+        ca_pem.as_bytes(),
+        crate::fsutil::MODE_PUBLIC,
+    )?
+    .changed();
+    Ok(changed)
+}
+
 /// Mints the token of runner `runner_id` at the server VM's endpoint and stores it (0600,
 /// `runner-N-token`, before anything uses it) and the Waypoint address that came with it
 /// (unless `server.waypoint_address` overrides it). Errors name the server and the reason,
@@ -149,6 +163,8 @@ pub async fn mint_remote(
         .clone()
         .unwrap_or_else(|| minted.waypoint_address.clone());
     let token = minted.waypoint_token.expose().to_string();
+    // The CA first: a runner never gets a token without the means to verify its server.
+    store_server_ca(plan, &minted.ca_pem)?;
     write_token(&plan.runner_token_path(runner_id.index()), &token)?;
     store_address(plan, &address)?;
     tracing::info!(

@@ -29,6 +29,7 @@ pub mod ready;
 pub mod runners;
 pub mod server;
 pub mod spec;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -210,6 +211,8 @@ pub struct WaypointPlan {
     pub tokens_dir: PathBuf,
     /// The runner's client certificate directory (docker CLI layout), mounted read-only.
     pub runner_cert_dir: PathBuf,
+    /// The Waypoint server's certificate as the pki step issues it (`pki/waypoint`).
+    pub server_leaf: crate::layout::LeafPaths,
     /// The host's Docker TLS port, which runners reach at the network's gateway.
     pub docker_tls_port: u16,
     /// Where the runners' server is.
@@ -240,6 +243,7 @@ impl WaypointPlan {
             socket: config.docker.socket.clone(),
             tokens_dir: config.state().waypoint().dir().to_path_buf(),
             runner_cert_dir: config.state().pki().leaf("runner").dir,
+            server_leaf: config.state().pki().waypoint(),
             docker_tls_port: config.docker.tls_listen.port(),
             server: match config.role {
                 crate::config::Role::Server => ServerRef::Local,
@@ -263,6 +267,33 @@ impl WaypointPlan {
     /// host. Nothing writes it now; the `server-link` step removes a leftover one.
     pub fn remote_token_path(&self) -> PathBuf {
         WaypointFiles::new(&self.tokens_dir).server_token()
+    }
+
+    /// The server's TLS files as its container reads them (see [`tls`]).
+    pub fn server_tls_dir(&self) -> PathBuf {
+        WaypointFiles::new(&self.tokens_dir).server_tls_dir()
+    }
+
+    /// On a runner-only host: the directory of the server VM's CA (see [`tls`]).
+    pub fn server_ca_dir(&self) -> PathBuf {
+        WaypointFiles::new(&self.tokens_dir).server_ca_dir()
+    }
+
+    /// The CA runners verify their Waypoint server with, as a path on the host and as the
+    /// path their containers see (`SSL_CERT_FILE`): this host's CA (in the runner's client
+    /// certificate directory, already mounted at `/certs`) or, on a runner-only host, the
+    /// server VM's.
+    pub fn runner_server_ca(&self) -> (PathBuf, String) {
+        match self.server {
+            ServerRef::Local => (
+                self.runner_cert_dir.join("ca.pem"),
+                format!("{RUNNER_CERT_PATH}/ca.pem"),
+            ),
+            ServerRef::Remote => (
+                self.server_ca_dir().join("ca.pem"),
+                format!("{}/ca.pem", tls::SERVER_CA_PATH),
+            ),
+        }
     }
 
     pub fn bootstrap_token_path(&self) -> PathBuf {
@@ -465,14 +496,16 @@ pub async fn converge_runners(
 }
 
 /// The environment of a Waypoint CLI command or runner against the server at `address`
-/// (`HOST:PORT`) with `token`. TLS without verification: Waypoint's server certificate is
-/// self-signed, made inside its container.
-pub(crate) fn cli_env(address: &str, token: &str) -> Vec<String> {
+/// (`HOST:PORT`) with `token`, verifying the server's certificate against the CA at `ca_file`
+/// (a path inside the container): Go takes its roots from `SSL_CERT_FILE`, and Waypoint's
+/// client verifies unless told to skip (see [`tls`]).
+pub(crate) fn cli_env(address: &str, token: &str, ca_file: &str) -> Vec<String> {
     vec![
         format!("WAYPOINT_SERVER_ADDR={address}"),
         format!("WAYPOINT_SERVER_TOKEN={token}"),
         "WAYPOINT_SERVER_TLS=true".into(),
-        "WAYPOINT_SERVER_TLS_SKIP_VERIFY=true".into(),
+        "WAYPOINT_SERVER_TLS_SKIP_VERIFY=false".into(),
+        format!("SSL_CERT_FILE={ca_file}"),
     ]
 }
 
@@ -498,7 +531,12 @@ pub(crate) async fn server_cli(
         .ok_or_else(|| WaypointError::Conflict(format!("{SERVER_NAME} does not exist")))?;
     let mut argv = containers::entrypoint(&server);
     argv.extend(args.iter().map(|a| a.to_string()));
-    let env = cli_env(&format!("127.0.0.1:{GRPC_PORT}"), &bootstrap);
+    // Loopback is among the certificate's names.
+    let env = cli_env(
+        &format!("127.0.0.1:{GRPC_PORT}"),
+        &bootstrap,
+        &format!("{}/ca.pem", tls::SERVER_TLS_PATH),
+    );
     containers::exec(docker, SERVER_NAME, &argv, &env, limit).await
 }
 

@@ -22,9 +22,11 @@ use std::fmt;
 use std::time::Duration;
 
 use bollard::Docker;
+use futures_util::{StreamExt, TryStreamExt, stream};
 
 use super::containers::{self, Action, ExecOutput};
 use super::spec::ContainerSpec;
+use super::tls::{self, SERVER_CA_PATH};
 use super::{
     GRPC_PORT, MINT_NAME, RUNNER_CERT_PATH, RUNNER_PREFIX, Role, SERVER_NAME, ServerRef,
     WaypointError, WaypointPlan, images, read_token, token_from_output, write_token,
@@ -32,6 +34,10 @@ use super::{
 
 /// How long `waypoint runner token` may take.
 const MINT_LIMIT: Duration = Duration::from_secs(30);
+
+/// How many runners are minted for, or made, at once: enough that 20 runners take about as
+/// long as one, few enough not to queue dozens of requests on a small host's dockerd.
+const PARALLEL: usize = 8;
 
 /// A Waypoint runner ID as the agent makes them: `HOST-runner-N`, HOST a DNS name (the host
 /// name, so that runners of several hosts differ), N from 1 to [`pilot_values::MAX_RUNNERS`].
@@ -79,7 +85,12 @@ pub fn name(index: u32) -> String {
     format!("{RUNNER_PREFIX}{index}")
 }
 
-/// The spec of runner `index` for the image `image_id`, with its token and Waypoint runner ID.
+/// The variable that carries the SHA-256 of the CA the runner verifies its server with into
+/// the spec (and so its hash).
+pub const CA_HASH_ENV: &str = "PILOT_WAYPOINT_CA_SHA256";
+
+/// The spec of runner `index` for the image `image_id`, with its token and Waypoint runner ID,
+/// verifying its server with the CA whose SHA-256 is `server_ca_sha256`.
 pub fn spec(
     plan: &WaypointPlan,
     index: u32,
@@ -87,6 +98,7 @@ pub fn spec(
     token: &str,
     runner_id: &str,
     server_address: &str,
+    server_ca_sha256: &str,
 ) -> ContainerSpec {
     let c = &plan.config;
     ContainerSpec {
@@ -96,18 +108,30 @@ pub fn spec(
         image_id: image_id.to_string(),
         cmd: vec!["runner".into(), "agent".into(), format!("-id={runner_id}")],
         env: {
-            let mut env = super::cli_env(server_address, token);
+            let (_, ca_file) = plan.runner_server_ca();
+            let mut env = super::cli_env(server_address, token, &ca_file);
             env.extend([
                 format!("DOCKER_HOST={}", plan.runner_docker_host()),
                 "DOCKER_TLS_VERIFY=1".into(),
                 format!("DOCKER_CERT_PATH={RUNNER_CERT_PATH}"),
+                // Go reads SSL_CERT_FILE once: a new CA must restart the runner.
+                format!("{CA_HASH_ENV}={server_ca_sha256}"),
             ]);
             env
         },
-        binds: vec![format!(
-            "{}:{RUNNER_CERT_PATH}:ro",
-            plan.runner_cert_dir.display()
-        )],
+        binds: {
+            let mut binds = vec![format!(
+                "{}:{RUNNER_CERT_PATH}:ro",
+                plan.runner_cert_dir.display()
+            )];
+            if plan.server == ServerRef::Remote {
+                binds.push(format!(
+                    "{}:{SERVER_CA_PATH}:ro",
+                    plan.server_ca_dir().display()
+                ));
+            }
+            binds
+        },
         publish: Vec::new(),
         network_mode: c.network.name.clone(),
         restart_unless_stopped: true,
@@ -128,6 +152,10 @@ pub struct RunnersReport {
     pub removed: Vec<String>,
     /// Tokens minted in this run.
     pub minted: u32,
+    /// Runner IDs of removed runners that the server forgot (`waypoint runner forget`).
+    pub forgotten: Vec<String>,
+    /// Removed runners the server could not be made to forget, with why.
+    pub not_forgotten: Vec<String>,
 }
 
 impl RunnersReport {
@@ -153,6 +181,15 @@ impl RunnersReport {
         if !self.removed.is_empty() {
             parts.push(format!("removed {}", self.removed.join(", ")));
         }
+        if !self.forgotten.is_empty() {
+            parts.push(format!("the server forgot {}", self.forgotten.join(", ")));
+        }
+        if !self.not_forgotten.is_empty() {
+            parts.push(format!(
+                "the server still lists {}",
+                self.not_forgotten.join(", ")
+            ));
+        }
         parts.join("; ")
     }
 }
@@ -172,6 +209,17 @@ pub async fn ensure(
     for (found, _) in containers::list_role(docker, Role::Runner).await? {
         if !wanted.contains(&found) {
             containers::remove(docker, &found).await?;
+            if plan.server == ServerRef::Local
+                && let Some(index) = index_of(&found)
+            {
+                forget_local(
+                    docker,
+                    plan,
+                    &RunnerId::new(runner_id_prefix, index),
+                    &mut report,
+                )
+                .await;
+            }
             report.removed.push(found);
         }
     }
@@ -188,49 +236,115 @@ pub async fn ensure(
             ))
         })?;
     // Tokens first: on a runner-only host the server's address comes with a minted token.
-    let mut wanted_runners = Vec::new();
-    for index in 1..=c.runners {
-        let runner_id = RunnerId::new(runner_id_prefix, index);
-        let token_path = plan.runner_token_path(index);
-        let token = match read_token(&token_path)? {
-            Some(t) => t,
-            None => {
-                let t = match plan.server {
-                    ServerRef::Local => {
-                        let t = mint_local(docker, plan, &runner_id).await?;
-                        // Stored before the runner gets it, so a restart of the agent reuses it.
-                        write_token(&token_path, &t)?;
-                        t
-                    }
-                    // Stored by the mint, as here.
-                    ServerRef::Remote => super::link::mint_remote(plan, &runner_id).await?,
-                };
-                report.minted += 1;
-                t
-            }
-        };
-        wanted_runners.push((index, runner_id, token));
-    }
+    // Runners are independent of one another: their tokens are minted, and their containers
+    // made, a few at a time, so that N runners cost about what one does.
+    let tokens: Vec<(u32, RunnerId, String, bool)> = stream::iter(1..=c.runners)
+        .map(|index| runner_token(docker, plan, RunnerId::new(runner_id_prefix, index)))
+        .buffer_unordered(PARALLEL)
+        .try_collect()
+        .await?;
+    report.minted = tokens.iter().filter(|(_, _, _, minted)| *minted).count() as u32;
     let server_address = match plan.server {
         ServerRef::Local => format!("{SERVER_NAME}:{GRPC_PORT}"),
         ServerRef::Remote => super::remote_server(plan)?,
     };
-    for (index, runner_id, token) in wanted_runners {
-        let ensured = containers::ensure(
-            docker,
-            &spec(
+    let (ca_path, _) = plan.runner_server_ca();
+    let server_ca_sha256 = tls::file_sha256(&ca_path)?;
+    let specs: Vec<ContainerSpec> = tokens
+        .iter()
+        .map(|(index, runner_id, token, _)| {
+            spec(
                 plan,
-                index,
+                *index,
                 &image_id,
-                &token,
+                token,
                 &runner_id.to_string(),
                 &server_address,
-            ),
-        )
+                &server_ca_sha256,
+            )
+        })
+        .collect();
+    // Owned specs: a future borrowing from the iterator would not be `Send` for every
+    // lifetime the step's future needs.
+    let mut made: Vec<(String, Action)> = stream::iter(specs)
+        .map(|spec| async move {
+            let ensured = containers::ensure(docker, &spec).await?;
+            Ok::<_, WaypointError>((spec.name, ensured.action))
+        })
+        .buffer_unordered(PARALLEL)
+        .try_collect()
         .await?;
-        report.runners.push((name(index), ensured.action));
-    }
+    made.sort_by_key(|(name, _)| index_of(name));
+    report.runners = made;
     Ok(report)
+}
+
+/// Runner `runner`'s token: the stored one, or one minted now (stored before any runner gets
+/// it, so that a restarted agent reuses it); whether it was minted.
+async fn runner_token(
+    docker: &Docker,
+    plan: &WaypointPlan,
+    runner: RunnerId,
+) -> Result<(u32, RunnerId, String, bool), WaypointError> {
+    let index = runner.index();
+    let token_path = plan.runner_token_path(index);
+    let stored = read_token(&token_path)?;
+    // On a runner-only host the server VM's CA comes with a minted token; tokens kept by a
+    // version that did not store it are minted again (the old ones are not used).
+    let stored = stored.filter(|_| plan.server == ServerRef::Local || ca_stored(plan));
+    if let Some(t) = stored {
+        return Ok((index, runner, t, false));
+    }
+    let t = match plan.server {
+        ServerRef::Local => {
+            let t = mint_local(docker, plan, &runner).await?;
+            write_token(&token_path, &t)?;
+            t
+        }
+        // Stored by the mint, as here.
+        ServerRef::Remote => super::link::mint_remote(plan, &runner).await?,
+    };
+    Ok((index, runner, t, true))
+}
+
+/// The index of a runner container's name (`waypoint-runner-N`).
+fn index_of(name: &str) -> Option<u32> {
+    let n = name.strip_prefix(RUNNER_PREFIX)?;
+    if n.starts_with('0') || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+/// `waypoint runner forget ID` in the server container, so that the server lists exactly the
+/// runners that exist (Waypoint keeps a removed runner's record until it is forgotten, and
+/// forgetting an unknown one is not an error). A failure is reported in the step's detail,
+/// not as the step's error: the container is gone either way, and the next removal tries
+/// nothing for it again.
+async fn forget_local(
+    docker: &Docker,
+    plan: &WaypointPlan,
+    runner: &RunnerId,
+    report: &mut RunnersReport,
+) {
+    let id = runner.to_string();
+    match super::server_cli(docker, plan, &["runner", "forget", &id], MINT_LIMIT).await {
+        Ok(out) if out.exit_code == Some(0) => report.forgotten.push(id),
+        Ok(out) => {
+            let said = format!("{} {}", out.stdout.trim(), out.stderr.trim());
+            tracing::warn!(runner_id = %id, output = said.trim(), "waypoint runner forget failed");
+            report.not_forgotten.push(format!("{id} ({})", said.trim()));
+        }
+        Err(e) => {
+            tracing::warn!(runner_id = %id, error = %e, "waypoint runner forget failed");
+            report.not_forgotten.push(format!("{id} ({e})"));
+        }
+    }
+}
+
+/// Whether the server VM's CA is stored (runner-only host).
+fn ca_stored(plan: &WaypointPlan) -> bool {
+    plan.runner_server_ca().0.is_file()
 }
 
 /// Mints the token of runner `runner` with `waypoint runner token -id=RUNNER -expires-in=0`
@@ -372,6 +486,20 @@ mod tests {
         assert!(matches!(e, WaypointError::Command { .. }), "{e}");
         let e = mint_outcome(&plan, &out(Some(2), "", "server unavailable")).unwrap_err();
         assert!(e.to_string().contains("server unavailable"), "{e}");
+    }
+
+    #[test]
+    fn runner_names_give_their_index() {
+        assert_eq!(index_of("waypoint-runner-3"), Some(3));
+        assert_eq!(index_of("waypoint-runner-12"), Some(12));
+        for bad in [
+            "waypoint-runner-",
+            "waypoint-runner-03",
+            "waypoint-runner-x",
+            "runner-1",
+        ] {
+            assert_eq!(index_of(bad), None, "{bad}");
+        }
     }
 
     #[test]

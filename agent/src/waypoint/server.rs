@@ -2,9 +2,10 @@
 //!
 //! It runs Waypoint's documented server command line
 //! (`server run -accept-tos -url-enabled=false -db=/data/data.db -listen-grpc=0.0.0.0:9701
-//! -listen-http=0.0.0.0:9702`)
-//! with the data volume at `/data`, both ports published, on the Pilot network (where runners
-//! find it by its name), restarted by dockerd unless stopped by hand. Readiness is the HTTPS
+//! -listen-http=0.0.0.0:9702 -tls-cert-file=... -tls-key-file=...`)
+//! with the data volume at `/data`, the certificate the agent's CA issued it mounted read-only
+//! (see [`super::tls`]), both ports published, on the Pilot network (where runners find it by
+//! its name), restarted by dockerd unless stopped by hand. Readiness is the HTTPS
 //! port answering at the container's address on the Pilot network: that is the path runners
 //! take, and it does not depend on the published ports or on who the firewall lets reach them.
 
@@ -15,10 +16,17 @@ use bollard::Docker;
 
 use super::containers::{self, Action};
 use super::spec::{ContainerSpec, Publish};
+use super::tls::{self, SERVER_TLS_PATH};
 use super::{GRPC_PORT, HTTP_PORT, Role, SERVER_NAME, WaypointError, WaypointPlan, images, ready};
 
-/// The server's spec for the image with ID `image_id`.
-pub fn spec(plan: &WaypointPlan, image_id: &str) -> ContainerSpec {
+/// The variable that carries the served certificate's SHA-256 into the spec (and so its
+/// hash): Waypoint reads its certificate once, at start, so a new one must replace the
+/// container.
+pub const CERT_HASH_ENV: &str = "PILOT_WAYPOINT_CERT_SHA256";
+
+/// The server's spec for the image with ID `image_id`, serving the certificate whose SHA-256
+/// is `cert_sha256` from [`WaypointPlan::server_tls_dir`].
+pub fn spec(plan: &WaypointPlan, image_id: &str, cert_sha256: &str) -> ContainerSpec {
     let c = &plan.config;
     ContainerSpec {
         name: SERVER_NAME.into(),
@@ -36,9 +44,16 @@ pub fn spec(plan: &WaypointPlan, image_id: &str) -> ContainerSpec {
             "-db=/data/data.db".into(),
             format!("-listen-grpc=0.0.0.0:{GRPC_PORT}"),
             format!("-listen-http=0.0.0.0:{HTTP_PORT}"),
+            // Without these, each listener serves a new self-signed certificate at every
+            // start, which no client can verify.
+            format!("-tls-cert-file={SERVER_TLS_PATH}/cert.pem"),
+            format!("-tls-key-file={SERVER_TLS_PATH}/key.pem"),
         ],
-        env: Vec::new(),
-        binds: vec![format!("{}:/data", c.volume)],
+        env: vec![format!("{CERT_HASH_ENV}={cert_sha256}")],
+        binds: vec![
+            format!("{}:/data", c.volume),
+            format!("{}:{SERVER_TLS_PATH}:ro", plan.server_tls_dir().display()),
+        ],
         publish: vec![
             Publish {
                 container_port: GRPC_PORT,
@@ -91,7 +106,17 @@ pub async fn ensure(docker: &Docker, plan: &WaypointPlan) -> Result<ServerReport
                 c.server_image
             ))
         })?;
-    let ensured = containers::ensure(docker, &spec(plan, &image_id)).await?;
+    let served =
+        tls::ensure_server_files(docker, &plan.server_leaf, &plan.server_tls_dir(), &image_id)
+            .await?;
+    if served.changed {
+        tracing::info!(
+            uid = served.owner.uid,
+            gid = served.owner.gid,
+            "the Waypoint server's certificate is in place for the user its image runs as"
+        );
+    }
+    let ensured = containers::ensure(docker, &spec(plan, &image_id, &served.cert_sha256)).await?;
     let ip: IpAddr = containers::address_on(&ensured.inspect, &c.network.name)
         .and_then(|ip| ip.parse().ok())
         .ok_or_else(|| {

@@ -70,6 +70,69 @@ pub fn poll<T>(
     }
 }
 
+/// What a TLS client in the outside namespace of `vm` sees at `ip:port`: whether the served
+/// chain verifies against `ca` with `ip` checked among the certificate's addresses (openssl
+/// `s_client -verify_return_error -verify_ip`), and the served certificate's SHA-256
+/// fingerprint (`AB:CD:...`, as `openssl x509 -fingerprint -sha256` prints it).
+pub fn tls_seen_from_outside(
+    vm: &Vm,
+    ip: std::net::IpAddr,
+    port: u16,
+    ca: &Path,
+) -> anyhow::Result<(bool, String)> {
+    let s_client = |verify: bool| {
+        let mut c = vm.outside_cmd("timeout");
+        c.args(["10", "openssl", "s_client", "-connect"])
+            .arg(format!("{ip}:{port}"))
+            .arg("-CAfile")
+            .arg(ca)
+            .stdin(std::process::Stdio::null());
+        if verify {
+            c.args(["-verify_return_error", "-verify_ip", &ip.to_string()]);
+        }
+        c.output().context("openssl s_client")
+    };
+    let verified = s_client(true)?;
+    let text = String::from_utf8_lossy(&verified.stdout);
+    let ok = verified.status.success() && text.contains("Verify return code: 0 (ok)");
+    let shown = s_client(false)?;
+    let text = String::from_utf8_lossy(&shown.stdout).into_owned();
+    let pem = text
+        .find("-----BEGIN CERTIFICATE-----")
+        .and_then(|start| {
+            let end = text[start..].find("-----END CERTIFICATE-----")?;
+            Some(text[start..start + end + "-----END CERTIFICATE-----".len()].to_string())
+        })
+        .with_context(|| format!("no certificate served at {ip}:{port}: {text}"))?;
+    Ok((ok, cert_fingerprint(pem.as_bytes())?))
+}
+
+/// The SHA-256 fingerprint of a PEM certificate, as `openssl x509 -fingerprint -sha256`
+/// prints it (`AB:CD:...`).
+pub fn cert_fingerprint(pem: &[u8]) -> anyhow::Result<String> {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("openssl x509")?;
+    child
+        .stdin
+        .take()
+        .context("openssl's stdin")?
+        .write_all(pem)?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "openssl x509 refused the certificate");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fp = text
+        .trim()
+        .rsplit_once('=')
+        .map(|(_, fp)| fp.to_string())
+        .context("no fingerprint")?;
+    Ok(fp)
+}
+
 /// Bakes the Waypoint stand-in into `vm` the way a Pilot image does: a `docker save` tarball
 /// tagged `tag` in `VM_DIR/images/`, and the image absent from dockerd, so the agent must load
 /// it. Returns the images directory.
@@ -77,6 +140,17 @@ pub fn bake_standin(vm: &Vm, tag: &str) -> anyhow::Result<PathBuf> {
     let images = vm.dir().join("images");
     fs::create_dir_all(&images)?;
     vm.import_standin(tag)?;
+    vm.save_image(tag, &images.join("waypoint.tar"))?;
+    vm.docker_ok(["rmi", tag])?;
+    Ok(images)
+}
+
+/// [`bake_standin`] with the uid-100 variant of the stand-in: Waypoint's official image's
+/// `USER waypoint` (uid 100, gid 1000), `HOME` and a `/data` that user owns.
+pub fn bake_standin_uid100(vm: &Vm, tag: &str) -> anyhow::Result<PathBuf> {
+    let images = vm.dir().join("images");
+    fs::create_dir_all(&images)?;
+    pilot_harness::standin::import_standin_uid100(vm, tag)?;
     vm.save_image(tag, &images.join("waypoint.tar"))?;
     vm.docker_ok(["rmi", tag])?;
     Ok(images)

@@ -25,7 +25,11 @@
 //!   2. a wrong CA fingerprint is an error that names both fingerprints, never a trust;
 //!   3. the link cut: both agents keep running, the runner VM becomes `degraded`
 //!      (`server-link` degraded), its runners keep running, the server VM stays `healthy`;
-//!   4. the link restored: the runner VM is `healthy` again without a restart.
+//!   4. the link restored: the runner VM is `healthy` again without a restart; every runner
+//!      verifies the server VM's Waypoint certificate (the server VM's CA, pinned);
+//!   5. a fake server on the path (`openssl s_server` with another CA's certificate at the
+//!      address the runner VM is told to dial): the runners refuse its certificate and it
+//!      hears no token and no request.
 //!
 //! Needs root and a machine prepared by scripts/setup.sh; without them every test FAILS.
 //! Run: `cargo build --release --workspace && cargo nextest run --release -p pilot-e2e --test
@@ -40,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use pilot_e2e::agent::{Agent, ENDPOINT_PORT, EndpointToken};
-use pilot_e2e::{bake_standin, poll, standin_runner_status, standin_server_state};
+use pilot_e2e::{bake_standin, foreign_ca, poll, standin_runner_status, standin_server_state};
 use pilot_harness::metadata::{Instance, MetadataOptions};
 use pilot_harness::standin::standin_binary;
 use pilot_harness::{Vm, VmOptions, require_root};
@@ -292,7 +296,7 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
     let token_file = runner_vm.dir().join("server-token");
     fs::write(&token_file, format!("{}\n", token.token))?;
     fs::set_permissions(&token_file, fs::Permissions::from_mode(0o600))?;
-    let runner_sections = |pin: &str| {
+    let runner_sections_with = |pin: &str, server_extra: &str| {
         format!(
             "role: runner\n\
              server:\n\
@@ -300,12 +304,14 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
              \x20 token_file: {tf}\n\
              \x20 ca_sha256: \"{pin}\"\n\
              \x20 timeout_secs: 3\n\
+             {server_extra}\
              service:\n\
              \x20 interval_secs: 10\n\
              \x20 database_retry_max_secs: 5\n",
             tf = Value::String(token_file.display().to_string()),
         ) + &waypoint_section(&runner_images, 2, "")
     };
+    let runner_sections = |pin: &str| runner_sections_with(pin, "");
 
     // 2. A wrong pin first: an error naming both fingerprints, and nothing fetched.
     let wrong_pin = "00:".repeat(31) + "00";
@@ -477,5 +483,128 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
     );
     server_run.ensure_running()?;
     runner_run.ensure_running()?;
+    ensure!(
+        (1..=2).all(
+            |i| standin_runner_status(&runner_vm, &format!("waypoint-runner-{i}"))
+                .is_ok_and(|s| s["server_addr"]
+                    .as_str()
+                    .is_some_and(|a| a.ends_with("(tls)")))
+        ),
+        "a runner does not verify the server VM's Waypoint"
+    );
+
+    // 5. A fake server on the path: the runner VM is told to dial an address where something
+    //    else answers TLS, with a certificate of another CA. Each runner refuses the
+    //    handshake, so its token never reaches the impostor.
+    runner_run.terminate(Duration::from_secs(30))?;
+    let fake = runner_vm.dir().join("impostor");
+    let fake_cert = foreign_ca(&fake)?;
+    let outside = runner_vm.outside_addr();
+    let heard = fake.join("heard");
+    let impostor = Impostor::start(&runner_vm, &fake_cert, &fake.join("key.pem"), &heard)?;
+    let misled = Agent::with_sections(
+        &runner_vm,
+        &runner_sections_with(&pin, &format!("\x20 waypoint_address: {outside}:{GRPC}\n")),
+    )?;
+    let (out, _) = misled.run(&runner_vm, ["up"])?;
+    eprintln!("cloud: up towards the impostor exited {}", out.status);
+    let env = runner_vm.docker_ok([
+        "inspect",
+        "-f",
+        "{{range .Config.Env}}{{println .}}{{end}}",
+        "waypoint-runner-1",
+    ])?;
+    ensure!(
+        env.lines()
+            .any(|l| l == format!("WAYPOINT_SERVER_ADDR={outside}:{GRPC}")),
+        "runner-1 does not dial the impostor: {env}"
+    );
+    // A client that verifies ends each handshake with an alert; one that does not would send
+    // its request (and token) at once. Either ends the wait; the checks below tell which.
+    let runner_tokens: Vec<String> = (1..=2)
+        .map(|i| {
+            fs::read_to_string(
+                runner
+                    .state_dir()
+                    .join(format!("waypoint/runner-{i}-token")),
+            )
+            .map(|t| t.trim().to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    poll(
+        Duration::from_secs(60),
+        "runner-1 reaching the impostor",
+        || {
+            let text = fs::read_to_string(&heard).unwrap_or_default();
+            let log = fs::read_to_string(heard.with_extension("log")).unwrap_or_default();
+            let attempts = log.matches("alert").count();
+            let leaked = !text.is_empty();
+            if attempts >= 2 || leaked {
+                Ok(Some(()))
+            } else {
+                Err(format!("impostor heard: {text}; its log: {log}"))
+            }
+        },
+    )?;
+    drop(impostor);
+    let log = fs::read_to_string(heard.with_extension("log"))?;
+    let heard = fs::read_to_string(&heard).unwrap_or_default();
+    eprintln!(
+        "cloud: the impostor saw {} refused handshake(s) and heard {} byte(s)",
+        log.matches("alert").count(),
+        heard.len()
+    );
+    for (i, token) in runner_tokens.iter().enumerate() {
+        ensure!(
+            !heard.contains(token.as_str()),
+            "the impostor received runner-{}'s token:\n{heard}",
+            i + 1
+        );
+    }
+    ensure!(
+        heard.is_empty(),
+        "the impostor received a request:\n{heard}"
+    );
     Ok(())
+}
+
+/// A TLS server in the outside namespace of a VM on the Waypoint port, with a certificate of
+/// another CA (`socat`, which writes what a client sends, unbuffered, to `heard` and logs each
+/// connection, handshake alerts included, to `heard.log`). Ended by its PID when dropped.
+struct Impostor(std::process::Child);
+
+impl Impostor {
+    fn start(vm: &Vm, cert: &Path, key: &Path, heard: &Path) -> Result<Impostor> {
+        let log = heard.with_extension("log");
+        let listen = format!(
+            "OPENSSL-LISTEN:{GRPC},reuseaddr,fork,verify=0,cert={},key={}",
+            cert.display(),
+            key.display()
+        );
+        let child = vm
+            .outside_cmd("socat")
+            .args(["-d", "-d", &listen])
+            .arg(format!("OPEN:{},creat,append", heard.display()))
+            .stdin(std::process::Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .context("socat")?;
+        let impostor = Impostor(child);
+        poll(Duration::from_secs(10), "the impostor listening", || {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("listening on") {
+                Ok(Some(()))
+            } else {
+                Err(text)
+            }
+        })?;
+        Ok(impostor)
+    }
+}
+
+impl Drop for Impostor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -816,10 +816,20 @@ fn credentials_work(s: &RunSetup, client: &HttpsClient) -> Result<Credentials> {
         wp_addr == format!("{}:9701", vm.addr()),
         "waypoint.address {wp_addr}"
     );
+    // As the Pilot CLI would: Waypoint verified with the CA the credentials carry
+    // (`tls_skip_verify` false).
+    ensure!(
+        c["waypoint"]["tls_skip_verify"] == false,
+        "waypoint.tls_skip_verify {}",
+        c["waypoint"]["tls_skip_verify"]
+    );
+    let cli_ca = vm.dir().join("cli-ca.pem");
+    fs::write(&cli_ca, c["ca_pem"].as_str().context("ca_pem")?)?;
     let whoami = |token: &str| -> Result<(String, String)> {
         let out = vm
             .outside_cmd("curl")
-            .args(["-k", "-s", "--max-time", "5", "-w", "\n%{http_code}"])
+            .args(["-s", "--max-time", "5", "-w", "\n%{http_code}", "--cacert"])
+            .arg(&cli_ca)
             .args(["-H", &format!("Authorization: Bearer {token}")])
             .arg(format!("https://{}:9702/v1/whoami", vm.addr()))
             .output()?;

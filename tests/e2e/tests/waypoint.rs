@@ -6,6 +6,8 @@
 //! - `converges_idempotently_scales_and_recovers`: one VM through cold converge, a second `up`
 //!   that changes nothing, runners 1 -> 3 -> 1, a lost token, an image that is neither baked
 //!   nor pullable; prints the cold converge time against its floor and the warm time.
+//! - `the_official_images_user_serves_the_agents_certificate_and_a_new_one_replaces_it`: the
+//!   uid-100 stand-in (Waypoint's official image's user) serving the agent CA's certificate.
 //! - `database_outage_fails_open`: the database link is cut before the first `up`.
 //! - `sigkill_at_random_points_never_duplicates`: `up` killed at random points, then run again.
 //!
@@ -24,7 +26,8 @@ use pilot_e2e::agent::{database_section, waypoint_section};
 use pilot_e2e::crash::{Rng, kill_after, running_steps, seed_from_env};
 use pilot_e2e::floor::container_floor;
 use pilot_e2e::{
-    bake_standin, bootstrap_tokens, poll, standin_runner_status, standin_server_state, step_state,
+    bake_standin, bake_standin_uid100, bootstrap_tokens, cert_fingerprint, foreign_ca, poll,
+    standin_runner_status, standin_server_state, step_state, tls_seen_from_outside,
     write_admin_password,
 };
 use pilot_harness::{Postgres, Vm, VmOptions, require_root, target_bin};
@@ -47,10 +50,15 @@ struct Setup {
 }
 
 fn setup() -> Result<Setup> {
+    setup_with(bake_standin)
+}
+
+/// [`setup`] with the stand-in image baked by `bake`.
+fn setup_with(bake: fn(&Vm, &str) -> Result<PathBuf>) -> Result<Setup> {
     require_root()?;
     let vm = Vm::start(VmOptions::default())?;
     let pg = Postgres::start(&vm)?;
-    let images = bake_standin(&vm, IMAGE)?;
+    let images = bake(&vm, IMAGE)?;
     write_admin_password(&vm, &pg)?;
     let s = Setup {
         agent: target_bin("pilot-agent")?,
@@ -82,6 +90,10 @@ impl Setup {
             daemon = self.vm.daemon_json().display(),
             ctl = self.vm.dockerd_ctl().display(),
         ) + &waypoint_section(IMAGE, runner_image, &self.images, runners)
+            // The tests reach 9701/9702 from the outside namespace, as the Pilot CLI and the
+            // applications would: it is an application source (an unlisted source gets no
+            // answer, which tests/containment.rs shows).
+            + &format!("\x20 application_sources: [{}/32]\n", self.vm.outside_addr())
             + &database_section(&self.pg, &d.join("pg-admin-password"));
         fs::write(&self.config, text)?;
         Ok(())
@@ -216,7 +228,11 @@ impl Setup {
     fn wait_runner_ready(&self, name: &str) -> Result<Value> {
         poll(Duration::from_secs(20), &format!("{name} ready"), || {
             let s = self.runner_status(name).map_err(|e| format!("{e:#}"))?;
+            // `(tls)`: the runner verified the server ("(tls, skip-verify)" otherwise).
             let ok = s["server_ok"] == true
+                && s["server_addr"]
+                    .as_str()
+                    .is_some_and(|a| a.ends_with("(tls)"))
                 && s["docker_ok"] == true
                 && s["docker_tls"] == true
                 && s["docker_tls_verified"] == true;
@@ -226,8 +242,11 @@ impl Setup {
 
     /// curl from the outside namespace to the published HTTPS port.
     fn curl_outside(&self, path: &str, token: Option<&str>) -> Result<(String, String)> {
+        // Verified: the server serves the certificate the agent's CA issued it, with the
+        // VM's address among its names (a token is never sent to an unverified server).
         let mut c = self.vm.outside_cmd("curl");
-        c.args(["-k", "-s", "--max-time", "5", "-w", "\n%{http_code}"]);
+        c.args(["-s", "--max-time", "5", "-w", "\n%{http_code}", "--cacert"])
+            .arg(self.state.join("pki/ca/ca.pem"));
         if let Some(t) = token {
             c.args(["-H", &format!("Authorization: Bearer {t}")]);
         }
@@ -237,6 +256,49 @@ impl Setup {
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
         Ok((code.to_string(), body.to_string()))
+    }
+}
+
+/// A TCP connect from the outside namespace to the VM's `port` every 20 ms (a shell loop of
+/// `bash`'s `/dev/tcp`, 300 ms each), writing the wall-clock time of each completed handshake.
+/// Ended by its PID when dropped.
+struct ConnectProbe {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+impl ConnectProbe {
+    fn start(vm: &Vm, port: u16) -> Result<ConnectProbe> {
+        let out = vm.dir().join(format!("connect-probe-{port}"));
+        let script = format!(
+            "while :; do if timeout 0.3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' 2>/dev/null; \
+             then date +%s.%N; fi; sleep 0.02; done",
+            ip = vm.addr()
+        );
+        let child = vm
+            .outside_cmd("bash")
+            .args(["-c", &script])
+            .stdout(fs::File::create(&out)?)
+            .spawn()
+            .context("the connect probe")?;
+        Ok(ConnectProbe { child, out })
+    }
+
+    /// The time of the first completed handshake, waiting up to `limit` for one.
+    fn first_success(&self, limit: Duration) -> Result<std::time::SystemTime> {
+        let line = poll(limit, "a connection from outside", || {
+            let text = fs::read_to_string(&self.out).map_err(|e| e.to_string())?;
+            Ok(text.lines().next().map(str::to_string))
+        })?;
+        let secs: f64 = line.trim().parse().context("date +%s.%N")?;
+        Ok(std::time::UNIX_EPOCH + Duration::from_secs_f64(secs))
+    }
+}
+
+impl Drop for ConnectProbe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -269,8 +331,23 @@ fn converges_idempotently_scales_and_recovers() -> Result<()> {
     let (floor_load, floor_containers) = measure_container_floor(&s)?;
 
     // Cold converge: dockerd restarted for TLS, image loaded from the tarball, network,
-    // volume, server, bootstrap, runner token, runner, database role.
+    // volume, server, bootstrap, runner token, runner, database role. Meanwhile an
+    // application source outside the VM tries to connect to 9701 every 20 ms: Waypoint gives
+    // the bootstrap token to whoever asks first, so no connection may succeed before the
+    // agent has stored it.
+    let probe = ConnectProbe::start(&s.vm, 9701)?;
     let (cold, cold_log) = s.up_expect_with(&[], 0, "cold converge")?;
+    let connected = probe.first_success(Duration::from_secs(10))?;
+    let stored = fs::metadata(s.state.join("waypoint/bootstrap-token"))?.modified()?;
+    ensure!(
+        connected >= stored,
+        "an outside source connected to 9701 {:?} before the agent stored the bootstrap token",
+        stored.duration_since(connected).unwrap_or_default()
+    );
+    eprintln!(
+        "waypoint: 9701 first reachable from outside {:?} after the bootstrap token was stored",
+        connected.duration_since(stored).unwrap_or_default()
+    );
     if std::env::var_os("WAYPOINT_SHOW_LOG").is_some() {
         eprintln!("waypoint: the cold run's log:\n{cold_log}");
     }
@@ -285,6 +362,22 @@ fn converges_idempotently_scales_and_recovers() -> Result<()> {
     // The server answers on its published port, from outside the VM.
     let (code, body) = s.curl_outside("/", None)?;
     ensure!(code == "200", "GET / from outside: {code} {body}");
+    // Both listeners serve the certificate of the agent's CA (not Waypoint's per-start
+    // self-signed one): it verifies with the VM's address checked, and another CA does not
+    // verify it.
+    let issued = cert_fingerprint(&fs::read(s.state.join("pki/waypoint/cert.pem"))?)?;
+    let ca = s.state.join("pki/ca/ca.pem");
+    let stranger = foreign_ca(&s.vm.dir().join("stranger-ca"))?;
+    for port in [9701, 9702] {
+        let addr = std::net::IpAddr::V4(s.vm.addr());
+        let (verified, served) = tls_seen_from_outside(&s.vm, addr, port, &ca)?;
+        ensure!(
+            verified && served == issued,
+            "{port}: verified {verified}, serves {served}, the agent issued {issued}"
+        );
+        let (verified, _) = tls_seen_from_outside(&s.vm, addr, port, &stranger)?;
+        ensure!(!verified, "{port}: verified against a foreign CA");
+    }
 
     // The runner reached the server with its token and Docker over mutual TLS at the gateway.
     let runner = s.wait_runner_ready("waypoint-runner-1")?;
@@ -440,6 +533,20 @@ fn converges_idempotently_scales_and_recovers() -> Result<()> {
     let now = s.containers()?;
     ensure!(s.role_count("runner")? == 1, "{now:?}");
     ensure!(now["waypoint-server"].0 == server_id && now["waypoint-runner-1"].0 == runner1_id);
+    // The server lists exactly the live runners: the removed ones were forgotten.
+    let listed: Vec<String> = standin_server_state(&s.vm)?["runners"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    ensure!(
+        listed == vec![format!("{hostname}-runner-1").to_lowercase()],
+        "the server lists {listed:?} after scaling down to one runner"
+    );
+    let (_, detail) = s.step("waypoint-runners")?;
+    ensure!(
+        detail.contains("the server forgot"),
+        "waypoint-runners: {detail}"
+    );
 
     // Drift: a server stopped by hand is started (the same container); a changed spec (its
     // published port) replaces it, and there is still one server.
@@ -552,6 +659,88 @@ fn converges_idempotently_scales_and_recovers() -> Result<()> {
         restart.as_secs_f64()
     );
     s.pg.cleanup()?;
+    s.vm.cleanup()
+}
+
+/// Waypoint's official image runs as `waypoint` (uid 100). The server reads the key the agent
+/// gave it (owned by uid 100, 0600: no other user of the container reads it) and serves the
+/// agent CA's certificate; the runner verifies it and reaches Docker over TLS; a new
+/// certificate (the old one removed, as a rotation would replace it) replaces the server
+/// container, which serves the new one on the same data, and the runner comes back.
+#[test]
+fn the_official_images_user_serves_the_agents_certificate_and_a_new_one_replaces_it() -> Result<()>
+{
+    use std::os::unix::fs::MetadataExt;
+    let s = setup_with(bake_standin_uid100)?;
+    s.up_expect(0, "cold converge, uid-100 image")?;
+    ensure!(s.status()?["condition"] == "healthy", "{}", s.status()?);
+    let uid = s.vm.docker_ok(["exec", "waypoint-server", "id", "-u"])?;
+    ensure!(uid.trim() == "100", "the server runs as uid {uid}");
+    let tls = s.state.join("waypoint/server-tls");
+    for (path, mode) in [
+        (tls.clone(), 0o700),
+        (tls.join("key.pem"), 0o600),
+        (tls.join("cert.pem"), 0o644),
+    ] {
+        let m = fs::metadata(&path)?;
+        ensure!(
+            (m.uid(), m.gid(), m.mode() & 0o777) == (100, 1000, mode),
+            "{}: {}:{} {:o}",
+            path.display(),
+            m.uid(),
+            m.gid(),
+            m.mode() & 0o777
+        );
+    }
+    let served = |what: &str| -> Result<String> {
+        let issued = cert_fingerprint(&fs::read(s.state.join("pki/waypoint/cert.pem"))?)?;
+        let (verified, served) = tls_seen_from_outside(
+            &s.vm,
+            std::net::IpAddr::V4(s.vm.addr()),
+            9701,
+            &s.state.join("pki/ca/ca.pem"),
+        )?;
+        ensure!(
+            verified && served == issued,
+            "{what}: verified {verified}, serves {served}, issued {issued}"
+        );
+        Ok(served)
+    };
+    let first = served("first certificate")?;
+    s.wait_runner_ready("waypoint-runner-1")?;
+    let server_id = || {
+        s.vm.docker_ok(["inspect", "-f", "{{.Id}}", "waypoint-server"])
+    };
+    let id_before = server_id()?;
+    let bootstrap_token = s.read_secret("waypoint/bootstrap-token")?;
+
+    fs::remove_file(s.state.join("pki/waypoint/cert.pem"))?;
+    s.up_expect(0, "a new Waypoint certificate")?;
+    let (state, detail) = s.step("pki")?;
+    ensure!(
+        state == "changed" && detail.contains("waypoint (missing)"),
+        "pki: {state}: {detail}"
+    );
+    let second = served("new certificate")?;
+    ensure!(
+        second != first,
+        "the server still serves the old certificate"
+    );
+    ensure!(
+        server_id()? != id_before,
+        "the server container was not replaced"
+    );
+    // Same data: the bootstrap token still authenticates, and the runner reconnects.
+    let (code, body) = s.curl_outside("/v1/runners", Some(&bootstrap_token))?;
+    ensure!(
+        code == "200",
+        "GET /v1/runners after the new certificate: {code} {body}"
+    );
+    s.wait_runner_ready("waypoint-runner-1")?;
+    ensure!(
+        s.bootstrap_tokens()? == vec![bootstrap_token],
+        "one bootstrap, before and after"
+    );
     s.vm.cleanup()
 }
 
