@@ -66,6 +66,15 @@ pub fn kernel_hostname() -> Result<String, HostError> {
     Ok(name.trim().to_string())
 }
 
+/// The host's name as the agent uses it: `host.hostname`, else the kernel's. Waypoint runner
+/// IDs carry it (`HOST-runner-N`), so that the runners of several hosts differ.
+pub fn host_name(config: &Config) -> Result<String, HostError> {
+    match &config.host.hostname {
+        Some(h) => Ok(h.clone()),
+        None => kernel_hostname(),
+    }
+}
+
 /// The subject alternative names the Docker server certificate must carry: every address a
 /// client may use to reach the host, its names, and loopback.
 pub fn server_sans(config: &Config, hostname: &str, addrs: &[InterfaceAddr]) -> BTreeSet<San> {

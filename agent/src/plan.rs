@@ -339,11 +339,7 @@ fn runner_host_steps() -> Vec<Step<Ctx>> {
 fn runners_step(deps: &[&'static str]) -> Step<Ctx> {
     Step::new(WAYPOINT_RUNNERS, |ctx: Arc<Ctx>| async move {
         let plan = waypoint_plan(&ctx)?;
-        // Waypoint runner IDs carry the host name, so runners of several hosts differ.
-        let hostname = match &ctx.config.host.hostname {
-            Some(h) => h.clone(),
-            None => addresses::kernel_hostname()?,
-        };
+        let hostname = addresses::host_name(&ctx.config)?;
         Ok(report(
             waypoint::converge_runners(ctx.docker().await?, &plan, &hostname).await?,
         ))

@@ -293,6 +293,7 @@ async fn runner_host_gets_runner_tokens_and_keeps_no_server_secret() {
         ca_sha256: vm.pin(),
         waypoint_address: None,
         timeout_secs: 5,
+        deregister: Default::default(),
     };
     let runner_config = |addr: SocketAddr| Config {
         state_dir: dir.path().join("state"),

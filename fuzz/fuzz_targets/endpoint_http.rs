@@ -38,8 +38,12 @@ fn answer(req: &Request<Incoming>, hash: &TokenHash) -> StatusCode {
     let path = req.uri().path();
     let r = route(method, path);
     if method == Method::POST && path == "/v1/runner-token" {
-        // The one route that takes a body (the runner token mint): it needs a token.
+        // The routes that take a body (the runner token mint, a runner forgotten): they
+        // need a token.
         assert_eq!(r, Route::RunnerToken, "{method} {path}");
+        assert!(r.needs_auth());
+    } else if method == Method::POST && path == "/v1/runner-forget" {
+        assert_eq!(r, Route::RunnerForget, "{method} {path}");
         assert!(r.needs_auth());
     } else if method != Method::GET && method != Method::HEAD {
         assert_eq!(r, Route::MethodNotAllowed, "{method} {path}");

@@ -36,7 +36,7 @@ pub use host::HostConfig;
 pub use pki::PkiConfig;
 pub use schema::Diagnostic;
 use schema::Walker;
-pub use server::{Role, ServerLink};
+pub use server::{Deregister, Role, ServerLink};
 pub use service::ServiceSettings;
 pub use waypoint::{Advertise, WaypointConfig};
 

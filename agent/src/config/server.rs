@@ -7,6 +7,8 @@
 //!   endpoint: 10.0.1.5:8443            # the server VM's pilot-agent endpoint (HOST[:PORT])
 //!   token_file: /etc/pilot/server-token  # its bearer token, one line, mode 0600
 //!   ca_sha256: "3F:9A:…"               # SHA-256 of the server VM's agent CA certificate
+//!   deregister: shutdown               # when `run` stops: have the server forget this
+//!                                      # host's runners (shutdown | stop | never)
 //! ```
 //!
 //! The fingerprint is what makes the first contact safe: the runner host trusts exactly the CA
@@ -30,7 +32,36 @@ const KEYS: &[&str] = &[
     "ca_sha256",
     "waypoint_address",
     "timeout_secs",
+    "deregister",
 ];
+
+/// When a runner-only host's `run`, stopping, removes its runners and has the server VM
+/// forget them (`server.deregister`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Deregister {
+    /// Only when the machine itself is shutting down (systemd says `stopping`): an instance
+    /// that an autoscaling group terminates leaves no runner behind on the server, while a
+    /// restart of the service (an upgrade) keeps the runners running.
+    #[default]
+    Shutdown,
+    /// Whenever `run` stops (hosts without systemd).
+    Stop,
+    Never,
+}
+
+impl FromStr for Deregister {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "shutdown" => Ok(Deregister::Shutdown),
+            "stop" => Ok(Deregister::Stop),
+            "never" => Ok(Deregister::Never),
+            _ => Err(format!(
+                "server.deregister: expected shutdown, stop or never, got \"{s}\""
+            )),
+        }
+    }
+}
 
 /// How a runner-only host reaches the server VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +77,8 @@ pub struct ServerLink {
     pub waypoint_address: Option<String>,
     /// Bound on one request to the server VM.
     pub timeout_secs: u64,
+    /// When `run` stopping has the server VM forget this host's runners.
+    pub deregister: Deregister,
 }
 
 pub fn read_role(w: &mut Walker, node: &Node<'_>) -> Role {
@@ -121,11 +154,22 @@ pub fn read(w: &mut Walker, node: &Node<'_>) -> Option<ServerLink> {
         .integer(w, "timeout_secs", 1, 300)
         // Range-checked above.
         .map_or(10, |s| s as u64);
+    let deregister = f.get("deregister").map_or(Deregister::default(), |n| {
+        match schema::string(w, n, "server.deregister").map(|s| s.parse::<Deregister>()) {
+            Some(Ok(d)) => d,
+            Some(Err(why)) => {
+                w.error(n, why);
+                Deregister::default()
+            }
+            None => Deregister::default(),
+        }
+    });
     Some(ServerLink {
         endpoint: endpoint?,
         token_file,
         ca_sha256: ca_sha256?,
         waypoint_address,
         timeout_secs,
+        deregister,
     })
 }

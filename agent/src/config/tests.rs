@@ -390,6 +390,25 @@ fn runner_role_needs_a_server_section_and_no_database() {
         Some("pilot.internal:9701")
     );
     assert_eq!(ok.waypoint.as_ref().unwrap().runners, 3);
+    assert_eq!(link.deregister, super::Deregister::Shutdown);
+    for (written, want) in [
+        ("stop", super::Deregister::Stop),
+        ("never", super::Deregister::Never),
+        ("shutdown", super::Deregister::Shutdown),
+    ] {
+        let c = Config::from_yaml(&format!(
+            "role: runner\nserver:\n  endpoint: a\n  ca_sha256: \"{pin}\"\n  deregister: {written}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.server.unwrap().deregister, want);
+    }
+    let e = errors(&format!(
+        "role: runner\nserver:\n  endpoint: a\n  ca_sha256: \"{pin}\"\n  deregister: always\n"
+    ));
+    assert_eq!(
+        e,
+        vec!["5:15: server.deregister: expected shutdown, stop or never, got \"always\""]
+    );
     // Runner hosts run no Waypoint server, so the firewall restricts no gRPC port.
     assert_eq!(ok.waypoint_allowed_sources(), None);
 

@@ -46,6 +46,9 @@ pub struct WaypointConfig {
     /// operators (`firewall.docker_api_sources`): the networks deployed applications and
     /// runner-only hosts connect from.
     pub application_sources: Vec<IpNet>,
+    /// How many runners have their token minted, or their container made, at once
+    /// (`start_parallelism`, 1 to 32): N runners then cost about what one does.
+    pub start_parallelism: u32,
 }
 
 /// `waypoint.advertise_address`.
@@ -101,6 +104,7 @@ impl Default for WaypointConfig {
             ready_timeout_secs: 60,
             advertise: Advertise::Auto,
             application_sources: Vec::new(),
+            start_parallelism: 8,
         }
     }
 }
@@ -134,6 +138,7 @@ pub fn read(w: &mut Walker, node: &Node<'_>) -> WaypointConfig {
             "ready_timeout_secs",
             "advertise_address",
             "application_sources",
+            "start_parallelism",
         ],
     ) else {
         return c;
@@ -192,6 +197,10 @@ pub fn read(w: &mut Walker, node: &Node<'_>) -> WaypointConfig {
                 ),
             }
         }
+    }
+    if let Some(n) = f.integer(w, "start_parallelism", 1, 32) {
+        // Range-checked above.
+        c.start_parallelism = n as u32;
     }
     if let Some(s) = f.integer(w, "ready_timeout_secs", 1, 3600) {
         // Range-checked above.

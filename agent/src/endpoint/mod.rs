@@ -10,6 +10,8 @@
 //!                        database password)                                   scope admin
 //! POST /v1/runner-token  {"runner_id": "HOST-runner-N"} -> one new Waypoint
 //!                        runner token, the Waypoint address, the agent CA     scope runner, admin
+//! POST /v1/runner-forget {"runner_id": "HOST-runner-N"} -> the server forgets
+//!                        that runner (a runner host shutting down)            scope runner, admin
 //! ```
 //!
 //! Every path but `/healthz` needs `Authorization: Bearer TOKEN` ([`auth`]): none or a wrong
@@ -85,6 +87,14 @@ pub const MAX_RUNNER_TOKEN_BODY: usize = 1024;
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The path of the runner token route.
 pub const RUNNER_TOKEN_PATH: &str = "/v1/runner-token";
+
+/// Where a runner host that shuts down has the server forget its runners.
+pub const RUNNER_FORGET_PATH: &str = "/v1/runner-forget";
+
+/// Whether `path` is one of the runner routes, which take `POST` only.
+fn is_runner_path(path: &str) -> bool {
+    path == RUNNER_TOKEN_PATH || path == RUNNER_FORGET_PATH
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -508,7 +518,9 @@ pub enum Route {
     Metrics,
     /// `POST /v1/runner-token`.
     RunnerToken,
-    /// `GET`/`HEAD /v1/runner-token`: 405 (`Allow: POST`), after authentication.
+    /// `POST /v1/runner-forget`.
+    RunnerForget,
+    /// `GET`/`HEAD` of a runner route: 405 (`Allow: POST`), after authentication.
     RunnerTokenNotPost,
     /// Any other path: 404, but only after authentication.
     NotFound,
@@ -529,7 +541,7 @@ impl Route {
             Route::MethodNotAllowed | Route::Healthz | Route::NotFound => true,
             Route::Status | Route::Metrics => matches!(scope, Scope::Admin | Scope::Read),
             Route::Credentials => scope == Scope::Admin,
-            Route::RunnerToken | Route::RunnerTokenNotPost => {
+            Route::RunnerToken | Route::RunnerForget | Route::RunnerTokenNotPost => {
                 matches!(scope, Scope::Admin | Scope::Runner)
             }
         }
@@ -542,6 +554,9 @@ pub fn route(method: &Method, path: &str) -> Route {
     if method == Method::POST && path == RUNNER_TOKEN_PATH {
         return Route::RunnerToken;
     }
+    if method == Method::POST && path == RUNNER_FORGET_PATH {
+        return Route::RunnerForget;
+    }
     if method != Method::GET && method != Method::HEAD {
         return Route::MethodNotAllowed;
     }
@@ -550,7 +565,7 @@ pub fn route(method: &Method, path: &str) -> Route {
         "/v1/status" => Route::Status,
         "/v1/credentials" => Route::Credentials,
         "/metrics" => Route::Metrics,
-        RUNNER_TOKEN_PATH => Route::RunnerTokenNotPost,
+        RUNNER_TOKEN_PATH | RUNNER_FORGET_PATH => Route::RunnerTokenNotPost,
         _ => Route::NotFound,
     }
 }
@@ -575,7 +590,7 @@ async fn handle(state: &State, source: IpAddr, req: Request<Incoming>) -> Resp {
 async fn respond(state: &State, source: IpAddr, req: Request<Incoming>) -> Resp {
     let route = route(req.method(), req.uri().path());
     if route == Route::MethodNotAllowed {
-        let allow = if req.uri().path() == RUNNER_TOKEN_PATH {
+        let allow = if is_runner_path(req.uri().path()) {
             "POST"
         } else {
             "GET, HEAD"
@@ -609,7 +624,14 @@ async fn respond(state: &State, source: IpAddr, req: Request<Incoming>) -> Resp 
         Route::Status => v1_status(state).await,
         Route::Credentials => v1_credentials(state).await,
         Route::Metrics => metrics_text(state).await,
-        Route::RunnerToken => v1_runner_token(state, source, &who, req).await,
+        Route::RunnerToken => match runner_of(source, req).await {
+            Ok(runner) => mint_for(state, source, &who, &runner).await,
+            Err(r) => *r,
+        },
+        Route::RunnerForget => match runner_of(source, req).await {
+            Ok(runner) => forget_for(state, source, &who, &runner).await,
+            Err(r) => *r,
+        },
         Route::RunnerTokenNotPost => {
             let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             r.headers_mut()
@@ -693,14 +715,14 @@ fn json_error(code: StatusCode, message: &str) -> Resp {
     json_response(code, &json!({ "error": message }))
 }
 
-/// `POST /v1/runner-token`: validates the body, then mints one runner token in this host's
-/// Waypoint server (the runners step's own mint path) and answers what a runner host needs.
-async fn v1_runner_token(
-    state: &State,
+/// The runner ID in the body of a runner route (`POST /v1/runner-token`, `POST
+/// /v1/runner-forget`): a JSON object `{"runner_id": "HOST-runner-N"}` of at most
+/// [`MAX_RUNNER_TOKEN_BODY`] bytes, or the answer that refuses it.
+async fn runner_of(
     source: IpAddr,
-    who: &Principal,
     req: Request<Incoming>,
-) -> Resp {
+) -> Result<crate::waypoint::runners::RunnerId, Box<Resp>> {
+    let refuse = |r: Resp| Err(Box::new(r));
     let json_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -708,10 +730,10 @@ async fn v1_runner_token(
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
     if !json_type {
-        return json_error(
+        return refuse(json_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "expected Content-Type: application/json",
-        );
+        ));
     }
     let declared = req
         .headers()
@@ -725,7 +747,7 @@ async fn v1_runner_token(
         )
     };
     if declared.is_some_and(|n| n > MAX_RUNNER_TOKEN_BODY as u64) {
-        return too_large();
+        return refuse(too_large());
     }
     let read = tokio::time::timeout(
         BODY_READ_TIMEOUT,
@@ -733,34 +755,96 @@ async fn v1_runner_token(
     )
     .await;
     let body = match read {
-        Err(_) => return json_error(StatusCode::REQUEST_TIMEOUT, "the body was not sent in time"),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Err(_) => {
+            return refuse(json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body was not sent in time",
+            ));
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return refuse(too_large()),
         Ok(Err(e)) => {
             tracing::debug!(source = %source, error = %e, "endpoint: cannot read a request body");
-            return json_error(StatusCode::BAD_REQUEST, "cannot read the body");
+            return refuse(json_error(StatusCode::BAD_REQUEST, "cannot read the body"));
         }
         Ok(Ok(b)) => b.to_bytes(),
     };
     let request: RunnerTokenRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(_) => {
-            return json_error(
+            return refuse(json_error(
                 StatusCode::BAD_REQUEST,
                 "expected a JSON object {\"runner_id\": \"HOST-runner-N\"} and nothing else",
-            );
+            ));
         }
     };
-    let Some(runner) = crate::waypoint::runners::RunnerId::parse(&request.runner_id) else {
-        return json_error(
+    crate::waypoint::runners::RunnerId::parse(&request.runner_id).ok_or_else(|| {
+        Box::new(json_error(
             StatusCode::BAD_REQUEST,
             &format!(
                 "runner_id: expected HOST-runner-N (HOST a DNS name, N from 1 to {}), as \
                  pilot-agent names its runners",
                 pilot_values::MAX_RUNNERS
             ),
-        );
+        ))
+    })
+}
+
+/// `POST /v1/runner-forget`: `waypoint runner forget ID` in this host's server, for a runner
+/// host that shuts down (it has removed the runner). Forgetting a runner the server does not
+/// know is no error. A runner-scope token may forget any runner of the agent's naming, as it
+/// may mint for any: the scope is what a runner host needs, and a runner that was forgotten
+/// while it still runs registers again with its token.
+async fn forget_for(
+    state: &State,
+    source: IpAddr,
+    who: &Principal,
+    runner: &crate::waypoint::runners::RunnerId,
+) -> Resp {
+    use crate::waypoint::{self, ServerRef, WaypointPlan};
+    let plan = match WaypointPlan::from_config(&state.config) {
+        Some(plan) if plan.server == ServerRef::Local => plan,
+        _ => {
+            return json_error(
+                StatusCode::CONFLICT,
+                "this host runs no Waypoint server (no waypoint section, or role: runner)",
+            );
+        }
     };
-    mint_for(state, source, who, &runner).await
+    let _one = state.mint.lock().await;
+    let forgotten = match waypoint::connect(&plan.socket).await {
+        Ok(docker) => waypoint::runners::forget(&docker, &plan, runner).await,
+        Err(e) => Err(e),
+    };
+    match forgotten {
+        Ok(()) => {
+            tracing::info!(
+                source = %source,
+                token = %who.name,
+                runner_id = %runner,
+                "endpoint: the Waypoint server forgot a runner"
+            );
+            json_response(
+                StatusCode::OK,
+                &json!({ "runner_id": runner.to_string(), "forgotten": true }),
+            )
+        }
+        Err(e) => {
+            tracing::error!(
+                source = %source,
+                token = %who.name,
+                runner_id = %runner,
+                error = %e,
+                "endpoint: cannot forget a runner"
+            );
+            let mut r = json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the Waypoint server could not forget the runner now; retry later",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("10"));
+            r
+        }
+    }
 }
 
 async fn mint_for(
@@ -996,6 +1080,15 @@ mod tests {
         assert_eq!(route(&Method::POST, "/healthz"), Route::MethodNotAllowed);
         assert_eq!(route(&Method::POST, "/v1/runner-token"), Route::RunnerToken);
         assert_eq!(
+            route(&Method::POST, "/v1/runner-forget"),
+            Route::RunnerForget
+        );
+        assert_eq!(
+            route(&Method::GET, "/v1/runner-forget"),
+            Route::RunnerTokenNotPost
+        );
+        assert!(Route::RunnerForget.needs_auth());
+        assert_eq!(
             route(&Method::PUT, "/v1/runner-token"),
             Route::MethodNotAllowed
         );
@@ -1022,6 +1115,7 @@ mod tests {
             (Route::Metrics, [true, false, true]),
             (Route::Credentials, [true, false, false]),
             (Route::RunnerToken, [true, true, false]),
+            (Route::RunnerForget, [true, true, false]),
             (Route::RunnerTokenNotPost, [true, true, false]),
             (Route::NotFound, [true, true, true]),
         ];

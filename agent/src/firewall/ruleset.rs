@@ -845,6 +845,7 @@ mod tests {
             ca_sha256: crate::remote::Fingerprint::of_der(b"ca"),
             waypoint_address: None,
             timeout_secs: 10,
+            deregister: Default::default(),
         });
         assert_eq!(
             Ruleset::new(&FirewallSpec::from_config(&c)).chains[1]

@@ -51,6 +51,8 @@ pub const CREDENTIALS_PATH: &str = "/v1/credentials";
 pub const RUNNER_TOKEN_PATH: &str = "/v1/runner-token";
 /// The unauthenticated health path.
 pub const HEALTHZ_PATH: &str = "/healthz";
+/// Where a runner host that shuts down has the server VM forget one of its runners.
+pub const RUNNER_FORGET_PATH: &str = "/v1/runner-forget";
 /// The largest answer read: the credentials are a few KiB at most.
 const MAX_BODY: usize = 1024 * 1024;
 
@@ -239,6 +241,37 @@ pub async fn mint_runner_token(
         .await?;
     answer.check(&call.name, RUNNER_TOKEN_PATH)?;
     parse_runner_token(&call.name, pin, runner_id, answer.json(&call.name)?)
+}
+
+/// Has the server VM's Waypoint forget runner `runner_id` (`POST /v1/runner-forget`): what a
+/// runner host does for each of its runners as it shuts down, so that the server lists only
+/// runners that exist.
+pub async fn forget_runner(
+    endpoint: &ServerEndpoint,
+    token: &Secret,
+    pin: &Fingerprint,
+    runner_id: &str,
+    timeout: Duration,
+) -> Result<(), RemoteError> {
+    let call = Call::new(endpoint, timeout);
+    let auth = bearer(token)?;
+    let body = serde_json::to_vec(&serde_json::json!({ "runner_id": runner_id })).map_err(|e| {
+        RemoteError::BadResponse {
+            endpoint: call.name.clone(),
+            reason: format!("cannot build the request: {e}"),
+        }
+    })?;
+    let tls = call.connect(endpoint, pin).await?;
+    let answer = call
+        .request(
+            tls,
+            Method::POST,
+            RUNNER_FORGET_PATH,
+            Some(auth),
+            Some(body),
+        )
+        .await?;
+    answer.check(&call.name, RUNNER_FORGET_PATH)
 }
 
 /// Whether the server VM's endpoint is there and is the pinned one: `GET /healthz`, no

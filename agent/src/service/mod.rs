@@ -39,13 +39,14 @@ use sd_notify::NotifyState;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, Deregister};
 use crate::endpoint::{Endpoint, Telemetry};
 use crate::engine::{Engine, EngineError};
 use crate::firewall::{self, FirewallSpec, Nft};
 use crate::fsutil::{self, FsError, MODE_PRIVATE_DIR};
 use crate::plan::{self, Ctx, UpOptions};
 use crate::status_file::{self, Condition, RunInfo, RunStatus, Status, StatusError, StepState};
+use crate::waypoint;
 
 use docker_events::Signal;
 use notify::Health;
@@ -296,10 +297,54 @@ impl Service {
                 }
             }
         }
+        self.deregister_runners().await;
         if let Some(endpoint) = self.endpoint.take() {
             endpoint.shutdown().await;
         }
         aborted_pass
+    }
+
+    /// A runner-only host whose `server.deregister` says so, stopping, removes its runners and
+    /// has the server VM forget them ([`waypoint::link::deregister`]): how a host of an
+    /// autoscaling group leaves nothing behind on the server when it is terminated. Failures
+    /// are logged; they do not hold the stop.
+    async fn deregister_runners(&self) {
+        let Some(link) = self.config.server.as_ref() else {
+            return;
+        };
+        if self.config.role != crate::config::Role::Runner {
+            return;
+        }
+        let now = match link.deregister {
+            Deregister::Never => false,
+            Deregister::Stop => true,
+            Deregister::Shutdown => system_shutting_down().await,
+        };
+        let Some(plan) = waypoint::WaypointPlan::from_config(&self.config) else {
+            return;
+        };
+        if !now {
+            return;
+        }
+        let prefix = match crate::addresses::host_name(&self.config) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot deregister the runners: no host name");
+                return;
+            }
+        };
+        let done = match waypoint::connect(&plan.socket).await {
+            Ok(docker) => waypoint::link::deregister(&docker, &plan, &prefix).await,
+            Err(e) => Err(e.into()),
+        };
+        match done {
+            Ok(d) => tracing::info!(
+                forgotten = ?d.forgotten,
+                failed = ?d.failed,
+                "removed this host's runners and had the server VM forget them"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot deregister this host's runners"),
+        }
     }
 
     fn start_pass(&mut self, trigger: Trigger, now: Instant, health: &Health) -> RunningPass {
@@ -488,4 +533,18 @@ async fn converge(config: Arc<Config>, run: RunInfo) -> Result<Status, PassError
         .with_annotation(plan::annotate_status);
     let ctx = Ctx::new((*config).clone(), UpOptions::default());
     Ok(engine.run(Arc::new(ctx)).await?)
+}
+
+/// Whether the machine is shutting down: `systemctl is-system-running` answers `stopping`
+/// once systemd has begun to stop everything (a power-off, a reboot, an instance being
+/// terminated), and something else for a service merely restarted. No systemd: not.
+async fn system_shutting_down() -> bool {
+    let asked = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::process::Command::new("systemctl")
+            .arg("is-system-running")
+            .output(),
+    )
+    .await;
+    matches!(asked, Ok(Ok(out)) if String::from_utf8_lossy(&out.stdout).trim() == "stopping")
 }

@@ -183,3 +183,65 @@ fn degraded_detail(plan: &WaypointPlan, e: &RemoteError) -> String {
         format!("{e}; no runner token minted yet, so no runners; retrying")
     }
 }
+
+/// What [`deregister`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deregistered {
+    /// Runner IDs the server VM forgot.
+    pub forgotten: Vec<String>,
+    /// Runner IDs it could not be made to forget, with why.
+    pub failed: Vec<String>,
+}
+
+/// A runner-only host shutting down (`server.deregister`): removes each runner container, has
+/// the server VM forget its runner (`POST /v1/runner-forget`, all at once, each bounded by
+/// `server.timeout_secs`), and discards its token (the next start mints new ones). Waypoint
+/// 0.11 cannot revoke a runner token, so the discarded ones stay valid for their runner ID
+/// until the server's keys change; what this ends is the server listing runners that are
+/// gone. `runner_id_prefix` is what the runners step named them with (the host name).
+pub async fn deregister(
+    docker: &bollard::Docker,
+    plan: &WaypointPlan,
+    runner_id_prefix: &str,
+) -> Result<Deregistered, LinkError> {
+    let link = plan
+        .link
+        .as_ref()
+        .ok_or_else(|| WaypointError::Conflict("role: runner without a server section".into()))?;
+    let token = endpoint_token(link)?;
+    let mut removed = Vec::new();
+    for (name, _) in super::containers::list_role(docker, super::Role::Runner).await? {
+        super::containers::remove(docker, &name).await?;
+        if let Some(index) = name
+            .strip_prefix(super::RUNNER_PREFIX)
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            removed.push(RunnerId::new(runner_id_prefix, index));
+        }
+    }
+    let timeout = Duration::from_secs(link.timeout_secs);
+    let calls = removed.iter().map(|runner| {
+        let id = runner.to_string();
+        let token = &token;
+        async move {
+            let r =
+                remote::forget_runner(&link.endpoint, token, &link.ca_sha256, &id, timeout).await;
+            (id, r)
+        }
+    });
+    let mut done = Deregistered::default();
+    for (id, result) in futures_util::future::join_all(calls).await {
+        match result {
+            Ok(()) => done.forgotten.push(id),
+            Err(e) => {
+                tracing::warn!(runner_id = %id, error = %e, "the server VM did not forget a runner");
+                done.failed.push(format!("{id} ({e})"));
+            }
+        }
+    }
+    for runner in &removed {
+        crate::fsutil::remove_if_exists(&plan.runner_token_path(runner.index()))
+            .map_err(WaypointError::from)?;
+    }
+    Ok(done)
+}

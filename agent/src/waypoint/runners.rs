@@ -35,10 +35,6 @@ use super::{
 /// How long `waypoint runner token` may take.
 const MINT_LIMIT: Duration = Duration::from_secs(30);
 
-/// How many runners are minted for, or made, at once: enough that 20 runners take about as
-/// long as one, few enough not to queue dozens of requests on a small host's dockerd.
-const PARALLEL: usize = 8;
-
 /// A Waypoint runner ID as the agent makes them: `HOST-runner-N`, HOST a DNS name (the host
 /// name, so that runners of several hosts differ), N from 1 to [`pilot_values::MAX_RUNNERS`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,12 +231,15 @@ pub async fn ensure(
                 c.runner_image
             ))
         })?;
+    // `waypoint.start_parallelism` (8 by default): enough that 20 runners take about as long
+    // as one, few enough not to queue dozens of requests on a small host's dockerd.
+    let parallel = c.start_parallelism.max(1) as usize;
     // Tokens first: on a runner-only host the server's address comes with a minted token.
     // Runners are independent of one another: their tokens are minted, and their containers
     // made, a few at a time, so that N runners cost about what one does.
     let tokens: Vec<(u32, RunnerId, String, bool)> = stream::iter(1..=c.runners)
         .map(|index| runner_token(docker, plan, RunnerId::new(runner_id_prefix, index)))
-        .buffer_unordered(PARALLEL)
+        .buffer_unordered(parallel)
         .try_collect()
         .await?;
     report.minted = tokens.iter().filter(|(_, _, _, minted)| *minted).count() as u32;
@@ -271,7 +270,7 @@ pub async fn ensure(
             let ensured = containers::ensure(docker, &spec).await?;
             Ok::<_, WaypointError>((spec.name, ensured.action))
         })
-        .buffer_unordered(PARALLEL)
+        .buffer_unordered(parallel)
         .try_collect()
         .await?;
     made.sort_by_key(|(name, _)| index_of(name));
@@ -328,18 +327,38 @@ async fn forget_local(
     report: &mut RunnersReport,
 ) {
     let id = runner.to_string();
-    match super::server_cli(docker, plan, &["runner", "forget", &id], MINT_LIMIT).await {
-        Ok(out) if out.exit_code == Some(0) => report.forgotten.push(id),
-        Ok(out) => {
-            let said = format!("{} {}", out.stdout.trim(), out.stderr.trim());
-            tracing::warn!(runner_id = %id, output = said.trim(), "waypoint runner forget failed");
-            report.not_forgotten.push(format!("{id} ({})", said.trim()));
-        }
+    match forget(docker, plan, runner).await {
+        Ok(()) => report.forgotten.push(id),
         Err(e) => {
             tracing::warn!(runner_id = %id, error = %e, "waypoint runner forget failed");
             report.not_forgotten.push(format!("{id} ({e})"));
         }
     }
+}
+
+/// `waypoint runner forget RUNNER` in the server container on this host (the runners step
+/// for runners it removes, the endpoint's `POST /v1/runner-forget` for runner hosts).
+pub async fn forget(
+    docker: &Docker,
+    plan: &WaypointPlan,
+    runner: &RunnerId,
+) -> Result<(), WaypointError> {
+    let id = runner.to_string();
+    let out = super::server_cli(docker, plan, &["runner", "forget", &id], MINT_LIMIT).await?;
+    if out.exit_code == Some(0) {
+        return Ok(());
+    }
+    // A failed forget prints no token: its output can be shown.
+    Err(WaypointError::Command {
+        container: SERVER_NAME.to_string(),
+        command: format!("waypoint runner forget {id}"),
+        status: out
+            .exit_code
+            .map_or("no exit code".into(), |c| format!("exit {c}")),
+        output: format!("{} {}", out.stdout.trim(), out.stderr.trim())
+            .trim()
+            .to_string(),
+    })
 }
 
 /// Whether the server VM's CA is stored (runner-only host).

@@ -27,7 +27,9 @@
 //!      (`server-link` degraded), its runners keep running, the server VM stays `healthy`;
 //!   4. the link restored: the runner VM is `healthy` again without a restart; every runner
 //!      verifies the server VM's Waypoint certificate (the server VM's CA, pinned);
-//!   5. a fake server on the path (`openssl s_server` with another CA's certificate at the
+//!   5. the runner VM's `run` stopped (SIGTERM, `server.deregister: stop`): its runners are
+//!      removed and the server VM's Waypoint lists none of them;
+//!   6. a fake server on the path (`openssl s_server` with another CA's certificate at the
 //!      address the runner VM is told to dial): the runners refuse its certificate and it
 //!      hears no token and no request.
 //!
@@ -304,6 +306,7 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
              \x20 token_file: {tf}\n\
              \x20 ca_sha256: \"{pin}\"\n\
              \x20 timeout_secs: 3\n\
+             \x20 deregister: stop\n\
              {server_extra}\
              service:\n\
              \x20 interval_secs: 10\n\
@@ -493,10 +496,47 @@ fn runner_only_host_works_against_the_server_vm_and_survives_a_cut_link() -> Res
         "a runner does not verify the server VM's Waypoint"
     );
 
-    // 5. A fake server on the path: the runner VM is told to dial an address where something
+    // 5. The runner VM's `run` stopped (SIGTERM, as systemd stops it when an autoscaling
+    //    group terminates the instance; `deregister: stop` here, there is no systemd to say
+    //    the machine is shutting down): its runners are gone and the server VM's Waypoint
+    //    forgot them, so it lists exactly the runners that exist.
+    let t_stop = Instant::now();
+    let stopped = runner_run.terminate(Duration::from_secs(30))?;
+    eprintln!(
+        "cloud: the runner VM's run stopped ({stopped}) in {:.2?}",
+        t_stop.elapsed()
+    );
+    let left = runner_vm.docker_ok(["ps", "-aq", "--filter", "label=io.pilot.role=runner"])?;
+    ensure!(
+        left.trim().is_empty(),
+        "runners left after the stop: {left}"
+    );
+    let on_server = standin_server_state(&server_vm)?;
+    let still: Vec<&String> = on_server["runners"]
+        .as_object()
+        .map(|m| {
+            m.keys()
+                .filter(|k| k.starts_with(&format!("{hostname}-runner-").to_lowercase()))
+                .collect()
+        })
+        .unwrap_or_default();
+    ensure!(
+        still.is_empty(),
+        "the server VM still lists the stopped host's runners {still:?}"
+    );
+    for i in 1..=2 {
+        ensure!(
+            !runner
+                .state_dir()
+                .join(format!("waypoint/runner-{i}-token"))
+                .exists(),
+            "runner-{i}-token kept after deregistering"
+        );
+    }
+
+    // 6. A fake server on the path: the runner VM is told to dial an address where something
     //    else answers TLS, with a certificate of another CA. Each runner refuses the
     //    handshake, so its token never reaches the impostor.
-    runner_run.terminate(Duration::from_secs(30))?;
     let fake = runner_vm.dir().join("impostor");
     let fake_cert = foreign_ca(&fake)?;
     let outside = runner_vm.outside_addr();
