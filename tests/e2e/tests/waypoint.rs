@@ -395,6 +395,33 @@ fn converges_idempotently_scales_and_recovers() -> Result<()> {
     let bootstrap_token = s.read_secret("waypoint/bootstrap-token")?;
     let runner_token = s.read_secret("waypoint/runner-1-token")?;
     ensure!(bootstrap_token != runner_token);
+    // No secret outlives the one-shot bootstrap container: not in the agent's log, not in
+    // any container's log (`docker logs` of everything left on the VM, running or not).
+    let names = s.vm.docker_ok(["ps", "-a", "--format", "{{.Names}}"])?;
+    ensure!(
+        !names.lines().any(|n| n == "waypoint-bootstrap"),
+        "the bootstrap container (and its log) is still there"
+    );
+    for name in names.lines() {
+        let out = s.vm.docker(["logs", name])?;
+        let logs = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for (what, secret) in [("bootstrap", &bootstrap_token), ("runner", &runner_token)] {
+            ensure!(
+                !logs.contains(secret.as_str()),
+                "the {what} token in `docker logs {name}`"
+            );
+        }
+    }
+    for (what, secret) in [("bootstrap", &bootstrap_token), ("runner", &runner_token)] {
+        ensure!(
+            !cold_log.contains(secret.as_str()),
+            "the {what} token in the agent's log"
+        );
+    }
     let (code, body) = s.curl_outside("/v1/runners", Some(&bootstrap_token))?;
     ensure!(
         code == "200" && body.contains(&format!("{hostname}-runner-1")),
