@@ -47,7 +47,7 @@ pub struct WaypointConfig {
     /// runner-only hosts connect from.
     pub application_sources: Vec<IpNet>,
     /// How many runners have their token minted, or their container made, at once
-    /// (`start_parallelism`, 1 to 32): N runners then cost about what one does.
+    /// (`start_parallelism`, 1 to 32).
     pub start_parallelism: u32,
 }
 

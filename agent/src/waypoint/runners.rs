@@ -231,8 +231,8 @@ pub async fn ensure(
                 c.runner_image
             ))
         })?;
-    // `waypoint.start_parallelism` (8 by default): enough that 20 runners take about as long
-    // as one, few enough not to queue dozens of requests on a small host's dockerd.
+    // `waypoint.start_parallelism` (8 by default): runners do not wait on one another's mint
+    // and create, and a small host's dockerd does not get dozens of requests at once.
     let parallel = c.start_parallelism.max(1) as usize;
     // Tokens first: on a runner-only host the server's address comes with a minted token.
     // Runners are independent of one another: their tokens are minted, and their containers
@@ -288,8 +288,9 @@ async fn runner_token(
     let index = runner.index();
     let token_path = plan.runner_token_path(index);
     let stored = read_token(&token_path)?;
-    // On a runner-only host the server VM's CA comes with a minted token; tokens kept by a
-    // version that did not store it are minted again (the old ones are not used).
+    // On a runner-only host the server VM's CA comes with a minted token; tokens kept without
+    // it (an earlier version) or with another server VM's are minted again (the old ones are
+    // not used).
     let stored = stored.filter(|_| plan.server == ServerRef::Local || ca_stored(plan));
     if let Some(t) = stored {
         return Ok((index, runner, t, false));
@@ -361,9 +362,17 @@ pub async fn forget(
     })
 }
 
-/// Whether the server VM's CA is stored (runner-only host).
+/// Whether the server VM's CA is stored and is the one `server.ca_sha256` pins (runner-only
+/// host). Tokens minted by another server VM (the pin was changed to a new one) are then
+/// minted again by the pinned one, with its CA.
 fn ca_stored(plan: &WaypointPlan) -> bool {
-    plan.runner_server_ca().0.is_file()
+    let Some(link) = &plan.link else {
+        return false;
+    };
+    std::fs::read_to_string(plan.runner_server_ca().0)
+        .ok()
+        .and_then(|pem| pilot_values::Fingerprint::of_pem(&pem).ok())
+        .is_some_and(|stored| stored == link.ca_sha256)
 }
 
 /// Mints the token of runner `runner` with `waypoint runner token -id=RUNNER -expires-in=0`
@@ -505,6 +514,44 @@ mod tests {
         assert!(matches!(e, WaypointError::Command { .. }), "{e}");
         let e = mint_outcome(&plan, &out(Some(2), "", "server unavailable")).unwrap_err();
         assert!(e.to_string().contains("server unavailable"), "{e}");
+    }
+
+    #[test]
+    fn a_stored_server_ca_counts_only_when_it_is_the_pinned_one() {
+        use crate::config::{Role, ServerLink};
+        let dir = tempfile::tempdir().unwrap();
+        let pem = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params.self_signed(&key).unwrap().pem()
+        };
+        let (pinned, other) = (pem("pinned"), pem("other"));
+        let plan = WaypointPlan::from_config(&Config {
+            state_dir: dir.path().to_path_buf(),
+            role: Role::Runner,
+            waypoint: Some(WaypointConfig::default()),
+            server: Some(ServerLink {
+                endpoint: "10.0.0.5".parse().unwrap(),
+                token_file: "/t".into(),
+                ca_sha256: pilot_values::Fingerprint::of_pem(&pinned).unwrap(),
+                waypoint_address: None,
+                timeout_secs: 10,
+                deregister: Default::default(),
+            }),
+            ..Config::default()
+        })
+        .unwrap();
+        assert!(!ca_stored(&plan), "nothing stored");
+        let ca = plan.runner_server_ca().0;
+        std::fs::create_dir_all(ca.parent().unwrap()).unwrap();
+        std::fs::write(&ca, &other).unwrap();
+        assert!(!ca_stored(&plan), "another server VM's CA");
+        std::fs::write(&ca, &pinned).unwrap();
+        assert!(ca_stored(&plan));
     }
 
     #[test]
