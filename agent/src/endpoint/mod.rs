@@ -789,6 +789,33 @@ async fn runner_of(
     })
 }
 
+/// Runs `f` against this host's Waypoint server (Docker connected, one runner route at a
+/// time: the wait is bounded by the command limit of the one ahead), or the 409 answer of a
+/// host that runs none.
+async fn with_local_server<T>(
+    state: &State,
+    f: impl AsyncFnOnce(
+        &bollard::Docker,
+        &crate::waypoint::WaypointPlan,
+    ) -> Result<T, crate::waypoint::WaypointError>,
+) -> Result<Result<T, crate::waypoint::WaypointError>, Box<Resp>> {
+    use crate::waypoint::{self, ServerRef, WaypointPlan};
+    let plan = match WaypointPlan::from_config(&state.config) {
+        Some(plan) if plan.server == ServerRef::Local => plan,
+        _ => {
+            return Err(Box::new(json_error(
+                StatusCode::CONFLICT,
+                "this host runs no Waypoint server (no waypoint section, or role: runner)",
+            )));
+        }
+    };
+    let _one = state.mint.lock().await;
+    Ok(match waypoint::connect(&plan.socket).await {
+        Ok(docker) => f(&docker, &plan).await,
+        Err(e) => Err(e),
+    })
+}
+
 /// `POST /v1/runner-forget`: `waypoint runner forget ID` in this host's server, for a runner
 /// host that shuts down (it has removed the runner). Forgetting a runner the server does not
 /// know is no error. A runner-scope token may forget any runner of the agent's naming, as it
@@ -800,20 +827,13 @@ async fn forget_for(
     who: &Principal,
     runner: &crate::waypoint::runners::RunnerId,
 ) -> Resp {
-    use crate::waypoint::{self, ServerRef, WaypointPlan};
-    let plan = match WaypointPlan::from_config(&state.config) {
-        Some(plan) if plan.server == ServerRef::Local => plan,
-        _ => {
-            return json_error(
-                StatusCode::CONFLICT,
-                "this host runs no Waypoint server (no waypoint section, or role: runner)",
-            );
-        }
-    };
-    let _one = state.mint.lock().await;
-    let forgotten = match waypoint::connect(&plan.socket).await {
-        Ok(docker) => waypoint::runners::forget(&docker, &plan, runner).await,
-        Err(e) => Err(e),
+    let forgotten = with_local_server(state, async |docker, plan| {
+        crate::waypoint::runners::forget(docker, plan, runner).await
+    })
+    .await;
+    let forgotten = match forgotten {
+        Ok(r) => r,
+        Err(refused) => return *refused,
     };
     match forgotten {
         Ok(()) => {
@@ -853,21 +873,14 @@ async fn mint_for(
     who: &Principal,
     runner: &crate::waypoint::runners::RunnerId,
 ) -> Resp {
-    use crate::waypoint::{self, ServerRef, WaypointError, WaypointPlan};
-    let plan = match WaypointPlan::from_config(&state.config) {
-        Some(plan) if plan.server == ServerRef::Local => plan,
-        _ => {
-            return json_error(
-                StatusCode::CONFLICT,
-                "this host runs no Waypoint server (no waypoint section, or role: runner)",
-            );
-        }
-    };
-    // One at a time; the wait is bounded by the mint's own limit of the one ahead.
-    let _one = state.mint.lock().await;
-    let minted = match waypoint::connect(&plan.socket).await {
-        Ok(docker) => waypoint::runners::mint_local(&docker, &plan, runner).await,
-        Err(e) => Err(e),
+    use crate::waypoint::WaypointError;
+    let minted = with_local_server(state, async |docker, plan| {
+        crate::waypoint::runners::mint_local(docker, plan, runner).await
+    })
+    .await;
+    let minted = match minted {
+        Ok(r) => r,
+        Err(refused) => return *refused,
     };
     let token = match minted {
         Ok(t) => pilot_values::Secret::new(t),

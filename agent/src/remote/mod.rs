@@ -229,12 +229,7 @@ pub async fn mint_runner_token(
 ) -> Result<MintedRunnerToken, RemoteError> {
     let call = Call::new(endpoint, timeout);
     let auth = bearer(token)?;
-    let body = serde_json::to_vec(&serde_json::json!({ "runner_id": runner_id })).map_err(|e| {
-        RemoteError::BadResponse {
-            endpoint: call.name.clone(),
-            reason: format!("cannot build the request: {e}"),
-        }
-    })?;
+    let body = call.runner_body(runner_id)?;
     let tls = call.connect(endpoint, pin).await?;
     let answer = call
         .request(tls, Method::POST, RUNNER_TOKEN_PATH, Some(auth), Some(body))
@@ -255,12 +250,7 @@ pub async fn forget_runner(
 ) -> Result<(), RemoteError> {
     let call = Call::new(endpoint, timeout);
     let auth = bearer(token)?;
-    let body = serde_json::to_vec(&serde_json::json!({ "runner_id": runner_id })).map_err(|e| {
-        RemoteError::BadResponse {
-            endpoint: call.name.clone(),
-            reason: format!("cannot build the request: {e}"),
-        }
-    })?;
+    let body = call.runner_body(runner_id)?;
     let tls = call.connect(endpoint, pin).await?;
     let answer = call
         .request(
@@ -316,6 +306,16 @@ impl Call {
             deadline: Instant::now() + timeout,
             timeout,
         }
+    }
+
+    /// The body of a runner route: `{"runner_id": ID}`.
+    fn runner_body(&self, runner_id: &str) -> Result<Vec<u8>, RemoteError> {
+        serde_json::to_vec(&serde_json::json!({ "runner_id": runner_id })).map_err(|e| {
+            RemoteError::BadResponse {
+                endpoint: self.name.clone(),
+                reason: format!("cannot build the request: {e}"),
+            }
+        })
     }
 
     fn timed_out(&self, stage: &'static str) -> RemoteError {

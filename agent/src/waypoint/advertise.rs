@@ -78,16 +78,7 @@ pub async fn ensure(
     let out = super::server_cli(docker, plan, &args, CONFIG_SET_LIMIT).await?;
     if out.exit_code != Some(0) {
         // config-set prints no secret: its output can be shown.
-        return Err(WaypointError::Command {
-            container: super::SERVER_NAME.into(),
-            command: "waypoint server config-set".into(),
-            status: out
-                .exit_code
-                .map_or("no exit code".into(), |c| format!("exit {c}")),
-            output: format!("{} {}", out.stdout.trim(), out.stderr.trim())
-                .trim()
-                .to_string(),
-        });
+        return Err(out.failure(super::SERVER_NAME, "waypoint server config-set"));
     }
     // Not a secret, but it lives with the tokens it is discarded with; 0600 does no harm.
     write_token(&marker, address)?;

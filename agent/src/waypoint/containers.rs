@@ -286,6 +286,23 @@ pub struct ExecOutput {
     pub stderr: String,
 }
 
+impl ExecOutput {
+    /// The error of a failed `command` in `container`, with what it printed. Only for commands
+    /// whose failure prints no secret (`config-set`, `runner forget`).
+    pub fn failure(&self, container: &str, command: impl Into<String>) -> WaypointError {
+        WaypointError::Command {
+            container: container.to_string(),
+            command: command.into(),
+            status: self
+                .exit_code
+                .map_or("no exit code".into(), |c| format!("exit {c}")),
+            output: format!("{} {}", self.stdout.trim(), self.stderr.trim())
+                .trim()
+                .to_string(),
+        }
+    }
+}
+
 // Hand-written: stdout may be a token.
 impl fmt::Debug for ExecOutput {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -350,16 +350,7 @@ pub async fn forget(
         return Ok(());
     }
     // A failed forget prints no token: its output can be shown.
-    Err(WaypointError::Command {
-        container: SERVER_NAME.to_string(),
-        command: format!("waypoint runner forget {id}"),
-        status: out
-            .exit_code
-            .map_or("no exit code".into(), |c| format!("exit {c}")),
-        output: format!("{} {}", out.stdout.trim(), out.stderr.trim())
-            .trim()
-            .to_string(),
-    })
+    Err(out.failure(SERVER_NAME, format!("waypoint runner forget {id}")))
 }
 
 /// Whether the server VM's CA is stored and is the one `server.ca_sha256` pins (runner-only

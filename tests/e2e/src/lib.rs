@@ -309,6 +309,43 @@ pub fn step_state(status: &Value, name: &str) -> anyhow::Result<(String, String)
     ))
 }
 
+/// The arguments every benchmark binary takes: `[--runs N] [--json PATH]`.
+pub struct BenchArgs {
+    pub runs: usize,
+    pub json: PathBuf,
+}
+
+/// Parses [`BenchArgs`] from the command line (`-h`/`--help` prints `usage` and exits).
+pub fn bench_args(
+    default_runs: usize,
+    default_json: PathBuf,
+    usage: &str,
+) -> anyhow::Result<BenchArgs> {
+    let mut args = BenchArgs {
+        runs: default_runs,
+        json: default_json,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--runs" => {
+                args.runs = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|n| *n > 0)
+                    .with_context(|| format!("--runs needs a positive count\n{usage}"))?
+            }
+            "--json" => args.json = it.next().map(PathBuf::from).context(usage.to_string())?,
+            "-h" | "--help" => {
+                println!("{usage}");
+                std::process::exit(0);
+            }
+            other => anyhow::bail!("unknown argument {other}\n{usage}"),
+        }
+    }
+    Ok(args)
+}
+
 /// Writes a benchmark's JSON report (pretty, with a final newline), making its directory.
 pub fn write_json_report(path: &Path, report: &Value) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {

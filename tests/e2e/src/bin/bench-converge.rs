@@ -16,7 +16,6 @@
 //! test: it asserts nothing about times (it fails only when a run itself fails).
 
 use std::fs;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -27,33 +26,8 @@ use serde_json::{Value, json};
 
 const USAGE: &str = "usage: bench-converge [--runs N] [--json PATH]";
 
-struct Args {
-    runs: usize,
-    json: PathBuf,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut runs = 5;
-    let mut json = target_dir().join("bench-converge.json");
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--runs" => {
-                runs = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|n| *n > 0)
-                    .with_context(|| format!("--runs needs a positive count\n{USAGE}"))?
-            }
-            "--json" => json = it.next().map(PathBuf::from).context(USAGE)?,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}\n{USAGE}"),
-        }
-    }
-    Ok(Args { runs, json })
+fn parse_args() -> Result<pilot_e2e::BenchArgs> {
+    pilot_e2e::bench_args(5, target_dir().join("bench-converge.json"), USAGE)
 }
 
 /// One VM's figures.

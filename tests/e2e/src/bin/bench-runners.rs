@@ -12,11 +12,10 @@
 //! parallel, and writes JSON (default `$CARGO_TARGET_DIR/bench-runners.json`). A benchmark,
 //! not a test: it asserts nothing about times (it fails only when a run itself fails).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use pilot_e2e::agent::Agent;
+use pilot_e2e::agent::{Agent, waypoint_section};
 use pilot_e2e::bake_standin;
 use pilot_e2e::floor::stats;
 use pilot_harness::{Vm, VmOptions, require_root, target_dir};
@@ -26,33 +25,8 @@ const USAGE: &str = "usage: bench-runners [--runs N] [--json PATH]";
 const IMAGE: &str = "pilot/waypoint:0.11.4";
 const SETTINGS: [u32; 2] = [1, 8];
 
-struct Args {
-    runs: usize,
-    json: PathBuf,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut runs = 3;
-    let mut json = target_dir().join("bench-runners.json");
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--runs" => {
-                runs = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|n| *n > 0)
-                    .with_context(|| format!("--runs needs a positive count\n{USAGE}"))?
-            }
-            "--json" => json = it.next().map(PathBuf::from).context(USAGE)?,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}\n{USAGE}"),
-        }
-    }
-    Ok(Args { runs, json })
+fn parse_args() -> Result<pilot_e2e::BenchArgs> {
+    pilot_e2e::bench_args(3, target_dir().join("bench-runners.json"), USAGE)
 }
 
 /// One VM's figures: cold with 1 runner, 1 -> 10, 10 -> 20.
@@ -67,16 +41,8 @@ struct Run {
 type Figure = dyn Fn(&Run) -> Duration;
 
 fn sections(images: &std::path::Path, runners: u32, parallelism: u32) -> String {
-    format!(
-        "waypoint:\n\
-         \x20 server_image: {IMAGE}\n\
-         \x20 runner_image: {IMAGE}\n\
-         \x20 images_dir: {images}\n\
-         \x20 runners: {runners}\n\
-         \x20 start_parallelism: {parallelism}\n\
-         \x20 ready_timeout_secs: 30\n",
-        images = serde_json::Value::String(images.display().to_string()),
-    )
+    waypoint_section(IMAGE, IMAGE, images, runners)
+        + &format!("\x20 start_parallelism: {parallelism}\n")
 }
 
 fn bench_one(parallelism: u32) -> Result<Run> {
