@@ -410,6 +410,18 @@ mod tests {
         );
     }
 
+    /// The manifest of `fuzz/artifacts/image_manifest/crash-repotags-given-twice`: docker
+    /// never writes a key twice; such a file is refused, naming it, and nothing panics.
+    #[test]
+    fn a_manifest_with_a_key_given_twice_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("twice.tar");
+        let manifest = r#"[{"Config":"sc7fc026e04c807","RepoTags":333333333333333000,"Lag":"x.json","RepoTags":null,"Layers":[]}]"#;
+        write_save_tarball(&p, manifest, 16);
+        let e = repo_tags(&p).unwrap_err().to_string();
+        assert!(e.contains("twice.tar"), "{e}");
+    }
+
     #[test]
     fn a_tarball_without_manifest_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
