@@ -253,7 +253,9 @@ fn waypoint_steps() -> Vec<Step<Ctx>> {
             // A server without a stored token (a first boot, or a new volume whose old
             // tokens the network step just discarded) must not publish its ports to anyone
             // before the bootstrap step has its token: the table says so before it starts.
-            apply_firewall(&ctx).await?;
+            if !firewall::waypoint_bootstrapped(&ctx.config) {
+                apply_firewall(&ctx).await?;
+            }
             Ok(report(
                 waypoint::converge_server(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
             ))
@@ -263,11 +265,9 @@ fn waypoint_steps() -> Vec<Step<Ctx>> {
             let mut r =
                 waypoint::converge_bootstrap(ctx.docker().await?, &waypoint_plan(&ctx)?).await?;
             // The server's ports stay closed to everything outside the host until its token
-            // is stored (FirewallSpec::current); now they open to their sources. Checked on
-            // every pass: a run killed between the two finishes here.
-            let opened = apply_firewall(&ctx).await?;
-            if opened.changed {
-                r.changed = true;
+            // is stored (FirewallSpec::current); now they open to their sources. A run killed
+            // between the two is finished by the next pass's firewall step.
+            if r.changed && apply_firewall(&ctx).await?.changed {
                 r.detail.push_str("; its ports opened to their sources");
             }
             Ok(report(r))

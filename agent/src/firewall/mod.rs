@@ -22,7 +22,7 @@ use tokio::process::Command;
 
 pub use ruleset::{
     COMMENT_PREFIX, ChainSpec, DOCKER_BRIDGES, FirewallSpec, Listed, ListedRule, METADATA_V4,
-    METADATA_V6, Ruleset,
+    METADATA_V6, Ruleset, waypoint_bootstrapped,
 };
 
 use crate::fsutil::{self, FsError, MODE_PUBLIC};

@@ -597,7 +597,7 @@ fn prefix_set(nets: &[IpNet]) -> Expression<'static> {
 /// Whether the Waypoint server's bootstrap token is stored (see [`FirewallSpec::current`]);
 /// an unreadable file counts as stored, so that a permission problem does not close the
 /// server to its users (the Waypoint steps report the problem).
-fn waypoint_bootstrapped(config: &Config) -> bool {
+pub fn waypoint_bootstrapped(config: &Config) -> bool {
     let token = config.state().waypoint().bootstrap_token();
     match std::fs::metadata(&token) {
         Ok(m) => m.len() > 0,

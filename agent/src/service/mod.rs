@@ -320,12 +320,12 @@ impl Service {
             Deregister::Stop => true,
             Deregister::Shutdown => system_shutting_down().await,
         };
-        let Some(plan) = waypoint::WaypointPlan::from_config(&self.config) else {
-            return;
-        };
         if !now {
             return;
         }
+        let Some(plan) = waypoint::WaypointPlan::from_config(&self.config) else {
+            return;
+        };
         let prefix = match crate::addresses::host_name(&self.config) {
             Ok(h) => h,
             Err(e) => {

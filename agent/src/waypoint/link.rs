@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use pilot_values::Secret;
 
-use super::runners::RunnerId;
+use super::runner_id::{self, RunnerId};
 use super::{WaypointError, WaypointPlan, read_token, write_token};
 use crate::config::ServerLink;
 use crate::remote::{self, RemoteError};
@@ -212,10 +212,7 @@ pub async fn deregister(
     let mut removed = Vec::new();
     for (name, _) in super::containers::list_role(docker, super::Role::Runner).await? {
         super::containers::remove(docker, &name).await?;
-        if let Some(index) = name
-            .strip_prefix(super::RUNNER_PREFIX)
-            .and_then(|n| n.parse::<u32>().ok())
-        {
+        if let Some(index) = runner_id::index_of(&name) {
             removed.push(RunnerId::new(runner_id_prefix, index));
         }
     }

@@ -26,6 +26,7 @@ pub mod images;
 pub mod link;
 pub mod network;
 pub mod ready;
+pub mod runner_id;
 pub mod runners;
 pub mod server;
 pub mod spec;

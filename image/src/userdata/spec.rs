@@ -41,7 +41,7 @@ impl UserDataInput {
             .endpoint_token_sha256
             .as_deref()
             .map(|h| {
-                validate::check_sha256_hex(h).or_else(|why| invalid("--endpoint-token-sha256", why))
+                token::check_sha256_hex(h).or_else(|why| invalid("--endpoint-token-sha256", why))
             })
             .transpose()?;
         let endpoint_tokens = self.endpoint_tokens(endpoint_token_sha256.as_deref())?;

@@ -17,8 +17,6 @@ use pilot_values::Secret;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use super::validate;
-
 /// Longest token name, as the agent bounds it (it goes into log lines).
 pub const MAX_TOKEN_NAME: usize = 64;
 /// The name of the token of the single-token form (`--endpoint-token-sha256`).
@@ -174,7 +172,7 @@ impl TokenHashInput {
         };
         check_token_name(name)?;
         let scope = Scope::parse(scope)?;
-        let sha256 = validate::check_sha256_hex(sha256).map_err(|why| format!("sha256: {why}"))?;
+        let sha256 = check_sha256_hex(sha256).map_err(|why| format!("sha256: {why}"))?;
         Ok((name.to_owned(), scope, sha256))
     }
 }
@@ -247,6 +245,17 @@ pub fn token_lines(tokens: &[EndpointTokenSpec]) -> String {
         .collect()
 }
 
+/// A SHA-256 as 64 hex digits (the endpoint token's hash); returns it in lowercase.
+pub fn check_sha256_hex(h: &str) -> Result<String, String> {
+    match pilot_values::parse_sha256_hex(h) {
+        Some(bytes) => Ok(bytes.iter().map(|b| format!("{b:02x}")).collect()),
+        None => Err(format!(
+            "expected 64 hex digits (a SHA-256), got {} characters",
+            h.trim().len()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,7 +275,7 @@ mod tests {
                 "{}",
                 t.expose()
             );
-            assert!(validate::check_token(t.expose()).is_ok());
+            assert!(super::super::validate::check_token(t.expose()).is_ok());
             let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
                 .decode(t.expose())
                 .unwrap();

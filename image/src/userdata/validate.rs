@@ -67,17 +67,6 @@ pub fn check_pg_name(name: &str) -> Result<(), String> {
     pilot_values::pg_role_name(name)
 }
 
-/// A SHA-256 as 64 hex digits (the endpoint token's hash); returns it in lowercase.
-pub fn check_sha256_hex(h: &str) -> Result<String, String> {
-    match pilot_values::parse_sha256_hex(h) {
-        Some(bytes) => Ok(bytes.iter().map(|b| format!("{b:02x}")).collect()),
-        None => Err(format!(
-            "expected 64 hex digits (a SHA-256), got {} characters",
-            h.trim().len()
-        )),
-    }
-}
-
 /// The agent package's URL: HTTPS only (the package runs as root, so a tampered download
 /// would own the VM), with a host, without spaces or control characters.
 pub fn check_https_url(url: &str) -> Result<(), String> {
