@@ -97,11 +97,7 @@ fn entrypoint_stays_waypoints() {
 #[test]
 fn runs_as_root_as_the_stand_in_root_variant_does() {
     let ins = dockerfile();
-    let last_user = ins
-        .iter()
-        .filter(|(k, _)| k == "USER")
-        .next_back()
-        .expect("a USER");
+    let last_user = ins.iter().rfind(|(k, _)| k == "USER").expect("a USER");
     assert_eq!(last_user.1, "root");
 }
 
