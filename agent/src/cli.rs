@@ -46,6 +46,13 @@ pub enum Command {
     /// reports its condition so far; `--wait` waits for the end, at most `--timeout` seconds
     /// (then it reports the state, says so on stderr and exits 1).
     ///
+    /// --history shows the last converge passes instead (STATE_DIR/history.jsonl: `up` and
+    /// every pass of `run`, the newest 200 or more kept), newest last: when each started and
+    /// how long after power-on, the command and `run`'s trigger, the condition, the time it
+    /// took, and its steps slowest first with their milliseconds (as `systemd-analyze blame`).
+    /// It exits 1 when there is no pass to show, else 0 whatever the passes' conditions (the
+    /// host's health now is plain `status`'s answer).
+    ///
     /// Works without a valid configuration: if the default one cannot be loaded, it warns and
     /// reads the default state directory. Never prints a secret.
     #[command(verbatim_doc_comment)]
@@ -60,6 +67,36 @@ pub enum Command {
     /// check `missing`), 1 when the configuration or a file cannot be read.
     #[command(verbatim_doc_comment)]
     Credentials(CredentialsArgs),
+    /// Back up the Waypoint server and the agent's tokens into one file (0600).
+    ///
+    /// Waypoint's online snapshot (`waypoint server snapshot`) with the bootstrap token, the
+    /// runner tokens and the advertise address record, as a tar file whose manifest lists each
+    /// part's size and SHA-256. Not the host's CA or keys: they belong to the VM. Written
+    /// atomically to --output, else to `backup.dir` (default STATE_DIR/backups) as
+    /// pilot-backup-TIME.tar; prints the file. `run` takes backups on the `backup:` schedule.
+    #[command(verbatim_doc_comment)]
+    Backup(BackupArgs),
+    /// Restore a backup onto this VM's Waypoint server (a fresh VM, or the one it came from).
+    ///
+    /// Checks every part against the manifest first (a mismatch changes nothing), stages the
+    /// snapshot (`waypoint server restore -exit`, the server restarts with it), puts the
+    /// backup's tokens back so runners and the Pilot CLI keep working, converges, and says
+    /// which tokens no longer work. Waits for a pass of `run` under way to finish first.
+    #[command(verbatim_doc_comment)]
+    Restore(RestoreArgs),
+    /// Write one redacted archive of logs and state to attach to a support ticket.
+    ///
+    /// Holds `status --long` and its JSON, the agent's journal since boot, the newest lines
+    /// of each managed container's log (and its inspect output), the agent's nftables table,
+    /// dockerd's daemon.json, versions (agent, dockerd, kernel, OS) and the certificates'
+    /// summary, with a MANIFEST that lists each part and why any is missing. Every secret the
+    /// agent knows (Waypoint tokens, database and admin passwords, endpoint tokens, private
+    /// keys) is replaced by [REDACTED:KIND] before it is written. For root (the secret files
+    /// are 0600). Works without a valid configuration, as `status` does. The archive is 0600;
+    /// its path is printed. Exits 0 when it was written (even with parts missing: see the
+    /// MANIFEST), 1 when nothing could be written or an explicit --config does not load.
+    #[command(verbatim_doc_comment)]
+    CollectLogs(CollectLogsArgs),
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -89,6 +126,34 @@ pub struct StatusArgs {
     /// With --wait: give up after this many seconds and report the state then.
     #[arg(long, default_value_t = 300, requires = "wait")]
     pub timeout: u64,
+    /// Show the last converge passes, newest last, each step's duration slowest first.
+    #[arg(long, conflicts_with_all = ["long", "wait"])]
+    pub history: bool,
+    /// With --history: how many passes to show.
+    #[arg(
+        long,
+        default_value_t = 10,
+        requires = "history",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub limit: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Write the backup here instead of the backup directory.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// A file written by `pilot-agent backup` (or the schedule).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +161,13 @@ pub struct CredentialsArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CollectLogsArgs {
+    /// The archive to write (default: ./pilot-agent-logs-HOSTNAME-TIMESTAMP.tar.gz).
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

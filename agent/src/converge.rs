@@ -2,7 +2,9 @@
 //!
 //! The state directory is created, the lock taken (one converge at a time: `up` by hand while
 //! `run` works would race), and the engine runs the steps of [`crate::plan`], writing
-//! `STATE_DIR/status.json` as it goes. `run`'s passes take the same lock (`service`).
+//! `STATE_DIR/status.json` as it goes; the finished pass is appended to
+//! `STATE_DIR/history.jsonl` ([`crate::history_file`]). `run`'s passes take the same lock and
+//! do the same (`service`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use std::sync::Arc;
 use crate::config::{Config, ConfigError};
 use crate::engine::{Engine, EngineError};
 use crate::fsutil::{self, FsError, MODE_PRIVATE_DIR};
+use crate::history_file::{self, PassClock};
 use crate::plan::{self, Ctx, UpOptions};
 use crate::status_file::Status;
 
@@ -44,7 +47,11 @@ pub async fn converge_once(config: Config, options: UpOptions) -> Result<Status,
     let engine = Engine::new("up", plan::up_steps(&config))?
         .with_status_file(config.status_path())
         .with_annotation(plan::annotate_status);
+    let history = config.state().history();
+    let clock = PassClock::start();
     let status = engine.run(Arc::new(Ctx::new(config, options))).await?;
+    // Still under the lock: one writer of the history at a time.
+    history_file::record(&history, &status, None, &clock);
     Ok(status)
 }
 

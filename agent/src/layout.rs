@@ -5,6 +5,8 @@
 //! STATE_DIR/                         0700 (as the package installs it)
 //!   lock                             one converge at a time (`up`, `run`): an flock, no content
 //!   status.json                      what `pilot-agent status` reads; no secret (0644)
+//!   history.jsonl                    the newest converge passes, one JSON line each, for
+//!                                    `pilot-agent status --history` (0600)
 //!   instance-id                      the clone marker: the instance this state belongs to
 //!   identity.json                    the last identity the metadata service gave (0644)
 //!   firewall.json                    the agent's nftables rules as nft listed them after the
@@ -64,6 +66,17 @@ impl StateLayout {
     /// `status.json`: the steps of the last run and the host's condition.
     pub fn status(&self) -> PathBuf {
         self.root.join("status.json")
+    }
+
+    /// `backup-last.json`: the last backup attempt and the last successful backup
+    /// ([`crate::backup::Record`]).
+    pub fn backup_record(&self) -> PathBuf {
+        self.root.join("backup-last.json")
+    }
+
+    /// `history.jsonl`: the newest converge passes, one line each ([`crate::history_file`]).
+    pub fn history(&self) -> PathBuf {
+        self.root.join("history.jsonl")
     }
 
     /// The clone marker: the instance this state directory was made on.
@@ -226,6 +239,7 @@ mod tests {
         let s = StateLayout::new("/s");
         assert_eq!(s.lock(), Path::new("/s/lock"));
         assert_eq!(s.status(), Path::new("/s/status.json"));
+        assert_eq!(s.history(), Path::new("/s/history.jsonl"));
         assert_eq!(s.instance_marker(), Path::new("/s/instance-id"));
         assert_eq!(s.remembered_identity(), Path::new("/s/identity.json"));
         assert_eq!(s.database_password(), Path::new("/s/database/password"));

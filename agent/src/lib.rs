@@ -11,6 +11,7 @@
 //! plan.rs             which steps `up` runs and what they share (Ctx, Facts)
 //! service/            `run`: the re-converge loop (Docker events, timers, backoff), sd_notify
 //! status.rs           STATE_DIR/status.json, the file `pilot-agent status` reads
+//! history_file.rs     STATE_DIR/history.jsonl, the newest passes (`status --history`)
 //! fsutil.rs           atomic, skip-if-identical file writes; modes; the state lock
 //! host.rs             host name and addresses -> the server certificate's SANs
 //! identity/           cloud identity (AWS IMDSv2, GCP metadata, host), the clone marker
@@ -30,6 +31,7 @@
 //! line its status shows ([`engine::StepError`]). `anyhow` appears only in `main.rs`.
 
 pub mod addresses;
+pub mod backup;
 pub mod cli;
 pub mod commands;
 pub mod config;
@@ -40,6 +42,7 @@ pub mod endpoint;
 pub mod engine;
 pub mod firewall;
 pub mod fsutil;
+pub mod history_file;
 pub mod identity;
 pub mod layout;
 pub mod pki;

@@ -87,6 +87,20 @@ fn run(cli: Cli, config_explicit: bool) -> anyhow::Result<u8> {
         Command::Status(args) => {
             let target = commands::status::Target::resolve(&cli.config, config_explicit)
                 .map_err(config_error)?;
+            if args.history {
+                if let Some(warning) = &target.warning {
+                    eprintln!("pilot-agent: {warning}");
+                }
+                // The history is a record of the past: a configuration that does not load
+                // now is warned about, not turned into the exit code (see `history`).
+                let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
+                let report = commands::status::history(&target, limit, args.json)?;
+                print!("{}", report.output);
+                for note in &report.notes {
+                    eprintln!("pilot-agent: {note}");
+                }
+                return Ok(report.exit_code);
+            }
             let options = commands::status::StatusOptions {
                 json: args.json,
                 long: args.long,
@@ -116,6 +130,76 @@ fn run(cli: Cli, config_explicit: bool) -> anyhow::Result<u8> {
             Err(commands::credentials::CredentialsError::Config(e)) => Err(config_error(e)),
             Err(e) => Err(e.into()),
         },
+        Command::Backup(args) => {
+            let rt = runtime()?;
+            match rt.block_on(commands::backup::backup(&cli.config, args.output)) {
+                Ok(taken) => {
+                    if args.json {
+                        println!("{}", serde_json::to_string_pretty(&taken)?);
+                    } else {
+                        println!("{}", taken.file.display());
+                        eprintln!(
+                            "pilot-agent: backed up to {}",
+                            pilot_agent::backup::describe(&taken)
+                        );
+                    }
+                    Ok(0)
+                }
+                Err(commands::backup::BackupCommandError::Config(e)) => Err(config_error(e)),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Restore(args) => {
+            let rt = runtime()?;
+            match rt.block_on(commands::backup::restore(&cli.config, &args.file)) {
+                Ok(restored) => {
+                    for line in restored.report.lines() {
+                        println!("{line}");
+                    }
+                    let code = match &restored.status {
+                        Some(status) => {
+                            println!(
+                                "converged after the restore: {:?} ({:.1}s in all)",
+                                status.condition,
+                                restored.took.as_secs_f64()
+                            );
+                            engine::exit_code(status)
+                        }
+                        None => {
+                            println!(
+                                "the running service converges the host (it held the lock \
+                                 again first); check `pilot-agent status --wait`"
+                            );
+                            0
+                        }
+                    };
+                    Ok(code)
+                }
+                Err(commands::backup::BackupCommandError::Config(e)) => Err(config_error(e)),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::CollectLogs(args) => {
+            let rt = runtime()?;
+            match rt.block_on(commands::collect_logs::collect_logs(
+                &cli.config,
+                config_explicit,
+                args.output.as_deref(),
+            )) {
+                Ok(done) => {
+                    if let Some(warning) = &done.warning {
+                        eprintln!("pilot-agent: {warning}");
+                    }
+                    for note in &done.notes {
+                        eprintln!("pilot-agent: {note}");
+                    }
+                    println!("{}", done.path.display());
+                    Ok(0)
+                }
+                Err(commands::collect_logs::CollectLogsError::Config(e)) => Err(config_error(e)),
+                Err(e) => Err(e.into()),
+            }
+        }
         Command::Man(args) => {
             for page in pilot_agent::cli::write_man_pages(&args.out)
                 .with_context(|| format!("cannot write man pages into {}", args.out.display()))?

@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::addresses::{self, San};
+use crate::backup;
 use crate::config::{Advertise, Config, Role, WaypointConfig};
 use crate::database;
 use crate::docker::{self, DockerPlan};
@@ -63,6 +64,7 @@ pub const WAYPOINT_ADVERTISE: &str = "waypoint-advertise";
 pub const WAYPOINT_RUNNERS: &str = "waypoint-runners";
 pub const SERVER_LINK: &str = "server-link";
 pub const DATABASE: &str = "database";
+pub const WAYPOINT_BACKUP: &str = "waypoint-backup";
 
 /// How long the database step may take before it reports the server as stalled.
 const DATABASE_STEP_LIMIT: Duration = Duration::from_secs(300);
@@ -229,7 +231,89 @@ pub fn up_steps(config: &Config) -> Vec<Step<Ctx>> {
     if config.database.is_some() {
         steps.push(database_step());
     }
+    if config.backup.is_some() && config.role == Role::Server && config.waypoint.is_some() {
+        steps.push(backup_step());
+    }
     steps
+}
+
+/// The scheduled backup (`backup:`): a backup when the last successful one is
+/// `interval_hours` old, then the directory pruned to `keep`. A failed backup (the disk full,
+/// the server not answering) is `degraded` with its reason, retried by the next passes, and
+/// removes nothing: the earlier backups stay.
+fn backup_step() -> Step<Ctx> {
+    Step::new(WAYPOINT_BACKUP, |ctx: Arc<Ctx>| async move {
+        let Some(settings) = &ctx.config.backup else {
+            return Err(StepError::msg("the configuration has no backup section"));
+        };
+        let plan = waypoint_plan(&ctx)?;
+        let record_path = ctx.config.state().backup_record();
+        let record = backup::read_record(&record_path);
+        let dir = settings.dir_under(&ctx.config.state_dir);
+        let now = time::OffsetDateTime::now_utc();
+        let last_ok = record.as_ref().and_then(|r| r.last_ok.clone());
+        if !backup::due(record.as_ref(), settings.interval(), now) {
+            let last = last_ok.as_ref().map_or(String::new(), backup::describe);
+            return Ok(Outcome::Ok(format!(
+                "last backup {last}; the next is due {:.1}h after it",
+                settings.interval_hours
+            )));
+        }
+        let host = addresses::host_name(&ctx.config)?;
+        let path = backup::new_path(&dir, std::time::SystemTime::now());
+        let taken = backup::take(ctx.docker().await?, &plan, &host, &path).await;
+        let attempted_at = backup::rfc3339(now);
+        match taken {
+            Ok(taken) => {
+                let removed = backup::prune(&dir, settings.keep)?;
+                let kept = backup::list(&dir)?.len() as u32;
+                let detail = format!(
+                    "backed up to {}; {kept} kept in {}{}",
+                    backup::describe(&taken),
+                    dir.display(),
+                    if removed.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", removed {} older", removed.len())
+                    }
+                );
+                backup::write_record(
+                    &record_path,
+                    &backup::Record {
+                        attempted_at,
+                        result: "ok".into(),
+                        error: None,
+                        last_ok: Some(taken),
+                        kept,
+                    },
+                )?;
+                Ok(Outcome::Changed(detail))
+            }
+            Err(e) => {
+                let kept = backup::list(&dir).map(|l| l.len() as u32).unwrap_or(0);
+                let error = e.to_string();
+                backup::write_record(
+                    &record_path,
+                    &backup::Record {
+                        attempted_at,
+                        result: "failed".into(),
+                        error: Some(error.clone()),
+                        last_ok: last_ok.clone(),
+                        kept,
+                    },
+                )?;
+                Ok(Outcome::Degraded(format!(
+                    "backup failed: {error}; the {kept} earlier backups in {} stay (last \
+                     success: {})",
+                    dir.display(),
+                    last_ok
+                        .as_ref()
+                        .map_or("none".to_string(), |t| t.at.clone())
+                )))
+            }
+        }
+    })
+    .after(&[WAYPOINT_BOOTSTRAP])
 }
 
 /// The Waypoint plan of a context whose configuration has a `waypoint:` section (the steps
@@ -256,9 +340,37 @@ fn waypoint_steps() -> Vec<Step<Ctx>> {
             if !firewall::waypoint_bootstrapped(&ctx.config) {
                 apply_firewall(&ctx).await?;
             }
-            Ok(report(
-                waypoint::converge_server(ctx.docker().await?, &waypoint_plan(&ctx)?).await?,
-            ))
+            let plan = waypoint_plan(&ctx)?;
+            let docker = ctx.docker().await?;
+            // Another image than the running server's: upgraded under guard (a backup first,
+            // rolled back if the new one is not healthy in time).
+            match backup::upgrade::plan(docker, &plan).await? {
+                backup::upgrade::Plan::Converge => {
+                    Ok(report(waypoint::converge_server(docker, &plan).await?))
+                }
+                backup::upgrade::Plan::Upgrade(pending) => {
+                    let host = addresses::host_name(&ctx.config)?;
+                    let dir = ctx
+                        .config
+                        .backup
+                        .clone()
+                        .unwrap_or_default()
+                        .dir_under(&ctx.config.state_dir);
+                    let path = backup::new_path(&dir, std::time::SystemTime::now());
+                    let done =
+                        backup::upgrade::upgrade(docker, &plan, &host, &path, pending).await?;
+                    Ok(Outcome::Changed(done.summary(&plan.config.server_image)))
+                }
+                backup::upgrade::Plan::KeepPrevious(failed) => {
+                    let previous = failed.previous_image_id.clone();
+                    Err(backup::upgrade::UpgradeError::Refused {
+                        failed,
+                        previous,
+                        marker: backup::upgrade::marker_path(&plan),
+                    }
+                    .into())
+                }
+            }
         })
         .after(&[IMAGES, NETWORK]),
         Step::new(WAYPOINT_BOOTSTRAP, |ctx: Arc<Ctx>| async move {

@@ -331,6 +331,20 @@ fn a_periodic_pass_repairs_drift_and_sigint_stops_the_agent() {
     assert_eq!(s["run"]["last_trigger"], "interval", "{s:#}");
     assert_eq!(s["run"]["repairs"], 1, "{s:#}");
     assert!(s["run"]["last_repair_at"].is_string(), "{s:#}");
+    // Each pass is in the history (`status --history`) with the trigger that made it; the
+    // second is recorded before status.json counts it.
+    let history =
+        std::fs::read_to_string(agent.dir.path().join("state").join("history.jsonl")).unwrap();
+    let records: Vec<Value> = history
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let triggers: Vec<&str> = records
+        .iter()
+        .map(|r| r["trigger"].as_str().unwrap_or("-"))
+        .collect();
+    assert!(triggers.starts_with(&["start", "interval"]), "{history}");
+    assert!(records.iter().all(|r| r["command"] == "run"), "{history}");
 
     agent.signal(rustix::process::Signal::INT);
     let status = agent.wait_exit(Duration::from_secs(10));

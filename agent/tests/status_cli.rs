@@ -254,3 +254,96 @@ fn status_with_an_explicit_config_that_cannot_be_read_is_an_error() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("cannot read configuration /nonexistent/agent.yaml"));
 }
+
+/// `status --history`: none yet (exit 1, said plainly), then the passes `up` recorded, newest
+/// last and their steps slowest first; a torn line is skipped with a note; `--limit`;
+/// `--json`; flags that make no sense with it are refused.
+#[test]
+fn history_shows_recorded_passes_and_says_when_there_are_none() {
+    use pilot_agent::history_file::{PassClock, PassRecord, append};
+
+    let host = Host::new();
+    let path = host.state.join("history.jsonl");
+    let out = host.agent(&["status", "--history"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "history:   none\ndetail:    pilot-agent has recorded no converge pass on this \
+             host (no {})\n",
+            path.display()
+        )
+    );
+    let out = host.agent(&["status", "--history", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["passes"], serde_json::json!([]));
+
+    // Two passes as `up` records them, a torn line between them (a killed write).
+    let pass = |slow: &str, ms: i64| {
+        let mut s = Status::start("up", ["firewall".to_string(), slow.to_string()]);
+        let t = s.started_at;
+        for step in &mut s.steps {
+            step.state = StepState::Ok;
+            step.started_at = Some(t);
+            step.finished_at = Some(t + time::Duration::milliseconds(5));
+        }
+        s.steps[1].finished_at = Some(t + time::Duration::milliseconds(ms));
+        s.status = RunStatus::Done;
+        s.finished_at = Some(t + time::Duration::milliseconds(ms));
+        PassRecord::from_status(&s, None, &PassClock::start())
+    };
+    append(&path, &pass("pki", 830)).unwrap();
+    let mut torn = std::fs::read(&path).unwrap();
+    torn.extend_from_slice(b"{\"schema\": 1, \"comm");
+    std::fs::write(&path, torn).unwrap();
+    append(&path, &pass("docker-tls", 2104)).unwrap();
+
+    let out = host.agent(&["status", "--history"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("history:   2 of 2 recorded passes, newest last"),
+        "{stdout}"
+    );
+    let steps: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "830 ms  pki       ok",
+            "5 ms  firewall  ok",
+            "2104 ms  docker-tls  ok",
+            "5 ms  firewall    ok",
+        ],
+        "{stdout}"
+    );
+    assert!(
+        text(&out.stderr).contains("skipped 1 unreadable line(s) of "),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = host.agent(&["status", "--history", "--limit", "1", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let v = json(&out);
+    assert_eq!(v["recorded"], 2);
+    assert_eq!(v["skipped_lines"], 1);
+    let passes = v["passes"].as_array().unwrap();
+    assert_eq!(passes.len(), 1);
+    assert_eq!(passes[0]["command"], "up");
+    assert_eq!(passes[0]["steps"][1]["name"], "docker-tls");
+    assert_eq!(passes[0]["steps"][1]["duration_ms"], 2104);
+
+    for bad in [
+        &["status", "--history", "--wait"][..],
+        &["status", "--history", "--long"],
+        &["status", "--history", "--limit", "0"],
+        &["status", "--limit", "3"],
+    ] {
+        let out = host.agent(bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", text(&out.stderr));
+    }
+}

@@ -1,12 +1,17 @@
 //! `pilot-agent status [--json] [--long] [--wait [--timeout SECS]]`: reads the status view
 //! ([`crate::views::status_report`]), waits when asked, and picks the output and the exit code
 //! (0 done and healthy, 1 error, 2 degraded, as `cloud-init status`).
+//!
+//! `pilot-agent status --history [--limit N] [--json]`: the newest passes from the history
+//! view ([`crate::views::history`]); see [`history`] for its exit code.
 
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
+pub use crate::history_file::HistoryError;
 use crate::status_file::StatusError;
+use crate::views::history::{self, HistoryView};
 pub use crate::views::status_report::Target;
 use crate::views::status_report::{Extras, Observation, render_json, render_text, wait_for};
 
@@ -74,6 +79,32 @@ pub fn status(target: &Target, options: &StatusOptions) -> Result<StatusReport, 
         output,
         notes,
         exit_code,
+    })
+}
+
+/// Runs `pilot-agent status --history` against `target`: the newest `limit` passes of
+/// `STATE_DIR/history.jsonl` ([`crate::views::history`]).
+///
+/// Exit code: 1 when there is no pass to show (no history file, or nothing readable in it),
+/// as `status` exits 1 for `not-started`: nothing is known to have converged here, and a
+/// script asking for the history gets told so. 0 otherwise, whatever the passes' conditions:
+/// the history is a record of the past, and the host's health now is `status`'s answer (a
+/// pass that failed last week must not make this command fail). Unreadable lines are skipped
+/// with a note on stderr.
+pub fn history(target: &Target, limit: usize, json: bool) -> Result<StatusReport, HistoryError> {
+    let view = HistoryView::read(&target.history_path(), limit)?;
+    let output = if json {
+        // Serializing a Value cannot fail.
+        let mut s = serde_json::to_string_pretty(&history::render_json(&view)).unwrap_or_default();
+        s.push('\n');
+        s
+    } else {
+        history::render_text(&view, output_width())
+    };
+    Ok(StatusReport {
+        output,
+        notes: view.notes(),
+        exit_code: if view.is_empty() { 1 } else { 0 },
     })
 }
 

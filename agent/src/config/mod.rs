@@ -9,6 +9,7 @@
 //! `config/<section>.rs` with the typed struct, its `Default` and a `read` function like
 //! [`docker::read`], add the key to [`TOP_LEVEL_KEYS`] and one line to [`Config::from_yaml`].
 
+pub mod backup;
 pub mod bounds;
 pub mod cloud;
 pub mod database;
@@ -28,6 +29,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use saphyr::{LoadableYamlNode, MarkedYaml};
 
+pub use backup::BackupConfig;
 pub use cloud::CloudConfig;
 pub use docker::{DockerConfig, ServiceConfig};
 pub use endpoint::EndpointConfig;
@@ -62,6 +64,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "database",
     "endpoint",
     "service",
+    "backup",
 ];
 
 /// A loaded and fully checked configuration.
@@ -87,6 +90,8 @@ pub struct Config {
     pub endpoint: Option<EndpointConfig>,
     /// How `run` schedules its passes (defaults when there is no `service:` key).
     pub service: ServiceSettings,
+    /// Scheduled backups of the Waypoint server; `None` (no `backup:` key): none scheduled.
+    pub backup: Option<BackupConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +142,7 @@ impl Default for Config {
             database: None,
             endpoint: None,
             service: ServiceSettings::default(),
+            backup: None,
         }
     }
 }
@@ -279,6 +285,18 @@ fn read_root(w: &mut Walker, root: &MarkedYaml<'_>) -> Config {
         config.role = server::read_role(w, node);
     }
     read_role_sections(w, root, &mut config);
+    // Like `waypoint:`, the key's presence turns scheduled backups on.
+    if let Some(node) = lookup(root, &["backup"]) {
+        let b = backup::read(w, node);
+        if config.role != Role::Server || config.waypoint.is_none() {
+            w.error(
+                node,
+                "backup: backs up this host's Waypoint server; it needs a `waypoint:` section \
+                 on a server VM (not `role: runner`)",
+            );
+        }
+        config.backup = Some(b);
+    }
 
     // Locking the TLS port would cut the agent off from dockerd (and the runners with it).
     let tls_port = config.docker.tls_listen.port();

@@ -281,6 +281,55 @@ pub fn render(t: &Telemetry, status: Option<&Status>, rss_bytes: Option<u64>) ->
     out
 }
 
+/// The backup gauges (appended to [`render`]'s text when `backup:` keeps a record): when the
+/// last attempt was, whether it succeeded, and the last successful backup's time and size, so
+/// that an alert can fire on "no good backup for a day".
+pub fn render_backup(record: &crate::backup::Record) -> String {
+    let mut out = String::new();
+    let unix = |at: &str| {
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(|t| t.unix_timestamp())
+    };
+    let mut gauge = |name: &str, help: &str, value: String| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name} {value}");
+    };
+    if let Some(t) = unix(&record.attempted_at) {
+        gauge(
+            "pilot_agent_backup_last_attempt_timestamp_seconds",
+            "Unix time of the last backup attempt.",
+            t.to_string(),
+        );
+    }
+    gauge(
+        "pilot_agent_backup_last_attempt_success",
+        "1 if the last backup attempt succeeded, 0 if it failed.",
+        u8::from(record.result == "ok").to_string(),
+    );
+    if let Some(ok) = &record.last_ok {
+        if let Some(t) = unix(&ok.at) {
+            gauge(
+                "pilot_agent_backup_last_success_timestamp_seconds",
+                "Unix time of the last successful backup.",
+                t.to_string(),
+            );
+        }
+        gauge(
+            "pilot_agent_backup_last_success_size_bytes",
+            "Size of the last successful backup file.",
+            ok.size.to_string(),
+        );
+    }
+    gauge(
+        "pilot_agent_backups_kept",
+        "Backups in the backup directory after the last attempt.",
+        record.kept.to_string(),
+    );
+    out
+}
+
 /// Escapes a label value as the text format requires (`\`, `"`, newline).
 fn label_value(s: &str) -> String {
     s.replace('\\', "\\\\")
@@ -298,6 +347,37 @@ pub fn rss_bytes() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn backup_gauges() {
+        let rec = crate::backup::Record {
+            attempted_at: "2026-12-07T20:00:00Z".into(),
+            result: "failed".into(),
+            error: Some("No space left on device".into()),
+            last_ok: Some(crate::backup::Taken {
+                file: "/b/pilot-backup-x.tar".into(),
+                size: 9728,
+                sha256: String::new(),
+                at: "2026-12-07T19:00:00Z".into(),
+                duration_ms: 80,
+                runner_tokens: 2,
+            }),
+            kept: 3,
+        };
+        let text = super::render_backup(&rec);
+        assert!(
+            text.contains("pilot_agent_backup_last_attempt_success 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pilot_agent_backup_last_success_timestamp_seconds 1796670000\n"),
+            "{text}"
+        );
+        assert!(text.contains("pilot_agent_backup_last_success_size_bytes 9728\n"));
+        assert!(text.contains("pilot_agent_backups_kept 3\n"));
+        // The error text is not a metric (it is in the status).
+        assert!(!text.contains("space"), "{text}");
+    }
+
     use super::*;
 
     #[test]

@@ -1029,13 +1029,21 @@ async fn v1_credentials(state: &State) -> Resp {
 
 async fn metrics_text(state: &State) -> Resp {
     let path = state.config.status_path();
-    let (status, rss) = blocking(move || {
+    let record_path = state.config.state().backup_record();
+    let (status, rss, backup) = blocking(move || {
         // A missing or unreadable status only leaves out the per-step gauges.
-        (Status::read(&path).ok().flatten(), metrics::rss_bytes())
+        (
+            Status::read(&path).ok().flatten(),
+            metrics::rss_bytes(),
+            crate::backup::read_record(&record_path),
+        )
     })
     .await
-    .unwrap_or((None, None));
-    let body = metrics::render(&state.telemetry, status.as_ref(), rss);
+    .unwrap_or((None, None, None));
+    let mut body = metrics::render(&state.telemetry, status.as_ref(), rss);
+    if let Some(record) = &backup {
+        body.push_str(&metrics::render_backup(record));
+    }
     let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

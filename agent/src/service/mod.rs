@@ -44,6 +44,7 @@ use crate::endpoint::{Endpoint, Telemetry};
 use crate::engine::{Engine, EngineError};
 use crate::firewall::{self, FirewallSpec, Nft};
 use crate::fsutil::{self, FsError, MODE_PRIVATE_DIR};
+use crate::history_file::{self, PassClock};
 use crate::plan::{self, Ctx, UpOptions};
 use crate::status_file::{self, Condition, RunInfo, RunStatus, Status, StatusError, StepState};
 use crate::waypoint;
@@ -521,18 +522,24 @@ impl Service {
     }
 }
 
-/// One pass: `up`'s steps under the state lock, status written as they go.
+/// One pass: `up`'s steps under the state lock, status written as they go, the finished pass
+/// recorded in the history with its trigger.
 async fn converge(config: Arc<Config>, run: RunInfo) -> Result<Status, PassError> {
     let lock_path = config.state().lock();
     let Some(_lock) = fsutil::try_lock(&lock_path)? else {
         return Err(PassError::Locked(lock_path));
     };
+    let trigger = run.last_trigger.clone();
     let engine = Engine::new("run", plan::up_steps(&config))?
         .with_status_file(config.status_path())
         .with_run(run)
         .with_annotation(plan::annotate_status);
     let ctx = Ctx::new((*config).clone(), UpOptions::default());
-    Ok(engine.run(Arc::new(ctx)).await?)
+    let clock = PassClock::start();
+    let status = engine.run(Arc::new(ctx)).await?;
+    // Under the lock, as `up` does; a pass aborted at shutdown never gets here (no record).
+    history_file::record(&config.state().history(), &status, Some(&trigger), &clock);
+    Ok(status)
 }
 
 /// Whether the machine is shutting down: `systemctl is-system-running` answers `stopping`

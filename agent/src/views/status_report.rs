@@ -88,6 +88,11 @@ impl Target {
     pub fn status_path(&self) -> PathBuf {
         self.state_dir.join("status.json")
     }
+
+    /// The pass history (`status --history`).
+    pub fn history_path(&self) -> PathBuf {
+        crate::layout::StateLayout::new(&self.state_dir).history()
+    }
 }
 
 /// The status file as judged now.

@@ -323,6 +323,44 @@ pub async fn exec(
     env: &[String],
     limit: Duration,
 ) -> Result<ExecOutput, WaypointError> {
+    let raw = exec_bytes(docker, container, argv, env, None, limit).await?;
+    Ok(ExecOutput {
+        exit_code: raw.exit_code,
+        stdout: String::from_utf8_lossy(&raw.stdout).into_owned(),
+        stderr: raw.stderr,
+    })
+}
+
+/// What a command run with [`exec_bytes`] printed: stdout as bytes (a Waypoint snapshot is
+/// binary), stderr as text.
+pub struct ExecBytes {
+    pub exit_code: Option<i64>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+// Hand-written: stdout may be a snapshot, which holds the server's signing key.
+impl fmt::Debug for ExecBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecBytes")
+            .field("exit_code", &self.exit_code)
+            .field("stdout", &format_args!("<{} bytes>", self.stdout.len()))
+            .field("stderr", &self.stderr)
+            .finish()
+    }
+}
+
+/// [`exec`] with stdout kept as bytes and, when `stdin` is given, those bytes written to the
+/// command's standard input, which is then closed (`waypoint server restore -` reads to EOF).
+pub async fn exec_bytes(
+    docker: &Docker,
+    container: &str,
+    argv: &[String],
+    env: &[String],
+    stdin: Option<&[u8]>,
+    limit: Duration,
+) -> Result<ExecBytes, WaypointError> {
+    use tokio::io::AsyncWriteExt;
     let what = format!("run `{}` in {container}", argv.join(" "));
     let run = async {
         let created = docker
@@ -331,6 +369,7 @@ pub async fn exec(
                 CreateExecOptions {
                     cmd: Some(argv.to_vec()),
                     env: Some(env.to_vec()),
+                    attach_stdin: Some(stdin.is_some()),
                     attach_stdout: Some(true),
                     attach_stderr: Some(true),
                     ..Default::default()
@@ -345,7 +384,26 @@ pub async fn exec(
             .await
             .map_err(|e| WaypointError::docker(what.clone(), e))?
         {
-            StartExecResults::Attached { mut output, .. } => {
+            StartExecResults::Attached {
+                mut output,
+                mut input,
+            } => {
+                if let Some(data) = stdin {
+                    // Written while nothing reads the output: a command that answers before
+                    // it has read everything would block on a full pipe only past the
+                    // kernel's buffers, and `server restore` reads all of its input first.
+                    let write = async {
+                        input.write_all(data).await?;
+                        input.flush().await?;
+                        input.shutdown().await
+                    };
+                    write.await.map_err(|e| WaypointError::Command {
+                        container: container.to_string(),
+                        command: argv.join(" "),
+                        status: "stdin not delivered".into(),
+                        output: e.to_string(),
+                    })?;
+                }
                 while let Some(chunk) = output.next().await {
                     match chunk.map_err(|e| WaypointError::docker(what.clone(), e))? {
                         LogOutput::StdOut { message } => stdout.extend_from_slice(&message),
@@ -360,9 +418,9 @@ pub async fn exec(
             .inspect_exec(&created.id)
             .await
             .map_err(|e| WaypointError::docker(what.clone(), e))?;
-        Ok(ExecOutput {
+        Ok(ExecBytes {
             exit_code: inspected.exit_code,
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stdout,
             stderr: String::from_utf8_lossy(&stderr).into_owned(),
         })
     };

@@ -29,6 +29,7 @@ pub mod ready;
 pub mod runner_id;
 pub mod runners;
 pub mod server;
+pub mod snapshot;
 pub mod spec;
 pub mod tls;
 
@@ -518,6 +519,17 @@ pub(crate) async fn server_cli(
     args: &[&str],
     limit: Duration,
 ) -> Result<containers::ExecOutput, WaypointError> {
+    let (argv, env) = server_command(docker, plan, args).await?;
+    containers::exec(docker, SERVER_NAME, &argv, &env, limit).await
+}
+
+/// The command line and environment of `waypoint ARGS` in the server container, against its
+/// own loopback (among the certificate's names) with the bootstrap token.
+pub(crate) async fn server_command(
+    docker: &Docker,
+    plan: &WaypointPlan,
+    args: &[&str],
+) -> Result<(Vec<String>, Vec<String>), WaypointError> {
     let bootstrap_path = plan.bootstrap_token_path();
     let bootstrap = read_token(&bootstrap_path)?.ok_or_else(|| {
         WaypointError::Conflict(format!(
@@ -532,13 +544,12 @@ pub(crate) async fn server_cli(
         .ok_or_else(|| WaypointError::Conflict(format!("{SERVER_NAME} does not exist")))?;
     let mut argv = containers::entrypoint(&server);
     argv.extend(args.iter().map(|a| a.to_string()));
-    // Loopback is among the certificate's names.
     let env = cli_env(
         &format!("127.0.0.1:{GRPC_PORT}"),
         &bootstrap,
         &format!("{}/ca.pem", tls::SERVER_TLS_PATH),
     );
-    containers::exec(docker, SERVER_NAME, &argv, &env, limit).await
+    Ok((argv, env))
 }
 
 /// On a runner-only host: the server VM's Waypoint address, as stored when the server VM's

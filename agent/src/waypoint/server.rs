@@ -97,15 +97,37 @@ impl ServerReport {
 
 /// Converges the server container and waits until it answers over HTTPS.
 pub async fn ensure(docker: &Docker, plan: &WaypointPlan) -> Result<ServerReport, WaypointError> {
+    let image_id = wanted_image_id(docker, plan).await?;
+    ensure_image(docker, plan, &image_id).await
+}
+
+/// The ID of the configured server image, which the images step made present.
+pub async fn wanted_image_id(
+    docker: &Docker,
+    plan: &WaypointPlan,
+) -> Result<String, WaypointError> {
     let c = &plan.config;
-    let image_id = images::image_id(docker, &c.server_image)
+    images::image_id(docker, &c.server_image)
         .await?
         .ok_or_else(|| {
             WaypointError::Conflict(format!(
                 "image {} is not present (the images step makes it present)",
                 c.server_image
             ))
-        })?;
+        })
+}
+
+/// [`ensure`] with the image `image_id`. A guarded upgrade rolls back to the previous image
+/// with it: when `image_id` is not the configured image's, the container names the ID itself
+/// (the configured reference is the image that failed).
+pub async fn ensure_image(
+    docker: &Docker,
+    plan: &WaypointPlan,
+    image_id: &str,
+) -> Result<ServerReport, WaypointError> {
+    let c = &plan.config;
+    let by_id = images::image_id(docker, &c.server_image).await?.as_deref() != Some(image_id);
+    let image_id = image_id.to_string();
     let served =
         tls::ensure_server_files(docker, &plan.server_leaf, &plan.server_tls_dir(), &image_id)
             .await?;
@@ -116,17 +138,38 @@ pub async fn ensure(docker: &Docker, plan: &WaypointPlan) -> Result<ServerReport
             "the Waypoint server's certificate is in place for the user its image runs as"
         );
     }
-    let ensured = containers::ensure(docker, &spec(plan, &image_id, &served.cert_sha256)).await?;
-    let ip: IpAddr = containers::address_on(&ensured.inspect, &c.network.name)
-        .and_then(|ip| ip.parse().ok())
-        .ok_or_else(|| {
-            WaypointError::Conflict(format!(
-                "{SERVER_NAME} runs but has no address on network {}",
-                c.network.name
-            ))
-        })?;
+    let mut wanted = spec(plan, &image_id, &served.cert_sha256);
+    if by_id {
+        wanted.image = image_id.clone();
+    }
+    let ensured = containers::ensure(docker, &wanted).await?;
+    // A container that dockerd is restarting (it exited: a crash at start) has no address
+    // until it runs again; that is a server not ready yet, bounded by the same deadline.
+    let timeout = Duration::from_secs(c.ready_timeout_secs);
+    let started = std::time::Instant::now();
+    let mut inspect = ensured.inspect.clone();
+    let ip: IpAddr = loop {
+        if let Some(ip) =
+            containers::address_on(&inspect, &c.network.name).and_then(|ip| ip.parse().ok())
+        {
+            break ip;
+        }
+        if started.elapsed() >= timeout {
+            return Err(WaypointError::Conflict(format!(
+                "{SERVER_NAME} got no address on network {} within {}s (is it restarting? \
+                 see `docker logs {SERVER_NAME}`)",
+                c.network.name,
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        inspect = containers::inspect(docker, SERVER_NAME)
+            .await?
+            .ok_or_else(|| WaypointError::Conflict(format!("{SERVER_NAME} disappeared")))?;
+    };
     let addr = SocketAddr::new(ip, HTTP_PORT);
-    let ready_after = ready::wait_ready(addr, Duration::from_secs(c.ready_timeout_secs)).await?;
+    let left = timeout.saturating_sub(started.elapsed());
+    let ready_after = ready::wait_ready(addr, left.max(Duration::from_secs(1))).await?;
     Ok(ServerReport {
         action: ensured.action,
         id: ensured.id,

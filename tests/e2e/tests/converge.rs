@@ -16,9 +16,10 @@
 //!      by `nft monitor`); dockerd accepts TCP on 2376 only after that commit; the agent sent
 //!      exactly one nft transaction, touching only its own table.
 //!   3. a second `up` exits 0, restarts nothing (dockerd's PID), rewrites no file (content,
-//!      mtime, inode and mode of every file under the state dir but status.json, and of
-//!      daemon.json) and sends no nft transaction (the monitor, shown to catch transactions
-//!      by marks of our own and by step 6, prints nothing between two marks around it).
+//!      mtime, inode and mode of every file under the state dir but status.json and
+//!      history.jsonl, which record the pass, and of daemon.json) and sends no nft
+//!      transaction (the monitor, shown to catch transactions by marks of our own and by
+//!      step 6, prints nothing between two marks around it).
 //!   6. the operator's table `inet operator_owned` (made before `up`) is identical, handles
 //!      included, after `up`, after `up` repairs a drifted agent table and after
 //!      `pilot-agent firewall` re-creates a deleted one; the agent's table comes back
@@ -757,13 +758,15 @@ struct Converged {
 }
 
 /// (3) A second `up` changes nothing: no nft transaction, no dockerd restart, no file
-/// rewritten (status.json aside), every step `ok`.
+/// rewritten (status.json and history.jsonl, the records of the pass, aside), every step `ok`.
 fn second_up_changes_nothing(c: &FirstVm) -> Result<Converged> {
     let (vm, agent, monitor) = (&c.vm, &c.agent, &c.monitor);
     let watched = [vm.daemon_json()];
     let status_path = agent.status_path();
+    let history_path = agent.state_dir().join("history.jsonl");
     let without_status = |mut s: std::collections::BTreeMap<PathBuf, _>| {
         s.remove(&status_path);
+        s.remove(&history_path);
         s
     };
     let files_before = without_status(snapshot(agent.state_dir(), &watched)?);

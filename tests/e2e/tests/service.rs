@@ -12,6 +12,13 @@
 //!      the state from the JSON; `status --json` carries schema, status, condition, command,
 //!      pid, version and per step name, state, detail and RFC 3339 start/finish; `--long` adds
 //!      certificates and host figures; no output holds private key material.
+//! - `status_history_shows_each_up_slowest_step_first` (converge core only, no sshd: the
+//!   fastest VM that runs `up`): two `up`s, then `pilot-agent status --history --json` shows
+//!   both passes oldest first (`up`, healthy, RFC 3339 times, time since power-on growing,
+//!   a duration within the measured one), each with every step of status.json, converged,
+//!   with its duration and no detail; the newest pass's durations are status.json's;
+//!   `--limit 1` gives the newest; the text form has a block per pass whose first step line
+//!   is that pass's slowest step, then slower to faster.
 //! - `run_serves_endpoint_and_repairs` (Waypoint stand-in, PostgreSQL, `endpoint:` and
 //!   `service:` sections, `pilot-agent run` as a child):
 //!   1. `ssh root@VM pilot-agent status --json` shows the `run` object (mode, pid, passes);
@@ -32,6 +39,16 @@
 //!      the endpoint token and its hash, private key material) appears in the agent's log,
 //!      status.json, any `status` output or any endpoint answer but `/v1/credentials`;
 //!   6. SIGTERM: `run` exits 0.
+//! - `collect_logs_holds_every_part_and_no_secret` (the same host, one `up`, no sshd): the
+//!   host's secrets (bootstrap and runner tokens, database and admin passwords, endpoint token
+//!   and its hash, the server key) are planted where `collect-logs` reads: the log (stdout and
+//!   stderr, the bootstrap token split over two lines) and environment of a container labelled
+//!   as the agent's, a step detail of status.json, a label in daemon.json; the grep is shown
+//!   to find them there. `pilot-agent collect-logs --output FILE` exits 0, prints the path,
+//!   writes it 0600; extracted, every part is there (status text and JSON, journal, each
+//!   managed container's log and inspect, the agent's nftables table alone, daemon.json,
+//!   versions, certificates) and listed in the MANIFEST, which counts each kind's
+//!   redactions; no file of it holds any secret value or a PEM private key header.
 //!
 //! Needs root and a machine prepared by scripts/setup.sh (openssh-server among others);
 //! without them every test FAILS. sshd needs /run/sshd, which the harness creates if missing.
@@ -469,6 +486,163 @@ fn status_after_up(s: &mut StatusVm, up: &mut RunningAgent) -> Result<()> {
         ("status --long --json", &out_long_json),
     ] {
         s.outputs.push((name.to_string(), stdout(o) + &stderr(o)));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// `status --history`
+
+#[test]
+fn status_history_shows_each_up_slowest_step_first() -> Result<()> {
+    let vm = pilot_e2e::start_vm("service")?;
+    let agent = Agent::new(&vm)?;
+    let took = phase("two ups", || Ok([agent.up_ok(&vm)?, agent.up_ok(&vm)?]))?;
+    let passes = phase("status --history --json", || {
+        history_json(&vm, &agent, took)
+    })?;
+    phase("status --history", || history_text(&vm, &agent, &passes))?;
+    let name = vm.name().to_string();
+    vm.cleanup()?;
+    let left = leftovers(&[name]);
+    ensure!(left.is_empty(), "leftovers: {left:#?}");
+    Ok(())
+}
+
+/// (history 1) Both passes, oldest first, with their times and every step's name, state and
+/// duration; the second pass's durations are those of status.json's steps. Returns the
+/// passes.
+fn history_json(vm: &Vm, agent: &Agent, took: [Duration; 2]) -> Result<Vec<Value>> {
+    let (out, _) = agent.run(vm, ["status", "--history", "--json"])?;
+    ensure!(
+        out.status.code() == Some(0),
+        "status --history --json: {} {}",
+        out.status,
+        stderr(&out)
+    );
+    let v: Value = serde_json::from_str(&stdout(&out)).context("status --history --json")?;
+    let passes = v["passes"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        v["schema"] == 1 && v["recorded"] == 2 && v["skipped_lines"] == 0 && passes.len() == 2,
+        "two passes recorded: {v:#}"
+    );
+    let status = agent.status_json()?;
+    let names = step_names(&status);
+    for (i, (pass, took)) in passes.iter().zip(took).enumerate() {
+        let ms = pass["duration_ms"].as_u64().unwrap_or(u64::MAX);
+        ensure!(
+            pass["command"] == "up"
+                && pass["condition"] == "healthy"
+                && pass.get("trigger").is_none()
+                && is_rfc3339(&pass["started_at"])
+                && is_rfc3339(&pass["finished_at"])
+                && pass["since_boot_ms"].as_u64().is_some_and(|b| b > 0)
+                && u128::from(ms) <= took.as_millis(),
+            "pass {i} (up took {took:?}): {pass:#}"
+        );
+        let steps = pass["steps"].as_array().cloned().unwrap_or_default();
+        ensure!(
+            step_names(pass) == names
+                && steps.iter().all(|s| {
+                    (s["state"] == "ok" || s["state"] == "changed")
+                        && s["duration_ms"].as_u64().is_some()
+                        && s.get("detail").is_none()
+                }),
+            "pass {i}: the steps of status.json ({names:?}), converged, with durations and \
+             no detail: {pass:#}"
+        );
+    }
+    ensure!(
+        rfc3339(&passes[0]["started_at"]) < rfc3339(&passes[1]["started_at"])
+            && passes[0]["since_boot_ms"].as_u64() < passes[1]["since_boot_ms"].as_u64(),
+        "oldest first: {passes:#?}"
+    );
+    ensure!(
+        passes[0]["steps"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["state"] == "changed"))
+            && passes[1]["steps"]
+                .as_array()
+                .is_some_and(|s| s.iter().all(|s| s["state"] == "ok")),
+        "the first up changed the host, the second nothing: {passes:#?}"
+    );
+    // The newest pass is the one status.json shows: the same durations.
+    for (recorded, shown) in passes[1]["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .zip(status["steps"].as_array().into_iter().flatten())
+    {
+        let shown_ms = match (
+            rfc3339(&shown["started_at"]),
+            rfc3339(&shown["finished_at"]),
+        ) {
+            (Some(a), Some(b)) => (b - a).whole_milliseconds(),
+            _ => bail!("status.json step without times: {shown}"),
+        };
+        ensure!(
+            recorded["duration_ms"].as_u64().map(i128::from) == Some(shown_ms),
+            "step {} took {shown_ms} ms in status.json: {recorded}",
+            shown["name"]
+        );
+    }
+    // --limit keeps the newest.
+    let (out, _) = agent.run(vm, ["status", "--history", "--json", "--limit", "1"])?;
+    let v: Value = serde_json::from_str(&stdout(&out)).context("--limit 1")?;
+    ensure!(
+        v["passes"].as_array().is_some_and(|p| p.len() == 1) && v["passes"][0] == passes[1],
+        "--limit 1: {v:#}"
+    );
+    Ok(passes)
+}
+
+/// (history 2) The text form: a block per pass, oldest first, whose step lines run from the
+/// slowest step (as the JSON says) down.
+fn history_text(vm: &Vm, agent: &Agent, passes: &[Value]) -> Result<()> {
+    let (out, _) = agent.run(vm, ["status", "--history"])?;
+    let text = stdout(&out);
+    ensure!(
+        out.status.code() == Some(0) && text.starts_with("history:   2 of 2 recorded passes"),
+        "status --history: {}\n{text}\n{}",
+        out.status,
+        stderr(&out)
+    );
+    eprintln!("service: `pilot-agent status --history` after two ups:\n{text}");
+    // Each block: "pass:" line, header lines, then "  MS ms  NAME  STATE" lines.
+    let mut blocks: Vec<Vec<(u64, String)>> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("pass:") {
+            blocks.push(Vec::new());
+        } else if let (Some(block), true) = (blocks.last_mut(), line.starts_with("  ")) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                [ms, "ms", name, _state, ..] => block.push((ms.parse()?, name.to_string())),
+                _ => bail!("not a step line: {line:?}\n{text}"),
+            }
+        }
+    }
+    ensure!(blocks.len() == 2, "two blocks:\n{text}");
+    for (i, (block, pass)) in blocks.iter().zip(passes).enumerate() {
+        let steps = pass["steps"].as_array().cloned().unwrap_or_default();
+        let slowest = steps
+            .iter()
+            .filter_map(|s| s["duration_ms"].as_u64())
+            .max()
+            .unwrap_or_default();
+        let slowest_names: Vec<&str> = steps
+            .iter()
+            .filter(|s| s["duration_ms"].as_u64() == Some(slowest))
+            .filter_map(|s| s["name"].as_str())
+            .collect();
+        ensure!(
+            block.len() == steps.len()
+                && block.first().is_some_and(|(ms, name)| {
+                    *ms == slowest && slowest_names.contains(&name.as_str())
+                })
+                && block.windows(2).all(|w| w[0].0 >= w[1].0),
+            "pass {i}: the slowest step ({slowest_names:?}, {slowest} ms) first, then slower \
+             to faster: {block:?}\n{text}"
+        );
     }
     Ok(())
 }
@@ -1124,4 +1298,362 @@ fn no_secret_leaks(
         fs::read_to_string(s.agent.status_path())?,
     ));
     assert_no_secrets(&secrets, outputs)
+}
+
+// ---------------------------------------------------------------------------------------------
+// `collect-logs`
+
+/// The container the test starts to log the host's secrets, labelled as the agent's.
+const LEAKY: &str = "pilot-e2e-leaky";
+
+/// Every file of the collect-logs archive that must be there (below its top directory).
+const ARCHIVE_PARTS: [&str; 15] = [
+    "MANIFEST",
+    "status.txt",
+    "status.json",
+    "journal.txt",
+    "containers/list.txt",
+    "containers/waypoint-server.log",
+    "containers/waypoint-server.json",
+    "containers/waypoint-runner-1.log",
+    "containers/waypoint-runner-1.json",
+    "containers/pilot-e2e-leaky.log",
+    "containers/pilot-e2e-leaky.json",
+    "nft.txt",
+    "docker/daemon.json",
+    "versions.txt",
+    "certificates.txt",
+];
+
+#[test]
+fn collect_logs_holds_every_part_and_no_secret() -> Result<()> {
+    let RunHost {
+        token,
+        agent,
+        pg,
+        vm,
+    } = phase("setup", || {
+        RunHost::start(RateLimit {
+            failures: RL_FAILURES,
+            window_secs: RL_WINDOW_SECS,
+        })
+    })?;
+    phase("up", || agent.up_ok(&vm).map(|_| ()))?;
+    let secrets = phase("the host's secrets", || {
+        let read = |rel: &str| -> Result<String> {
+            let p = agent.state_dir().join(rel);
+            Ok(fs::read_to_string(&p)
+                .with_context(|| format!("cannot read {}", p.display()))?
+                .trim()
+                .to_string())
+        };
+        let mut secrets = vec![
+            (
+                "Waypoint bootstrap token".to_string(),
+                read("waypoint/bootstrap-token")?,
+            ),
+            (
+                "Waypoint runner token".to_string(),
+                read("waypoint/runner-1-token")?,
+            ),
+            ("database password".to_string(), read("database/password")?),
+            ("admin password".to_string(), pg.password().to_string()),
+            ("endpoint token".to_string(), token.token.clone()),
+            (
+                "endpoint token hash".to_string(),
+                sha256_hex(token.token.as_bytes())?,
+            ),
+        ];
+        secrets.extend(private_key_lines(agent.state_dir())?);
+        Ok(secrets)
+    })?;
+    phase("secrets where collect-logs looks", || {
+        plant_secrets(&vm, &agent, &secrets)
+    })?;
+    let dir = phase("collect-logs", || run_collect_logs(&vm, &agent))?;
+    phase("no secret in the archive", || {
+        let files = archive_files(&dir)?;
+        assert_no_secrets(&secrets, &files)
+    })?;
+    phase("every part", || check_archive_parts(&vm, &dir))?;
+
+    pg.cleanup()?;
+    let name = vm.name().to_string();
+    vm.cleanup()?;
+    let left = leftovers(&[name]);
+    ensure!(left.is_empty(), "leftovers: {left:#?}");
+    Ok(())
+}
+
+/// Puts the host's secrets where collect-logs reads, as leaks would: the log and the
+/// environment of a container labelled `io.pilot.managed=true` (stdout and stderr, a PEM key,
+/// `WAYPOINT_SERVER_TOKEN=`, a `Bearer` header, the bootstrap token split over two lines),
+/// a step detail of status.json and a label in daemon.json. Checks that the grep finds them
+/// there, so that its finding nothing in the archive means something.
+fn plant_secrets(vm: &Vm, agent: &Agent, secrets: &[(String, String)]) -> Result<()> {
+    let value = |what: &str| -> Result<&str> {
+        secrets
+            .iter()
+            .find(|(w, _)| w == what)
+            .map(|(_, v)| v.as_str())
+            .with_context(|| format!("no {what}"))
+    };
+    let boot = value("Waypoint bootstrap token")?;
+    let key = fs::read_to_string(agent.pki_dir().join("server/key.pem"))?;
+    let script = "echo \"bootstrap $LEAK_BOOT runner $WAYPOINT_SERVER_TOKEN\"; \
+                  echo \"database $LEAK_DB\" >&2; \
+                  echo \"admin $LEAK_ADMIN Authorization: Bearer $LEAK_ENDPOINT sha256 $LEAK_HASH\"; \
+                  printf '%s\\n' \"$LEAK_KEY\" >&2; \
+                  printf 'split %s\\n%s end\\n' \"$(echo \"$LEAK_BOOT\" | busybox cut -c1-12)\" \
+                  \"$(echo \"$LEAK_BOOT\" | busybox cut -c13-)\"; \
+                  exec busybox sleep 3600";
+    let env = [
+        ("LEAK_BOOT", boot),
+        ("WAYPOINT_SERVER_TOKEN", value("Waypoint runner token")?),
+        ("LEAK_DB", value("database password")?),
+        ("LEAK_ADMIN", value("admin password")?),
+        ("LEAK_ENDPOINT", value("endpoint token")?),
+        ("LEAK_HASH", value("endpoint token hash")?),
+        ("LEAK_KEY", key.as_str()),
+    ];
+    let mut args: Vec<String> = ["run", "-d", "--name", LEAKY, "--network", "none"]
+        .map(String::from)
+        .to_vec();
+    args.extend(
+        [
+            "--label",
+            "io.pilot.managed=true",
+            "--label",
+            "io.pilot.role=e2e",
+        ]
+        .map(String::from),
+    );
+    for (k, v) in env {
+        args.extend(["-e".to_string(), format!("{k}={v}")]);
+    }
+    args.extend(
+        [
+            "--entrypoint",
+            "/bin/sh",
+            pilot_e2e::stack::IMAGE,
+            "-c",
+            script,
+        ]
+        .map(String::from),
+    );
+    vm.docker_ok(&args)?;
+    let logs = poll(Duration::from_secs(10), "the leaky container's log", || {
+        let out = vm.docker(["logs", LEAKY]).map_err(|e| e.to_string())?;
+        let text = stdout(&out) + &stderr(&out);
+        Ok(text.contains(" end").then_some(text))
+    })?;
+
+    let status_path = agent.status_path();
+    let mut status: Value = serde_json::from_str(&fs::read_to_string(&status_path)?)?;
+    let detail = format!(
+        "{} (leaked: {} {})",
+        status["steps"][0]["detail"].as_str().unwrap_or_default(),
+        value("database password")?,
+        boot
+    );
+    status["steps"][0]["detail"] = Value::String(detail);
+    fs::write(&status_path, serde_json::to_string_pretty(&status)?)?;
+    let mut daemon: Value = serde_json::from_str(&fs::read_to_string(vm.daemon_json())?)?;
+    daemon["labels"] = serde_json::json!([format!("pilot.leak={}", value("admin password")?)]);
+    fs::write(vm.daemon_json(), serde_json::to_string_pretty(&daemon)?)?;
+
+    let planted = [
+        ("the leaky container's log".to_string(), logs),
+        ("its inspect".to_string(), vm.docker_ok(["inspect", LEAKY])?),
+        ("status.json".to_string(), fs::read_to_string(&status_path)?),
+        (
+            "daemon.json".to_string(),
+            fs::read_to_string(vm.daemon_json())?,
+        ),
+    ];
+    // The grep finds what was planted: every named secret and the server key's lines.
+    let server_key = agent.pki_dir().join("server/key.pem").display().to_string();
+    for (what, v) in secrets
+        .iter()
+        .filter(|(what, _)| !what.starts_with("key line of") || what.ends_with(&server_key))
+    {
+        ensure!(
+            planted.iter().any(|(_, text)| text.contains(v.as_str())),
+            "the planted {what} is nowhere to be found"
+        );
+    }
+    Ok(())
+}
+
+/// `pilot-agent collect-logs --output FILE` in the VM: exit 0, the path printed, the file
+/// 0600; extracts it and returns the archive's top directory.
+fn run_collect_logs(vm: &Vm, agent: &Agent) -> Result<PathBuf> {
+    let out_dir = vm.dir().join("collected");
+    fs::create_dir_all(&out_dir)?;
+    let archive = out_dir.join("pilot-diag.tar.gz");
+    let t0 = Instant::now();
+    let args: [&std::ffi::OsStr; 3] = [
+        "collect-logs".as_ref(),
+        "--output".as_ref(),
+        archive.as_ref(),
+    ];
+    let (out, _) = agent.run(vm, args)?;
+    eprintln!(
+        "service: collect-logs took {:?}; stderr:\n{}",
+        t0.elapsed(),
+        stderr(&out)
+    );
+    ensure!(
+        out.status.code() == Some(0),
+        "collect-logs exited {}: {}",
+        out.status,
+        stderr(&out)
+    );
+    ensure!(
+        stdout(&out).trim() == archive.display().to_string(),
+        "collect-logs printed {:?}, not the archive's path",
+        stdout(&out)
+    );
+    let mode = fs::metadata(&archive)?.permissions().mode() & 0o777;
+    ensure!(mode == 0o600, "the archive has mode {mode:o}, want 600");
+    let extracted = out_dir.join("x");
+    fs::create_dir_all(&extracted)?;
+    let tar = std::process::Command::new("tar")
+        .arg("-xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&extracted)
+        .output()?;
+    ensure!(tar.status.success(), "tar -xzf: {}", stderr(&tar));
+    let top = extracted.join("pilot-diag");
+    ensure!(top.is_dir(), "no top directory pilot-diag/ in the archive");
+    Ok(top)
+}
+
+/// Every file under `dir` as (relative path, text).
+fn archive_files(dir: &Path) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                let rel = p.strip_prefix(dir)?.display().to_string();
+                out.push((rel, String::from_utf8_lossy(&fs::read(&p)?).into_owned()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Each part is there with what it should hold, and the MANIFEST counts the redactions.
+fn check_archive_parts(vm: &Vm, dir: &Path) -> Result<()> {
+    let files = archive_files(dir)?;
+    let get = |name: &str| -> Result<&str> {
+        files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.as_str())
+            .with_context(|| {
+                let names: Vec<&String> = files.iter().map(|(n, _)| n).collect();
+                format!("no {name} in the archive: {names:?}")
+            })
+    };
+    for part in ARCHIVE_PARTS {
+        get(part)?;
+        let mode = fs::metadata(dir.join(part))?.permissions().mode() & 0o777;
+        ensure!(mode == 0o600, "{part} has mode {mode:o}");
+    }
+    let manifest = get("MANIFEST")?;
+    for (name, _) in &files {
+        ensure!(
+            name == "MANIFEST" || manifest.contains(&format!(" {name} ")),
+            "the MANIFEST does not list {name}:\n{manifest}"
+        );
+    }
+    for part in [
+        "status.txt",
+        "status.json",
+        "containers/list.txt",
+        "nft.txt",
+    ] {
+        ensure!(
+            manifest.contains(&format!("ok       {part} ")),
+            "{part} is not `ok` in the MANIFEST:\n{manifest}"
+        );
+    }
+    for kind in [
+        "bootstrap-token",
+        "runner-token",
+        "database-password",
+        "admin-password",
+        "endpoint-token",
+        "endpoint-token-sha256",
+        "private-key",
+    ] {
+        let n = manifest
+            .lines()
+            .find_map(|l| l.strip_prefix(kind)?.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        ensure!(n > 0, "no {kind} redaction counted:\n{manifest}");
+    }
+
+    let status = get("status.txt")?;
+    ensure!(
+        status.starts_with("status:    done\ncondition: healthy\n")
+            && status.contains("\ncertificates:\n")
+            && status.contains("\nhost:\n"),
+        "status.txt is not `status --long`:\n{status}"
+    );
+    let json: Value = serde_json::from_str(get("status.json")?)?;
+    ensure!(
+        json["status"] == "done"
+            && json["condition"] == "healthy"
+            && json["certificates"]
+                .as_array()
+                .is_some_and(|c| c.len() == 4),
+        "status.json is not `status --json --long`: {json:#}"
+    );
+    let list = get("containers/list.txt")?;
+    for name in ["waypoint-server", "waypoint-runner-1", LEAKY] {
+        ensure!(list.contains(name), "{name} not in list.txt:\n{list}");
+    }
+    let leaky = get("containers/pilot-e2e-leaky.log")?;
+    ensure!(
+        leaky.contains(
+            " stdout bootstrap [REDACTED:bootstrap-token] runner [REDACTED:runner-token]"
+        ) && leaky.contains(" stderr database [REDACTED:database-password]")
+            && leaky.contains(" stderr [REDACTED:private-key]")
+            && leaky.contains(" stdout split [REDACTED:bootstrap-token]\n end\n"),
+        "the leaky container's log, redacted:\n{leaky}"
+    );
+    let nft = get("nft.txt")?;
+    let tables: Vec<&str> = nft.lines().filter(|l| l.starts_with("table ")).collect();
+    ensure!(
+        tables == ["table inet pilot_agent {"],
+        "nft.txt holds other tables than the agent's: {tables:?}"
+    );
+    let daemon: Value = serde_json::from_str(get("docker/daemon.json")?)?;
+    ensure!(daemon["tlsverify"] == true, "daemon.json: {daemon:#}");
+    let versions = get("versions.txt")?;
+    ensure!(
+        versions.contains("pilot-agent   ")
+            && versions.contains("dockerd       ")
+            && !versions.contains("dockerd       unknown")
+            && versions.contains("kernel        "),
+        "versions.txt:\n{versions}"
+    );
+    let certs = get("certificates.txt")?;
+    ensure!(
+        ["ca (", "server (", "runner (", "operator (", "waypoint ("]
+            .iter()
+            .all(|c| certs.contains(c))
+            && certs.matches("  sha256      ").count() == 5
+            && certs.contains(&vm.addr().to_string()),
+        "certificates.txt:\n{certs}"
+    );
+    Ok(())
 }

@@ -15,8 +15,10 @@
 //! - Client commands connect like Waypoint (context, environment, flags; a blocking 10 s dial);
 //!   those that Waypoint lets spin up an in-memory local server when nothing is configured
 //!   (`token new`, `server config-set`, `runner list`, `runner forget`, `server snapshot`,
-//!   `server restore`) use a local state file `data.db` in the working directory instead of
-//!   failing, as Waypoint does.
+//!   `server restore`, `project apply`, `project list`, `project inspect`) use a local state
+//!   file `data.db` in the working directory instead of failing, as Waypoint does.
+//! - Waypoint's deprecation checks run for every command after the flags: a first argument
+//!   shaped `project/app`, and `-remote` where the operation flags define it, are refused.
 //!
 //! The stand-in's own diagnostics stay on stderr, prefixed `waypoint stand-in:`.
 
@@ -35,6 +37,7 @@ use crate::context::{self, Storage};
 use crate::entrypoint;
 use crate::error::IoContext;
 use crate::flags::{self, Kind, Parsed, Spec};
+use crate::project::{self, ApplyOptions, Project};
 use crate::runner::{self, RunnerOptions};
 use crate::server::{self, Server, ServerOptions, Shared, UrlOptions};
 use crate::service::{Code, RpcError};
@@ -194,6 +197,34 @@ fn commands() -> Vec<Command> {
             run: runner_forget,
         },
         Command {
+            key: "project apply",
+            synopsis: "Create or update a project",
+            usage: "waypoint project apply [options] NAME",
+            hidden: false,
+            specs: || specs(false, &PROJECT_APPLY_FLAGS),
+            run: project_apply,
+        },
+        Command {
+            key: "project list",
+            synopsis: "List all registered projects",
+            usage: "waypoint project list",
+            hidden: false,
+            specs: || {
+                let mut s = specs(false, &OPERATION_FLAGS);
+                s.extend_from_slice(&PROJECT_LIST_FLAGS);
+                s
+            },
+            run: project_list,
+        },
+        Command {
+            key: "project inspect",
+            synopsis: "Inspect the details of a project",
+            usage: "waypoint project inspect [project-name]",
+            hidden: false,
+            specs: || specs(false, &PROJECT_INSPECT_FLAGS),
+            run: project_inspect,
+        },
+        Command {
             key: "version",
             synopsis: "Prints the version of this Waypoint CLI",
             usage: "waypoint version",
@@ -208,7 +239,7 @@ fn commands() -> Vec<Command> {
 }
 
 /// Parents that only show their subcommands (mitchellh/cli makes them for nested commands).
-const PARENTS: &[&str] = &["server", "token", "user", "runner"];
+const PARENTS: &[&str] = &["server", "token", "user", "runner", "project"];
 
 /// Waypoint 0.11.4 commands the stand-in does not model: refused with a clear message
 /// (exit 1) rather than the 127 of a command Waypoint does not have.
@@ -232,7 +263,7 @@ const UNMODELLED: &[&str] = &[
     "logs",
     "pipeline",
     "plugin",
-    "project",
+    "project destroy",
     "release",
     "status",
     "task",
@@ -277,6 +308,9 @@ Commands modelled:
   runner agent        run a stand-in runner
   runner list         list the runners the server knows
   runner forget       forget a runner
+  project apply       create or update a project (git or local data source)
+  project list        list the projects, one name a line
+  project inspect     show a project (0.11.4 wants -project/-p even with a NAME)
   entrypoint [--] CMD try the server for at most 5 s, print one JSON line, then exec CMD
                       (also when run as waypoint-entrypoint)
   version             print the version
@@ -493,6 +527,10 @@ fn init(args: &[String], specs: &[Spec]) -> Option<(Parsed, Init)> {
         ui::error(&ui::humanize(&e));
         return None;
     }
+    if let Err(e) = check_deprecated(&parsed, specs) {
+        ui::error(&ui::humanize(&e));
+        return None;
+    }
     let dir = context::config_dir(&process_env);
     if let Err(e) = context::ensure_config_dir(&dir) {
         ui::error(&ui::humanize(&e));
@@ -518,6 +556,34 @@ fn init(args: &[String], specs: &[Spec]) -> Option<(Parsed, Init)> {
         log!("ignoring -{flag} (accepted as Waypoint does, not modelled by the stand-in)");
     }
     Some((parsed, Init { storage }))
+}
+
+/// Waypoint's `errDeprecatedProjectAppArg`.
+pub const DEPRECATED_PROJECT_APP_ARG: &str = "\
+The project/app argument has been deprecated. Instead, use -project and -app flags, or their
+short notation -p and -a.";
+
+/// Waypoint's `checkDeprecatedFlags`: a first positional argument shaped `project/app`
+/// (`^[-0-9A-Za-z_]+/[-0-9A-Za-z_]+$`) and a given `-remote` are refused.
+pub fn check_deprecated(parsed: &Parsed, specs: &[Spec]) -> Result<(), String> {
+    let part = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if let Some((p, a)) = parsed.positional.first().and_then(|a| a.split_once('/'))
+        && part(p)
+        && part(a)
+    {
+        return Err(DEPRECATED_PROJECT_APP_ARG.to_string());
+    }
+    if specs.iter().any(|s| s.name == "remote") && parsed.is_set("remote") {
+        return Err(format!(
+            "The -remote flag has been deprecated. Use -local={} instead",
+            !parsed.bool("remote")
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `body` in a tokio runtime.
@@ -1468,6 +1534,373 @@ fn runner_forget(_args: &[String], parsed: Parsed, init: Init) -> i32 {
     })
 }
 
+/// The help of the command `key`, as Waypoint appends it to some errors.
+fn help_of(key: &str) -> String {
+    commands()
+        .into_iter()
+        .find(|c| c.key == key)
+        .map(|c| command_help(&c))
+        .unwrap_or_default()
+}
+
+/// One API call whose refusal (the gRPC status) becomes the error.
+async fn call_ok(
+    backend: &Backend,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Answer, RpcError> {
+    let answer = backend
+        .call(method, path, "", body.map(|b| b.to_string().into_bytes()))
+        .await?;
+    match answer.error() {
+        Some(e) => Err(e),
+        None => Ok(answer),
+    }
+}
+
+/// `GetProject`: the project and the names of its workspaces.
+async fn fetch_project(backend: &Backend, name: &str) -> Result<(Project, Vec<String>), RpcError> {
+    let answer = call_ok(
+        backend,
+        Method::POST,
+        "/v1/projects/get",
+        Some(json!({ "project": name })),
+    )
+    .await?;
+    let doc = answer.json();
+    let project = serde_json::from_value::<Project>(doc["project"].clone()).map_err(|e| {
+        RpcError::new(
+            Code::Internal,
+            format!("waypoint stand-in: the server's project is unreadable: {e}"),
+        )
+    })?;
+    let workspaces = doc["workspaces"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|w| w["workspace"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((project, workspaces))
+}
+
+const PROJECT_APPLY_FLAGS: [Spec; 16] = [
+    Spec::string(
+        "from-waypoint-hcl",
+        "",
+        "waypoint.hcl file to load settings from (refused: the stand-in reads no waypoint.hcl).",
+    ),
+    Spec::string(
+        "waypoint-hcl",
+        "",
+        "Path to a waypoint.hcl (.hcl or .json) to store with the project.",
+    ),
+    Spec::string(
+        "data-source",
+        "",
+        "The data source type to use: 'git' or 'local'.",
+    ),
+    Spec::string("git-url", "", "URL of the Git repository to clone."),
+    Spec::string(
+        "git-path",
+        "",
+        "Subdirectory of the repository that holds the project's configuration.",
+    ),
+    Spec::string("git-ref", "", "Git ref (branch, tag, commit) to clone."),
+    Spec::string(
+        "git-auth-type",
+        "",
+        "Authentication type for Git: 'basic' or 'ssh'.",
+    ),
+    Spec::string(
+        "git-username",
+        "",
+        "Username for 'basic' Git authentication.",
+    ),
+    Spec::string(
+        "git-password",
+        "",
+        "Password for 'basic' Git authentication.",
+    ),
+    Spec::string(
+        "git-private-key-path",
+        "",
+        "Path to a PEM-encoded private key for 'ssh' Git authentication.",
+    ),
+    Spec::string(
+        "git-private-key-password",
+        "",
+        "Password of the private key, if it has one.",
+    ),
+    Spec::new(
+        "git-recurse-submodules",
+        Kind::Int(0),
+        "Maximum depth of recursive submodule clones (0: none).",
+    ),
+    Spec::boolean(
+        "poll",
+        false,
+        "Enable polling of the Git data source (stored; not acted upon by the stand-in).",
+    ),
+    Spec::string("poll-interval", "30s", "Interval between polls."),
+    Spec::boolean(
+        "app-status-poll",
+        false,
+        "Enable application status polling (stored; not acted upon by the stand-in).",
+    ),
+    Spec::string(
+        "app-status-poll-interval",
+        "5m",
+        "Interval between application status polls.",
+    ),
+];
+
+/// A `*bool` flag: None unless given.
+fn bool_ptr(parsed: &Parsed, name: &str) -> Option<bool> {
+    parsed.is_set(name).then(|| parsed.bool(name))
+}
+
+/// `project apply [options] NAME` (Waypoint's `ProjectApplyCommand`): looks the project up,
+/// merges the flags into it (or into a new one) and upserts it, printing its steps as
+/// `-> ...` lines. Errors are printed in the error style and exit 1, except an unknown
+/// `-data-source` or `-git-auth-type` value, which Waypoint 0.11.4 prints and then goes on.
+fn project_apply(_args: &[String], parsed: Parsed, init: Init) -> i32 {
+    block_on(async move {
+        let Some((backend, _)) = connect(&init, None, Local::Allowed).await else {
+            return 1;
+        };
+        if parsed.positional.len() != 1 {
+            ui::error(&format!(
+                "Single argument required.\n\n{}",
+                help_of("project apply")
+            ));
+            return 1;
+        }
+        let name = parsed.positional[0].clone();
+        ui::step(&format!("Checking for an existing project named: {name}"));
+        let existing = match fetch_project(&backend, &name).await {
+            Ok((p, _)) => Some(p),
+            Err(e) if e.code == Code::NotFound => None,
+            Err(e) => {
+                ui::error(&format!(
+                    "Error checking for project: {}",
+                    ui::humanize(&e.human_text())
+                ));
+                return 1;
+            }
+        };
+        let quoted = flags::go_quote(&name);
+        let updated = existing.is_some();
+        let mut proj = match existing {
+            Some(p) => {
+                ui::step(&format!("Updating project {quoted}..."));
+                p
+            }
+            None => {
+                ui::step(&format!("Creating project {quoted}..."));
+                Project {
+                    name: name.clone(),
+                    ..Project::default()
+                }
+            }
+        };
+        let from_hcl = parsed.str("from-waypoint-hcl");
+        if !from_hcl.is_empty() {
+            ui::error(&format!(
+                "Error loading HCL file specified with the -from-waypoint-hcl flag: {}",
+                ui::humanize(&format!(
+                    "waypoint stand-in: loading {from_hcl} is not modelled (the stand-in reads \
+                     no waypoint.hcl; use -data-source and the -git-* flags)"
+                ))
+            ));
+            return 1;
+        }
+        let opts = ApplyOptions {
+            data_source: parsed.str("data-source").to_string(),
+            git_url: parsed.str("git-url").to_string(),
+            git_path: parsed.str("git-path").to_string(),
+            git_ref: parsed.str("git-ref").to_string(),
+            git_auth_type: parsed.str("git-auth-type").to_string(),
+            git_username: parsed.str("git-username").to_string(),
+            git_password: parsed.str("git-password").to_string(),
+            git_private_key_path: parsed.str("git-private-key-path").to_string(),
+            git_private_key_password: parsed.str("git-private-key-password").to_string(),
+            git_recurse_submodules: parsed.int("git-recurse-submodules"),
+            poll: bool_ptr(&parsed, "poll"),
+            poll_interval: parsed.str("poll-interval").to_string(),
+            app_status_poll: bool_ptr(&parsed, "app-status-poll"),
+            app_status_poll_interval: parsed.str("app-status-poll-interval").to_string(),
+        };
+        match project::apply_data_source(&mut proj, &opts, &project::read_file_go) {
+            Ok(printed) => {
+                for line in printed {
+                    ui::error(&line);
+                }
+            }
+            Err(e) => {
+                ui::error(&e);
+                return 1;
+            }
+        }
+        let hcl = parsed.str("waypoint-hcl");
+        if !hcl.is_empty() {
+            match project::load_waypoint_hcl(hcl) {
+                Ok((bytes, format)) => {
+                    if format == project::HclFormat::Hcl {
+                        log!("project apply: {hcl} stored without an HCL syntax check");
+                    }
+                    proj.waypoint_hcl = bytes;
+                    proj.waypoint_hcl_format = format;
+                }
+                Err(e) => {
+                    ui::error(&e);
+                    return 1;
+                }
+            }
+        }
+        let upsert = call_ok(
+            &backend,
+            Method::POST,
+            "/v1/projects",
+            Some(json!({ "project": proj })),
+        )
+        .await;
+        if let Err(e) = upsert {
+            ui::error(&format!(
+                "Error upserting project: {}",
+                ui::humanize(&e.human_text())
+            ));
+            return 1;
+        }
+        ui::step(&format!(
+            "Project {quoted} {}",
+            if updated { "updated" } else { "created" }
+        ));
+        0
+    })
+}
+
+const PROJECT_LIST_FLAGS: [Spec; 1] = [Spec::boolean(
+    "json",
+    false,
+    "Output the project names as JSON.",
+)];
+
+/// `project list` (Waypoint's `ProjectListCommand`): one project a line, sorted, plain on
+/// stdout (no table: 0.11.4 prints each name with `ui.Output`), or `No projects found.`.
+/// The names are the server's ids, i.e. lower case (`project apply MyApp` lists `myapp`).
+/// With `-json`, one tab-indented `{"project": "NAME"}` document per project.
+fn project_list(_args: &[String], parsed: Parsed, init: Init) -> i32 {
+    block_on(async move {
+        let Some((backend, _)) = connect(&init, None, Local::Allowed).await else {
+            return 1;
+        };
+        let answer = match call_ok(&backend, Method::GET, "/v1/projects", None).await {
+            Ok(a) => a,
+            Err(e) => {
+                ui::error(&ui::humanize(&e.human_text()));
+                return 1;
+            }
+        };
+        let mut names: Vec<String> = answer.json()["projects"]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter_map(|p| p["project"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if parsed.bool("json") {
+            for name in &names {
+                ui::output(&project::tab_indented_json(&json!({ "project": name })));
+            }
+            return 0;
+        }
+        if names.is_empty() {
+            ui::output("No projects found.");
+            return 0;
+        }
+        names.sort();
+        for name in &names {
+            ui::output(name);
+        }
+        0
+    })
+}
+
+const PROJECT_INSPECT_FLAGS: [Spec; 1] = [Spec::boolean(
+    "json",
+    false,
+    "Output project information as JSON.",
+)];
+
+/// Waypoint's `configpkg.FindPath("", "", true)`: `waypoint.hcl` or `waypoint.hcl.json` in
+/// `start` or a parent directory.
+fn find_waypoint_hcl(start: &Path) -> Option<PathBuf> {
+    start.ancestors().find_map(|dir| {
+        ["waypoint.hcl", "waypoint.hcl.json"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.exists())
+    })
+}
+
+/// `project inspect [project-name]` (Waypoint's `ProjectInspectCommand`). Its Init wants a
+/// project target, from a waypoint.hcl or `-project`, BEFORE it looks at the argument: in
+/// 0.11.4 `project inspect NAME` alone fails with `No project specified, and no waypoint.hcl
+/// found.`; `-p NAME` (or `-p X NAME`) works. The stand-in reads no waypoint.hcl and refuses
+/// to go on where Waypoint would load one.
+fn project_inspect(_args: &[String], parsed: Parsed, init: Init) -> i32 {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    if let Some(found) = find_waypoint_hcl(&cwd) {
+        ui::error(&ui::humanize(&format!(
+            "waypoint stand-in: Waypoint would load {} here; the stand-in reads no waypoint.hcl",
+            found.display()
+        )));
+        return 1;
+    }
+    let flag_project = parsed.str("project").to_string();
+    if flag_project.is_empty() {
+        ui::error("No project specified, and no waypoint.hcl found.");
+        return 1;
+    }
+    block_on(async move {
+        let Some((backend, _)) = connect(&init, None, Local::Allowed).await else {
+            return 1;
+        };
+        let target = match parsed.positional.as_slice() {
+            [] => flag_project,
+            [one] => one.clone(),
+            _ => {
+                ui::error(&format!(
+                    "No more than 1 argument required.\n\n{}",
+                    help_of("project inspect")
+                ));
+                return 1;
+            }
+        };
+        let (proj, workspaces) = match fetch_project(&backend, &target).await {
+            Ok(x) => x,
+            Err(e) => {
+                ui::error(&format!(
+                    "Failed to format project: {}",
+                    ui::humanize(&e.human_text())
+                ));
+                return 1;
+            }
+        };
+        if parsed.bool("json") {
+            ui::output(&project::protojson(&proj));
+            return 0;
+        }
+        ui::header("Project Info:");
+        ui::named_values(&project::inspect_rows(&proj, &workspaces));
+        0
+    })
+}
+
 fn stderr_no_newline(text: &str) {
     let mut err = std::io::stderr().lock();
     let _ = err.write_all(text.as_bytes());
@@ -1675,6 +2108,95 @@ mod tests {
         assert_eq!(
             dispatch(&v(&["frobnicate"]), &keys).subcommand,
             "frobnicate"
+        );
+    }
+
+    fn spec_names(key: &str) -> Vec<&'static str> {
+        let cmd = commands().into_iter().find(|c| c.key == key).unwrap();
+        (cmd.specs)().iter().map(|s| s.name).collect()
+    }
+
+    #[test]
+    fn project_commands_have_waypoints_flag_sets() {
+        let global = ["plain", "app", "project", "workspace"];
+        let mut apply: Vec<&str> = global.to_vec();
+        apply.extend([
+            "from-waypoint-hcl",
+            "waypoint-hcl",
+            "data-source",
+            "git-url",
+            "git-path",
+            "git-ref",
+            "git-auth-type",
+            "git-username",
+            "git-password",
+            "git-private-key-path",
+            "git-private-key-password",
+            "git-recurse-submodules",
+            "poll",
+            "poll-interval",
+            "app-status-poll",
+            "app-status-poll-interval",
+        ]);
+        assert_eq!(spec_names("project apply"), apply);
+        let mut list: Vec<&str> = global.to_vec();
+        list.extend([
+            "label",
+            "remote",
+            "local",
+            "remote-source",
+            "var",
+            "var-file",
+            "json",
+        ]);
+        assert_eq!(spec_names("project list"), list);
+        let mut inspect: Vec<&str> = global.to_vec();
+        inspect.push("json");
+        assert_eq!(spec_names("project inspect"), inspect);
+        assert!(PARENTS.contains(&"project"));
+        assert!(!UNMODELLED.contains(&"project"));
+        assert!(UNMODELLED.contains(&"project destroy"));
+    }
+
+    #[test]
+    fn deprecated_project_app_arguments_and_remote_are_refused() {
+        let specs = specs(false, &OPERATION_FLAGS);
+        let p = |list: &[&str]| flags::parse_with_env(&v(list), &specs, &|_| None).unwrap();
+        assert_eq!(
+            check_deprecated(&p(&["web/app"]), &specs),
+            Err(DEPRECATED_PROJECT_APP_ARG.to_string())
+        );
+        for fine in [
+            &["web"][..],
+            &["a/b/c"],
+            &["a/"],
+            &["a.b/c"],
+            &["x", "a/b"],
+            &[],
+        ] {
+            assert_eq!(check_deprecated(&p(fine), &specs), Ok(()), "{fine:?}");
+        }
+        assert_eq!(
+            check_deprecated(&p(&["-remote"]), &specs).unwrap_err(),
+            "The -remote flag has been deprecated. Use -local=false instead"
+        );
+        assert_eq!(
+            check_deprecated(&p(&["-remote=false"]), &specs).unwrap_err(),
+            "The -remote flag has been deprecated. Use -local=true instead"
+        );
+        assert_eq!(check_deprecated(&p(&["-local"]), &specs), Ok(()));
+    }
+
+    #[test]
+    fn finds_waypoint_hcl_in_parents_like_waypoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("a/b");
+        std::fs::create_dir_all(&sub).unwrap();
+        assert_eq!(find_waypoint_hcl(&sub), None);
+        std::fs::write(dir.path().join("a/waypoint.hcl.json"), b"{}").unwrap();
+        assert_eq!(
+            find_waypoint_hcl(&sub),
+            Some(dir.path().join("a/waypoint.hcl.json"))
         );
     }
 

@@ -20,6 +20,8 @@
 //!   ([`runner`]); it also checks the Docker API at `DOCKER_HOST` after registering, which the
 //!   real runner does not, and reports it in a JSON status file that tests read;
 //! - `server snapshot` / `server restore` with the signing key in the snapshot;
+//! - projects: `project apply`, `project list`, `project inspect`, stored in the server state
+//!   (so in snapshots) with the server's checks of `UpsertProject` ([`project`]);
 //! - `waypoint entrypoint [--] CMD...` (or the binary named `waypoint-entrypoint`) plays
 //!   Waypoint's entrypoint (see [`entrypoint`]).
 //!
@@ -37,6 +39,7 @@ pub mod entrypoint;
 pub mod error;
 pub mod flags;
 pub mod fsutil;
+pub mod project;
 pub mod runner;
 pub mod server;
 pub mod service;

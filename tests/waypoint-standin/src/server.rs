@@ -17,6 +17,9 @@
 //! | `POST`/`GET /v1/config`   | `SetServerConfig`, `GetServerConfig` | token |
 //! | `GET /v1/snapshot`        | `CreateSnapshot`           | token |
 //! | `POST /v1/restore`        | `RestoreSnapshot` (`?exit=true`: exit 2 after staging) | token |
+//! | `POST /v1/projects`       | `UpsertProject` (`{"project": {...}}`) | token |
+//! | `GET /v1/projects`        | `ListProjects`             | token |
+//! | `POST /v1/projects/get`   | `GetProject` (`{"project": "NAME"}`) | token |
 //!
 //! The token goes in `Authorization` bare, as Waypoint's gRPC metadata carries it
 //! (`Bearer TOKEN` is accepted too). Authentication and the calls follow Waypoint's rules
@@ -466,6 +469,18 @@ fn default_true() -> bool {
     true
 }
 
+#[derive(Deserialize)]
+struct UpsertProjectRequest {
+    #[serde(default)]
+    project: Option<crate::project::Project>,
+}
+
+#[derive(Deserialize)]
+struct GetProjectRequest {
+    #[serde(default)]
+    project: Option<String>,
+}
+
 fn endpoint_of(method: &Method, path: &str, body: &[u8]) -> Option<Endpoint> {
     Some(match (method, path) {
         (&Method::GET, "/v1/whoami") => Endpoint::Whoami,
@@ -486,6 +501,9 @@ fn endpoint_of(method: &Method, path: &str, body: &[u8]) -> Option<Endpoint> {
         (&Method::GET, "/v1/config") => Endpoint::GetServerConfig,
         (&Method::GET, "/v1/snapshot") => Endpoint::CreateSnapshot,
         (&Method::POST, "/v1/restore") => Endpoint::RestoreSnapshot,
+        (&Method::POST, "/v1/projects") => Endpoint::UpsertProject,
+        (&Method::GET, "/v1/projects") => Endpoint::ListProjects,
+        (&Method::POST, "/v1/projects/get") => Endpoint::GetProject,
         _ => return None,
     })
 }
@@ -522,6 +540,7 @@ pub async fn route(
                 "advertise_tls": state.advertise.as_ref().map(|a| a.tls),
                 "advertise_tls_skip_verify": state.advertise.as_ref().map(|a| a.tls_skip_verify),
                 "runners": state.runners.len(),
+                "projects": state.projects.len(),
             }));
         }
         (&Method::POST, "/v1/bootstrap") => {
@@ -557,6 +576,8 @@ pub async fn route(
             "/v1/snapshot",
             "/v1/restore",
             "/v1/runner/config",
+            "/v1/projects",
+            "/v1/projects/get",
         ];
         return if known.contains(&path) {
             ApiReply::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
@@ -685,6 +706,28 @@ async fn call(
                 });
             }
             ApiReply::json(json!({ "staged": true }))
+        }
+        Endpoint::UpsertProject => {
+            let req: UpsertProjectRequest = parse_json(body).map_err(bad)?;
+            let Some(project) = req.project else {
+                return Err(RpcError::new(
+                    Code::InvalidArgument,
+                    "project: cannot be blank.",
+                ));
+            };
+            let mut store = shared.store.lock().await;
+            let stored = service::upsert_project(&mut store, project)?;
+            log!("server: upserted project {:?}", stored.name);
+            ApiReply::json(json!({ "project": stored }))
+        }
+        Endpoint::GetProject => {
+            let req: GetProjectRequest = parse_json(body).map_err(bad)?;
+            let store = shared.store.lock().await;
+            ApiReply::json(service::get_project(&store, req.project.as_deref())?)
+        }
+        Endpoint::ListProjects => {
+            let store = shared.store.lock().await;
+            ApiReply::json(service::list_projects(&store))
         }
         Endpoint::RunnerConfig => {
             return Err(RpcError::new(Code::InvalidArgument, "use the stream"));
@@ -1113,6 +1156,164 @@ mod tests {
             message.ends_with(": invalid authentication token"),
             "{message}"
         );
+    }
+
+    #[tokio::test]
+    async fn projects_need_a_token_and_follow_waypoints_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::open(&dir.path().join("data.db")).unwrap();
+        let boot = json_of(&post(&shared, "/v1/bootstrap", None, b"").await)["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        // Authenticated like every token route.
+        let reply = get(&shared, "/v1/projects", None).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            json_of(&reply)["message"],
+            "Authorization token is not supplied"
+        );
+        let reply = post(
+            &shared,
+            "/v1/projects",
+            None,
+            br#"{"project":{"name":"web"}}"#,
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+
+        let reply = post(
+            &shared,
+            "/v1/projects",
+            Some(&boot),
+            br#"{"project":{"name":"Web","remote_enabled":true,"data_source":{"git":{"url":"https://example.com/r.git"}}}}"#,
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", json_of(&reply));
+        let list = get(&shared, "/v1/projects", Some(&boot)).await;
+        assert_eq!(
+            json_of(&list),
+            json!({ "projects": [{ "project": "web" }], "total_count": 1 })
+        );
+        let got = post(
+            &shared,
+            "/v1/projects/get",
+            Some(&boot),
+            br#"{"project":"WEB"}"#,
+        )
+        .await;
+        assert_eq!(json_of(&got)["project"]["name"], "Web");
+        assert_eq!(
+            json_of(&got)["project"]["data_source"]["git"]["url"],
+            "https://example.com/r.git"
+        );
+
+        // Unknown: NotFound, externalized with Waypoint's detail.
+        let missing = post(
+            &shared,
+            "/v1/projects/get",
+            Some(&boot),
+            br#"{"project":"nope"}"#,
+        )
+        .await;
+        assert_eq!(missing.status, StatusCode::NOT_FOUND);
+        let err: RpcError = serde_json::from_slice(&missing.body).unwrap();
+        assert_eq!(err.code, Code::NotFound);
+        assert_eq!(
+            err.human_text(),
+            "failed to get project\n\"project_name\": \"\""
+        );
+
+        // Validation and storage failures.
+        let bad = post(
+            &shared,
+            "/v1/projects",
+            Some(&boot),
+            br#"{"project":{"name":"a.b"}}"#,
+        )
+        .await;
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            json_of(&bad)["message"],
+            "project: (name: name \"a.b\" must be alpha numeric.)."
+        );
+        let big = json!({ "project": {
+            "name": "big",
+            "waypoint_hcl": crate::project::b64::encode(&[b' '; 6000]),
+        }});
+        let reply = post(
+            &shared,
+            "/v1/projects",
+            Some(&boot),
+            big.to_string().as_bytes(),
+        )
+        .await;
+        let err: RpcError = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(err.code, Code::FailedPrecondition);
+        assert_eq!(
+            err.human_text(),
+            "failed to upsert project\n\"project_name\": \"big\""
+        );
+        assert_eq!(
+            json_of(&get(&shared, "/v1/projects", Some(&boot)).await)["total_count"],
+            1,
+            "nothing stored on failure"
+        );
+    }
+
+    #[tokio::test]
+    async fn runner_tokens_may_apply_projects_as_on_waypoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Shared::open(&dir.path().join("data.db")).unwrap();
+        let boot = json_of(&post(&shared, "/v1/bootstrap", None, b"").await)["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mint = |body: &'static [u8]| {
+            let shared = &shared;
+            let boot = boot.clone();
+            async move {
+                json_of(&post(shared, "/v1/tokens", Some(&boot), body).await)["token"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            }
+        };
+        // A token for any runner passes authentication everywhere, and UpsertProject looks at
+        // no user: Waypoint 0.11.4 lets it apply projects.
+        let any_runner = mint(br#"{"kind":"runner"}"#).await;
+        let reply = post(
+            &shared,
+            "/v1/projects",
+            Some(&any_runner),
+            br#"{"project":{"name":"from-runner"}}"#,
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", json_of(&reply));
+        // An id-bound one once its runner is registered (pre-adopted).
+        let bound = mint(br#"{"kind":"runner","id":"r1"}"#).await;
+        {
+            let mut store = shared.store.lock().await;
+            let who = match service::authenticate(&store, Some(&bound), Endpoint::RunnerConfig) {
+                Auth::Ok(p) => p,
+                other => panic!("{other:?}"),
+            };
+            service::register_runner(&mut store, &who, "r1", &Default::default()).unwrap();
+        }
+        let reply = post(
+            &shared,
+            "/v1/projects",
+            Some(&bound),
+            br#"{"project":{"name":"from-bound-runner"}}"#,
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", json_of(&reply));
+        let list = get(&shared, "/v1/projects", Some(&bound)).await;
+        assert_eq!(json_of(&list)["total_count"], 2);
+        // A trigger token is refused, as everywhere.
+        let trigger = mint(br#"{"kind":"login","trigger":true}"#).await;
+        let reply = get(&shared, "/v1/projects", Some(&trigger)).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
     }
 
     #[tokio::test]

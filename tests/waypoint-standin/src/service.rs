@@ -8,7 +8,8 @@
 //! adopted), and only the calls themselves refuse it where Waypoint's do (`no user found from
 //! current context` when minting a login token, a different runner id when minting a runner
 //! token). `server config-set` with an adopted runner's token therefore succeeds, as on
-//! Waypoint.
+//! Waypoint, and so does `project apply`: `UpsertProject`, `GetProject` and `ListProjects` look
+//! at no user (`pkg/server/singleprocess/service_project.go`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::project::{self, Project};
 use crate::state::{Adoption, Advertise, StateStore, TokenKind};
 use crate::token::{self, Body, Kind as TokenBodyKind};
 
@@ -71,6 +73,11 @@ impl Code {
 pub struct RpcError {
     pub code: Code,
     pub message: String,
+    /// Waypoint's `ErrorDetail` key/value pairs, which `hcerr.Externalize` attaches (the
+    /// arguments after its message) and the CLI's `clierrors.Humanize` prints, one
+    /// `"KEY": "VALUE"` line each after the message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<(String, String)>,
 }
 
 impl RpcError {
@@ -78,7 +85,32 @@ impl RpcError {
         RpcError {
             code,
             message: message.into(),
+            details: Vec::new(),
         }
+    }
+
+    /// Waypoint's `hcerr.Externalize(log, err, msg, key, value)`: the code of `code`, the
+    /// message replaced by `message`, one detail.
+    pub fn externalized(code: Code, message: &str, key: &str, value: &str) -> RpcError {
+        RpcError {
+            code,
+            message: message.to_string(),
+            details: vec![(key.to_string(), value.to_string())],
+        }
+    }
+
+    /// What `clierrors.Humanize` shows before wrapping: the message, then each detail as
+    /// `"KEY": "VALUE"` (Go's `%q`) on its own line.
+    pub fn human_text(&self) -> String {
+        let mut text = self.message.clone();
+        for (k, v) in &self.details {
+            text.push_str(&format!(
+                "\n{}: {}",
+                crate::flags::go_quote(k),
+                crate::flags::go_quote(v)
+            ));
+        }
+        text
     }
 
     /// Go's `status.Error(...).Error()`: `rpc error: code = CODE desc = MESSAGE`.
@@ -91,7 +123,11 @@ impl RpcError {
     }
 
     pub fn to_json(&self) -> Value {
-        json!({ "code": self.code, "message": self.message })
+        if self.details.is_empty() {
+            json!({ "code": self.code, "message": self.message })
+        } else {
+            json!({ "code": self.code, "message": self.message, "details": self.details })
+        }
     }
 }
 
@@ -129,6 +165,9 @@ pub enum Endpoint {
     GetServerConfig,
     CreateSnapshot,
     RestoreSnapshot,
+    UpsertProject,
+    GetProject,
+    ListProjects,
 }
 
 /// The outcome of [`authenticate`].
@@ -381,6 +420,65 @@ pub fn list_runners(store: &StateStore, online: &dyn Fn(&str) -> bool) -> Value 
         })
         .collect();
     json!({ "runners": runners })
+}
+
+/// Waypoint's `UpsertProject`: validation (`InvalidArgument` with ozzo-validation's text),
+/// then `ProjectPut`, whose failures come back externalized as `failed to upsert project`
+/// with the project's name as a detail. Returns the project as stored.
+pub fn upsert_project(store: &mut StateStore, project: Project) -> Result<Project, RpcError> {
+    project::validate_upsert(&project).map_err(|e| RpcError::new(Code::InvalidArgument, e))?;
+    let externalized = |code| {
+        RpcError::externalized(
+            code,
+            "failed to upsert project",
+            "project_name",
+            &project.name,
+        )
+    };
+    if let Some((code, detail)) = project::storage_error(&project) {
+        crate::log!(
+            "server: failed to upsert project {:?}: {detail}",
+            project.name
+        );
+        return Err(externalized(code));
+    }
+    store.put_project(project.clone()).map_err(|e| {
+        crate::log!("server: failed to upsert project {:?}: {e}", project.name);
+        externalized(Code::Internal)
+    })?;
+    Ok(store.project(&project.name).cloned().unwrap_or(project))
+}
+
+/// Waypoint's `GetProject`: the project and its workspaces (always none in the stand-in, which
+/// runs no operations). An unknown name is `NotFound`, externalized as `failed to get project`
+/// with an empty `project_name` (Waypoint names the empty result there, not the request).
+pub fn get_project(store: &StateStore, name: Option<&str>) -> Result<Value, RpcError> {
+    let Some(name) = name else {
+        return Err(RpcError::new(
+            Code::InvalidArgument,
+            "project: cannot be blank.",
+        ));
+    };
+    match store.project(name) {
+        Some(p) => Ok(json!({ "project": p, "workspaces": [] })),
+        None => Err(RpcError::externalized(
+            Code::NotFound,
+            "failed to get project",
+            "project_name",
+            "",
+        )),
+    }
+}
+
+/// Waypoint's `ListProjects`: references by id (the lower-case name), in id order.
+pub fn list_projects(store: &StateStore) -> Value {
+    let projects: Vec<Value> = store
+        .state()
+        .projects
+        .keys()
+        .map(|id| json!({ "project": id }))
+        .collect();
+    json!({ "projects": projects, "total_count": projects.len() })
 }
 
 /// The stand-in's `whoami`: what the token is.

@@ -1,5 +1,5 @@
 //! The server's persistent state: the token-signing key, the user, a log of issued tokens,
-//! the advertise configuration and the runners. One JSON document at the `-db` path (where
+//! the advertise configuration, the runners and the projects. One JSON document at the `-db` path (where
 //! Waypoint keeps its bolt database), written atomically with mode 0600.
 //!
 //! As in Waypoint, a server is bootstrapped exactly when it has a signing key: the key is made
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::write_atomic;
 use crate::now_rfc3339;
+use crate::project::{Project, project_id};
 use crate::token::{self, KEY_ID};
 
 /// What a token was issued as (the log's view; the token itself says login or runner).
@@ -120,6 +121,10 @@ pub struct PersistedState {
     pub tokens: Vec<TokenRecord>,
     pub advertise: Option<Advertise>,
     pub runners: BTreeMap<String, RunnerRecord>,
+    /// Projects by id (the name in lower case, as Waypoint keys them). Absent from state files
+    /// written before the stand-in modelled projects.
+    #[serde(default)]
+    pub projects: BTreeMap<String, Project>,
 }
 
 impl Default for PersistedState {
@@ -134,6 +139,7 @@ impl Default for PersistedState {
             tokens: Vec::new(),
             advertise: None,
             runners: BTreeMap::new(),
+            projects: BTreeMap::new(),
         }
     }
 }
@@ -457,6 +463,23 @@ impl StateStore {
         self.commit(next)
     }
 
+    /// A project by name (looked up in lower case, as Waypoint's `projectGet` does).
+    pub fn project(&self, name: &str) -> Option<&Project> {
+        self.state.projects.get(&project_id(name))
+    }
+
+    /// Waypoint's `ProjectPut`: creates or replaces the project under its id, keeping the
+    /// applications of the one it replaces.
+    pub fn put_project(&mut self, mut project: Project) -> Result<()> {
+        let id = project_id(&project.name);
+        if let Some(prev) = self.state.projects.get(&id) {
+            project.applications = prev.applications.clone();
+        }
+        let mut next = self.state.clone();
+        next.projects.insert(id, project);
+        self.commit(next)
+    }
+
     /// The snapshot document: the magic line and the whole state, signing keys included.
     pub fn snapshot(&self) -> Result<Vec<u8>> {
         let mut out = format!("{SNAPSHOT_MAGIC}\n").into_bytes();
@@ -592,6 +615,66 @@ mod tests {
             "a pre-bootstrap snapshot is bootstrappable again"
         );
         assert!(!restore_path(&path).exists());
+    }
+
+    #[test]
+    fn projects_are_keyed_in_lower_case_and_keep_their_applications() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.db");
+        let mut store = StateStore::open(&path).unwrap();
+        let web = Project {
+            name: "Web".into(),
+            remote_enabled: true,
+            ..Project::default()
+        };
+        store.put_project(web.clone()).unwrap();
+        assert_eq!(store.project("WEB"), Some(&web));
+        assert_eq!(store.state().projects.keys().collect::<Vec<_>>(), ["web"]);
+        // Applications come from the stored project, never from the upsert.
+        let mut stored = store.state().clone();
+        if let Some(p) = stored.projects.get_mut("web") {
+            p.applications = vec!["app".into()];
+        }
+        store.commit(stored).unwrap();
+        store
+            .put_project(Project {
+                name: "web".into(),
+                applications: vec!["other".into()],
+                ..Project::default()
+            })
+            .unwrap();
+        drop(store);
+        let store = StateStore::open(&path).unwrap();
+        let p = store.project("web").unwrap();
+        assert_eq!(p.name, "web", "the name as last given");
+        assert_eq!(p.applications, ["app"]);
+        assert!(!p.remote_enabled, "everything else replaced");
+    }
+
+    #[test]
+    fn state_files_from_before_projects_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.db");
+        std::fs::write(
+            &path,
+            br#"{"standin":true,"format":2,"bootstrapped":false,"bootstrapped_at":null,
+                "hmac_keys":{},"users":[],"tokens":[],"advertise":null,"runners":{}}"#,
+        )
+        .unwrap();
+        let mut store = StateStore::open(&path).unwrap();
+        assert!(store.state().projects.is_empty());
+        store
+            .put_project(Project {
+                name: "p".into(),
+                ..Project::default()
+            })
+            .unwrap();
+        let snapshot = store.snapshot().unwrap();
+        let parsed = parse_snapshot(&snapshot).unwrap();
+        assert!(
+            parsed.projects.contains_key("p"),
+            "snapshots carry projects"
+        );
     }
 
     #[test]

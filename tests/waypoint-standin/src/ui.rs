@@ -107,6 +107,12 @@ pub fn header(message: &str) {
     stdout_write(&format!("\n» {message}\n"));
 }
 
+/// Prints a step line of a step group (`-> TEXT`) on stdout: the non-interactive UI prints
+/// each `Add` and `Update` of a step that way, and nothing for `Done` or `Abort`.
+pub fn step(message: &str) {
+    stdout_write(&format!("-> {message}\n"));
+}
+
 /// Prints a warning (`warning: TEXT`) on stdout.
 pub fn warning(message: &str) {
     stdout_write(&format!("warning: {message}\n"));

@@ -3,9 +3,10 @@
 //! bootstrap (open to all, once, the CLI context it writes), tokens (base58, scoped runner
 //! tokens, expiry, Waypoint's refusal texts), the runner's life (10 s start-up dial, held
 //! registration, reconnects, listed only while connected), the URL service start, the
-//! certificate flags, snapshot and restore, and the runner's Docker check over mutual TLS
-//! against a fake Docker API. No Docker daemon needed. Every process started here is killed by
-//! its own handle when its guard drops, even when an assertion fails.
+//! certificate flags, projects, snapshot and restore (projects included), and the runner's
+//! Docker check over mutual TLS against a fake Docker API. No Docker daemon needed. Every
+//! process started here is killed by its own handle when its guard drops, even when an
+//! assertion fails.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -978,6 +979,368 @@ fn snapshot_and_restore_bring_back_the_signing_key() {
         200
     );
     assert!(a2.proc.log().contains("applied the staged restore"));
+}
+
+/// Runs `waypoint ARGS` with the client environment of `grpc` and `token` and asserts it
+/// succeeded; returns its stdout.
+fn cli_ok(home: &Home, args: &[&str], grpc: &str, token: &str) -> String {
+    let out = home.cli(args, &client_env(grpc, token));
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    stdout(&out)
+}
+
+/// Asserts exit 1 and an error-style block on stdout starting with `prefix` (for errors that
+/// Waypoint prints without wrapping them, or with a command's help after them).
+fn assert_wp_error_prefix(out: &Output, prefix: &str) {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = stdout(out);
+    assert!(
+        error_block(&text).is_some_and(|b| b.starts_with(prefix)),
+        "wanted `! {prefix}` on stdout, got: {text:?} (stderr: {:?})",
+        stderr(out)
+    );
+}
+
+/// Asserts exit 1 and the error-style block on stdout (unwrapped) equal to `block`.
+fn assert_wp_error_block(out: &Output, block: &str) {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        error_block(&stdout(out)).as_deref(),
+        Some(block),
+        "stdout: {}",
+        stdout(out)
+    );
+}
+
+#[test]
+fn projects_apply_list_inspect_like_waypoint() {
+    let home = Home::new();
+    let dir = tempfile::tempdir().unwrap();
+    let server = home.start_server(&dir.path().join("data.db"), "127.0.0.1:0", &[]);
+    let token = stdout(&bootstrap(&home, &server.grpc, &["-context-create="]));
+    let env = client_env(&server.grpc, &token);
+    let grpc = server.grpc.as_str();
+
+    assert_eq!(
+        cli_ok(&home, &["project", "list"], grpc, &token),
+        "No projects found."
+    );
+
+    // Flag sets and argument rules.
+    assert_wp_error(
+        &home.cli(&["project", "apply", "-bogus", "x"], &env),
+        "flag provided but not defined: -bogus",
+    );
+    for cmd in [
+        &["project", "apply"][..],
+        &["project", "list"],
+        &["project", "inspect"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("-server-addr=127.0.0.1:9701");
+        assert_wp_error(
+            &home.cli(&args, &env),
+            "flag provided but not defined: -server-addr",
+        );
+    }
+    assert_wp_error(
+        &home.cli(&["project", "list", "-remote"], &env),
+        "The -remote flag has been deprecated. Use -local=false instead",
+    );
+    assert_wp_error_prefix(
+        &home.cli(&["project", "apply"], &env),
+        "Single argument required.",
+    );
+    assert_wp_error(
+        &home.cli(&["project", "apply", "x", "-data-source=git"], &env),
+        "Flags must be specified before positional arguments in the CLI command.",
+    );
+    assert_wp_error(
+        &home.cli(&["project", "apply", "web/app"], &env),
+        "The project/app argument has been deprecated.",
+    );
+    let out = home.cli(&["project", "bogus"], &env);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("apply"), "{}", stderr(&out));
+
+    // Create, then update: the non-interactive UI's step lines.
+    let out = cli_ok(
+        &home,
+        &[
+            "project",
+            "apply",
+            "-data-source=git",
+            "-git-url=https://example.com/r.git",
+            "-git-ref=main",
+            "MyApp",
+        ],
+        grpc,
+        &token,
+    );
+    assert_eq!(
+        out,
+        "-> Checking for an existing project named: MyApp\n\
+         -> Creating project \"MyApp\"...\n\
+         -> Project \"MyApp\" created"
+    );
+    let out = cli_ok(
+        &home,
+        &[
+            "project",
+            "apply",
+            "-data-source=git",
+            "-git-path=sub",
+            "myapp",
+        ],
+        grpc,
+        &token,
+    );
+    assert_eq!(
+        out,
+        "-> Checking for an existing project named: myapp\n\
+         -> Updating project \"myapp\"...\n\
+         -> Project \"myapp\" updated"
+    );
+    cli_ok(
+        &home,
+        &["project", "apply", "-data-source=local", "other"],
+        grpc,
+        &token,
+    );
+    // Waypoint 0.11.4 prints an unknown data source and still upserts.
+    let out = cli_ok(
+        &home,
+        &["project", "apply", "-data-source=svn", "odd"],
+        grpc,
+        &token,
+    );
+    assert!(
+        out.contains(
+            "\n! Unknown value for -data-source set. Must be either 'git' or 'local' or unset.\n"
+        ) && out.ends_with("-> Project \"odd\" created"),
+        "{out}"
+    );
+
+    // The server's refusals, through the CLI.
+    assert_wp_error_block(
+        &home.cli(&["project", "apply", "a.b"], &env),
+        "Error upserting project: project: (name: name \"a.b\" must be alpha numeric.).",
+    );
+    assert_wp_error_block(
+        &home.cli(
+            &[
+                "project",
+                "apply",
+                "-data-source=git",
+                "-git-auth-type=basic",
+                "needs-creds",
+            ],
+            &env,
+        ),
+        "Error upserting project: project: (data_source: (Source: (Git: (Auth: (Basic: \
+         (password: cannot be blank; username: cannot be blank.).); url: cannot be blank.).).).).",
+    );
+    assert_wp_error_block(
+        &home.cli(
+            &[
+                "project",
+                "apply",
+                "-data-source=git",
+                "-git-url=https://example.com/r.git",
+                "-poll",
+                "-poll-interval=30",
+                "polled",
+            ],
+            &env,
+        ),
+        "Error upserting project: project: (data_source_poll: (interval: time: missing unit in \
+         duration \"30\".).).",
+    );
+    let big = home.path().join("big.hcl");
+    std::fs::write(&big, vec![b'#'; 6000]).unwrap();
+    let big_arg = format!("-waypoint-hcl={}", big.display());
+    assert_wp_error_block(
+        &home.cli(&["project", "apply", &big_arg, "big"], &env),
+        "Error upserting project: failed to upsert project \"project_name\": \"big\"",
+    );
+    assert_wp_error_prefix(
+        &home.cli(&["project", "apply", "-poll", "nosource"], &env),
+        "To enable polling, you must specify a git data source for the project with -data-source=git",
+    );
+    assert_wp_error_prefix(
+        &home.cli(&["project", "apply", "-waypoint-hcl=w.txt", "x"], &env),
+        "Error reading HCL file specified with the -waypoint-hcl flag: open w.txt: no such file or directory",
+    );
+    assert_wp_error_prefix(
+        &home.cli(
+            &["project", "apply", "-from-waypoint-hcl=waypoint.hcl", "x"],
+            &env,
+        ),
+        "Error loading HCL file specified with the -from-waypoint-hcl flag: waypoint stand-in:",
+    );
+
+    // list: the ids (lower case), sorted, one a line; -json: one document each.
+    assert_eq!(
+        cli_ok(&home, &["project", "list"], grpc, &token),
+        "myapp\nodd\nother"
+    );
+    assert_eq!(
+        cli_ok(&home, &["project", "list", "-json"], grpc, &token),
+        "{\n\t\"project\": \"myapp\"\n}\n{\n\t\"project\": \"odd\"\n}\n{\n\t\"project\": \"other\"\n}"
+    );
+
+    // inspect: 0.11.4 wants -project even with a NAME.
+    assert_wp_error(
+        &home.cli(&["project", "inspect", "myapp"], &env),
+        "No project specified, and no waypoint.hcl found.",
+    );
+    let out = cli_ok(&home, &["project", "inspect", "-p", "MYAPP"], grpc, &token);
+    for row in [
+        "» Project Info:",
+        "              Project Name: MyApp",
+        "            Remote Enabled: true",
+        "               Data Source: Git",
+        "                   Git URL: https://example.com/r.git",
+        "                   Git Ref: main",
+        "                  Git Path: sub",
+        "  Data Source Poll Enabled: false",
+    ] {
+        assert!(out.lines().any(|l| l == row), "{row:?} in:\n{out}");
+    }
+    assert!(
+        !out.contains("Workspaces"),
+        "empty rows are left out: {out}"
+    );
+    let out = cli_ok(
+        &home,
+        &["project", "inspect", "-p", "x", "-json", "other"],
+        grpc,
+        &token,
+    );
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        doc,
+        serde_json::json!({ "name": "other", "dataSource": { "local": {} } })
+    );
+    let out = home.cli(&["project", "inspect", "-p", "nope"], &env);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stdout(&out),
+        "! Failed to format project: failed to get project\n  \"project_name\": \"\""
+    );
+    assert_wp_error_prefix(
+        &home.cli(&["project", "inspect", "-p", "x", "a", "b"], &env),
+        "No more than 1 argument required.",
+    );
+
+    // Authentication as for every client command; a runner token may apply (no RBAC).
+    let no_token = [
+        ("WAYPOINT_SERVER_ADDR", grpc),
+        ("WAYPOINT_SERVER_TLS", "true"),
+        ("WAYPOINT_SERVER_TLS_SKIP_VERIFY", "true"),
+    ];
+    assert_wp_error(
+        &home.cli(&["project", "list"], &no_token),
+        "Authorization token is not supplied",
+    );
+    assert_wp_error(
+        &home.cli(&["project", "apply", "x"], &no_token),
+        "Error checking for project: Authorization token is not supplied",
+    );
+    let runner = cli_ok(&home, &["runner", "token"], grpc, &token);
+    cli_ok(&home, &["project", "apply", "from-runner"], grpc, &runner);
+    assert!(
+        cli_ok(&home, &["project", "list"], grpc, &runner)
+            .lines()
+            .any(|l| l == "from-runner")
+    );
+    assert_eq!(
+        api_json(grpc, Method::GET, "/v1/status", None)["projects"],
+        4
+    );
+
+    // Without any server configuration: Waypoint's local server on ./data.db.
+    let local = Home::new();
+    let out = local.cli(&["project", "apply", "solo"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout(&local.cli(&["project", "list"], &[])), "solo");
+    assert!(local.path().join("data.db").exists());
+}
+
+#[test]
+fn snapshot_and_restore_keep_projects() {
+    let home = Home::new();
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let a = home.start_server(&dir_a.path().join("data.db"), "127.0.0.1:0", &[]);
+    let db_b = dir_b.path().join("data.db");
+    let mut b = home.start_server(&db_b, "127.0.0.1:0", &[]);
+    let token_a = stdout(&bootstrap(&home, &a.grpc, &["-context-create="]));
+    let token_b = stdout(&bootstrap(&home, &b.grpc, &["-context-create="]));
+    cli_ok(
+        &home,
+        &[
+            "project",
+            "apply",
+            "-data-source=git",
+            "-git-url=https://example.com/web.git",
+            "-git-ref=v1",
+            "Web",
+        ],
+        &a.grpc,
+        &token_a,
+    );
+    cli_ok(
+        &home,
+        &["project", "apply", "-data-source=local", "tools"],
+        &a.grpc,
+        &token_a,
+    );
+    cli_ok(&home, &["project", "apply", "only-on-b"], &b.grpc, &token_b);
+
+    let out = home.cli(&["server", "snapshot", "-"], &client_env(&a.grpc, &token_a));
+    assert!(out.status.success(), "{out:?}");
+    let snapshot = out.stdout.clone();
+
+    // Restore A's snapshot into B: staged, B exits 2, and at its next start B has A's
+    // projects (and only those: the restore replaces the whole state).
+    let mut restore = home.command();
+    restore
+        .args(["server", "restore", "-exit", "-"])
+        .envs(client_env(&b.grpc, &token_b))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = restore.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(&snapshot).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(b.proc.wait_exit().code(), Some(2));
+
+    let b2 = home.start_server(&db_b, "127.0.0.1:0", &[]);
+    // A's key came along, so A's token works on B now.
+    assert_eq!(
+        cli_ok(&home, &["project", "list"], &b2.grpc, &token_a),
+        "tools\nweb"
+    );
+    let out = cli_ok(
+        &home,
+        &["project", "inspect", "-p", "web", "-json"],
+        &b2.grpc,
+        &token_a,
+    );
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["name"], "Web");
+    assert_eq!(doc["remoteEnabled"], true);
+    assert_eq!(
+        doc["dataSource"]["git"]["url"],
+        "https://example.com/web.git"
+    );
+    assert_eq!(doc["dataSource"]["git"]["ref"], "v1");
+    assert_eq!(
+        api_json(&b2.grpc, Method::GET, "/v1/status", None)["projects"],
+        2
+    );
 }
 
 /// A test PKI: a CA, a daemon certificate for 127.0.0.1 and a client certificate, written in
