@@ -2,7 +2,7 @@
 //! STAND-IN (its `server snapshot`/`server restore` and signing key behave as Waypoint 0.11.4's):
 //!
 //! - `backup_restores_onto_a_new_vm_and_a_tampered_file_changes_nothing`: a server with two
-//!   runners and a project is backed up; the VM is destroyed; a new VM (same host name, as a
+//!   runners and 100 projects is backed up; the VM is destroyed; a new VM (same host name, as a
 //!   replacement VM from the same template) refuses a tampered copy without changing anything,
 //!   then restores the real one: the project is back, the runners run with their old tokens
 //!   and reconnect, the token `credentials` prints works and the new VM's own bootstrap token
@@ -10,6 +10,10 @@
 //! - `scheduled_backups_are_pruned_and_a_full_disk_is_degraded`: `run` with `backup:` takes
 //!   backups on time, keeps `keep`, and on a full disk reports `degraded` with the reason while
 //!   the earlier backups stay; freeing the disk recovers.
+//! - `upgrades_under_guard_and_rolls_back_an_image_that_never_answers`: a new server image
+//!   replaces the server with a backup first and never two servers at once; an image that never
+//!   answers is rolled back within the deadline with the data intact, the step in `error`
+//!   naming the image, and is not tried again until the configuration changes.
 //!
 //! Needs root and a machine prepared by scripts/setup.sh; without them every test FAILS.
 
@@ -145,7 +149,12 @@ fn backup_restores_onto_a_new_vm_and_a_tampered_file_changes_nothing() -> Result
             token(&agent, "runner-2-token")?,
         ];
         wp_ok(&vm, &a_bootstrap, &["project", "apply", "demoapp"])?;
-        ensure!(wp_ok(&vm, &a_bootstrap, &["project", "list"])?.contains("demoapp"));
+        // 100 projects in all, for the size and time figures.
+        for i in 1..100 {
+            wp_ok(&vm, &a_bootstrap, &["project", "apply", &format!("app{i:03}")])?;
+        }
+        let listed = wp_ok(&vm, &a_bootstrap, &["project", "list"])?;
+        ensure!(listed.contains("demoapp") && listed.lines().count() == 100, "{listed}");
 
         let t0 = Instant::now();
         let (code, stdout, stderr) = agent_out(&agent, &vm, &["backup"])?;
@@ -176,7 +185,7 @@ fn backup_restores_onto_a_new_vm_and_a_tampered_file_changes_nothing() -> Result
             ensure!(!stderr.contains(secret.as_str()) && !stdout.contains(secret.as_str()));
         }
         eprintln!(
-            "day-two: backup of 2 runners and 1 project: {} bytes in {took:.2?}",
+            "day-two: backup of 2 runners and 100 projects: {} bytes in {took:.2?}",
             fs::metadata(&file)?.len()
         );
         fs::copy(&file, &saved)?;
@@ -246,7 +255,8 @@ fn backup_restores_onto_a_new_vm_and_a_tampered_file_changes_nothing() -> Result
         cli_token == a_bootstrap,
         "credentials hands out the restored token"
     );
-    ensure!(wp_ok(&vm, &cli_token, &["project", "list"])?.contains("demoapp"));
+    let listed = wp_ok(&vm, &cli_token, &["project", "list"])?;
+    ensure!(listed.contains("demoapp") && listed.lines().count() == 100, "{listed}");
     // The new VM's own token was signed with the key the restore replaced.
     let refused = wp(&vm, &b_bootstrap, &["project", "list"])?;
     ensure!(!refused.status.success(), "the replaced token still works");
