@@ -21,6 +21,9 @@ pub struct DockerConfig {
     pub service: ServiceConfig,
     /// How long to wait for dockerd to answer over TLS after a restart.
     pub ready_timeout_secs: u64,
+    /// dockerd's `live-restore`: containers keep running while dockerd restarts (a
+    /// certificate rotation restarts it), so the Waypoint server and runners do not stop.
+    pub live_restore: bool,
 }
 
 /// The service backend that restarts dockerd.
@@ -44,6 +47,7 @@ impl Default for DockerConfig {
                 unit: "docker.service".into(),
             },
             ready_timeout_secs: 60,
+            live_restore: true,
         }
     }
 }
@@ -61,6 +65,7 @@ pub fn read(w: &mut Walker, node: &Node<'_>) -> DockerConfig {
             "tls_listen",
             "service",
             "ready_timeout_secs",
+            "live_restore",
         ],
     ) else {
         return c;
@@ -83,6 +88,9 @@ pub fn read(w: &mut Walker, node: &Node<'_>) -> DockerConfig {
     if let Some(s) = f.integer(w, "ready_timeout_secs", 1, 3600) {
         // Range-checked above.
         c.ready_timeout_secs = s as u64;
+    }
+    if let Some(b) = f.bool(w, "live_restore") {
+        c.live_restore = b;
     }
     if let Some(n) = f.get("service") {
         if let Some(s) = read_service(w, n) {

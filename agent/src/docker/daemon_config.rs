@@ -2,7 +2,9 @@
 //! and value the operator (or the image) put there.
 //!
 //! Owned keys: `hosts` (the unix socket and the TLS listener), `tls`, `tlsverify`,
-//! `tlscacert`, `tlscert`, `tlskey`. The file is rewritten only when the merged document
+//! `tlscacert`, `tlscert`, `tlskey`, and `live-restore` (`docker.live_restore`, on by default:
+//! a certificate rotation restarts dockerd, and with it on the Waypoint containers keep
+//! running through the restart instead of being stopped and started again). The file is rewritten only when the merged document
 //! differs from the current one *as JSON*, so an operator's formatting survives as long as
 //! nothing the agent owns changes. A file that is not a JSON object is an error, never
 //! overwritten: it is the operator's, and dockerd would refuse it as well.
@@ -25,6 +27,7 @@ pub const OWNED_KEYS: &[&str] = &[
     "tlscacert",
     "tlscert",
     "tlskey",
+    "live-restore",
 ];
 
 /// What the agent wants in `daemon.json`.
@@ -35,6 +38,8 @@ pub struct TlsSettings {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// dockerd's `live-restore`.
+    pub live_restore: bool,
 }
 
 impl TlsSettings {
@@ -48,6 +53,7 @@ impl TlsSettings {
         map.insert("tlscacert".into(), path_value(&self.ca));
         map.insert("tlscert".into(), path_value(&self.cert));
         map.insert("tlskey".into(), path_value(&self.key));
+        map.insert("live-restore".into(), Value::Bool(self.live_restore));
     }
 }
 
@@ -121,6 +127,7 @@ mod tests {
             ca: "/var/lib/pilot-agent/pki/server/ca.pem".into(),
             cert: "/var/lib/pilot-agent/pki/server/cert.pem".into(),
             key: "/var/lib/pilot-agent/pki/server/key.pem".into(),
+            live_restore: true,
         }
     }
 
@@ -134,6 +141,7 @@ mod tests {
         assert_eq!(v["tls"], true);
         assert_eq!(v["tlsverify"], true);
         assert_eq!(v["tlskey"], "/var/lib/pilot-agent/pki/server/key.pem");
+        assert_eq!(v["live-restore"], true);
         assert_eq!(v.as_object().unwrap().len(), OWNED_KEYS.len());
         assert!(out.ends_with(b"}\n"));
     }

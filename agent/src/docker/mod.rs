@@ -128,6 +128,7 @@ impl DockerPlan {
                 ca: server.ca,
                 cert: server.cert,
                 key: server.key,
+                live_restore: d.live_restore,
             },
             dropin,
             socket_dropin,

@@ -151,10 +151,17 @@ fn backup_restores_onto_a_new_vm_and_a_tampered_file_changes_nothing() -> Result
         wp_ok(&vm, &a_bootstrap, &["project", "apply", "demoapp"])?;
         // 100 projects in all, for the size and time figures.
         for i in 1..100 {
-            wp_ok(&vm, &a_bootstrap, &["project", "apply", &format!("app{i:03}")])?;
+            wp_ok(
+                &vm,
+                &a_bootstrap,
+                &["project", "apply", &format!("app{i:03}")],
+            )?;
         }
         let listed = wp_ok(&vm, &a_bootstrap, &["project", "list"])?;
-        ensure!(listed.contains("demoapp") && listed.lines().count() == 100, "{listed}");
+        ensure!(
+            listed.contains("demoapp") && listed.lines().count() == 100,
+            "{listed}"
+        );
 
         let t0 = Instant::now();
         let (code, stdout, stderr) = agent_out(&agent, &vm, &["backup"])?;
@@ -256,7 +263,10 @@ fn backup_restores_onto_a_new_vm_and_a_tampered_file_changes_nothing() -> Result
         "credentials hands out the restored token"
     );
     let listed = wp_ok(&vm, &cli_token, &["project", "list"])?;
-    ensure!(listed.contains("demoapp") && listed.lines().count() == 100, "{listed}");
+    ensure!(
+        listed.contains("demoapp") && listed.lines().count() == 100,
+        "{listed}"
+    );
     // The new VM's own token was signed with the key the restore replaced.
     let refused = wp(&vm, &b_bootstrap, &["project", "list"])?;
     ensure!(!refused.status.success(), "the replaced token still works");
@@ -648,5 +658,221 @@ fn upgrades_under_guard_and_rolls_back_an_image_that_never_answers() -> Result<(
     set_server_image(&agent, "pilot/waypoint:broken", "pilot/waypoint:0.11.5")?;
     agent.up_ok(&vm)?;
     ensure!(!agent.state_dir().join("waypoint/upgrade-failed").exists());
+    Ok(())
+}
+
+/// Probes `url` from inside the VM every 50 ms while it lives (curl with the agent's CA);
+/// `stop()` returns the longest run of failed probes as a duration and the failure count.
+struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(Duration, usize, usize)>>,
+}
+
+impl Prober {
+    fn start(vm: &Vm, ca: &Path, resolve: &str, url: &str) -> Prober {
+        let template = vm.cmd("curl");
+        let program = template.get_program().to_owned();
+        let mut args: Vec<std::ffi::OsString> = template.get_args().map(|a| a.to_owned()).collect();
+        for a in [
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "0.5",
+        ] {
+            args.push(a.into());
+        }
+        args.push("--cacert".into());
+        args.push(ca.into());
+        args.push("--resolve".into());
+        args.push(resolve.into());
+        args.push(url.into());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (mut longest, mut failures, mut probes) = (Duration::ZERO, 0, 0);
+            let mut down_since: Option<Instant> = None;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let ok = Command::new(&program)
+                    .args(&args)
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).starts_with('2'))
+                    .unwrap_or(false);
+                probes += 1;
+                let now = Instant::now();
+                match (ok, down_since) {
+                    (false, None) => {
+                        failures += 1;
+                        down_since = Some(now);
+                    }
+                    (false, Some(_)) => failures += 1,
+                    (true, Some(t)) => {
+                        longest = longest.max(now - t);
+                        down_since = None;
+                    }
+                    (true, None) => {}
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Some(t) = down_since {
+                longest = longest.max(t.elapsed());
+            }
+            (longest, failures, probes)
+        });
+        Prober {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn stop(mut self) -> (Duration, usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or((Duration::MAX, usize::MAX, 0))
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What a rotation did to the Waypoint server.
+struct Rotation {
+    restarted: bool,
+    /// Probes of the container's address on the Pilot network (the runners' path): longest
+    /// outage, failures, probes.
+    direct: (Duration, usize, usize),
+    /// Probes of the published port on the host's loopback (dockerd's proxy).
+    published: (Duration, usize, usize),
+}
+
+/// Rotates dockerd's certificate (the pki step issues a new one, docker-tls restarts dockerd)
+/// while probing the Waypoint server two ways.
+fn rotate_and_probe(vm: &Vm, agent: &Agent) -> Result<Rotation> {
+    let started = || vm.docker_ok(["inspect", "-f", "{{.State.StartedAt}}", "waypoint-server"]);
+    let before = started()?;
+    let pid = pilot_e2e::agent::dockerd_pid(vm)?;
+    let ip = vm.docker_ok([
+        "inspect",
+        "-f",
+        "{{(index .NetworkSettings.Networks \"pilot\").IPAddress}}",
+        "waypoint-server",
+    ])?;
+    // The certificate names the server `waypoint-server` (how runners dial it) and loopback.
+    let direct = Prober::start(
+        vm,
+        &agent.ca_cert(),
+        &format!("waypoint-server:9702:{ip}"),
+        "https://waypoint-server:9702/",
+    );
+    let published = Prober::start(
+        vm,
+        &agent.ca_cert(),
+        "localhost:9702:127.0.0.1",
+        "https://127.0.0.1:9702/",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    fs::remove_file(agent.pki_dir().join("server/cert.pem"))?;
+    agent.up_ok(vm)?;
+    // The published port answers again (or never stopped) before the outage is measured.
+    poll(Duration::from_secs(30), "the server answering", || {
+        let out = vm
+            .cmd("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "1",
+            ])
+            .arg("--cacert")
+            .arg(agent.ca_cert())
+            .arg("https://127.0.0.1:9702/")
+            .output()
+            .map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .starts_with('2')
+            .then_some(()))
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (direct, published) = (direct.stop(), published.stop());
+    ensure!(
+        pilot_e2e::agent::dockerd_pid(vm)? != pid,
+        "the rotation did not restart dockerd"
+    );
+    Ok(Rotation {
+        restarted: started()? != before,
+        direct,
+        published,
+    })
+}
+
+fn report(what: &str, r: &Rotation) {
+    eprintln!(
+        "day-two: rotation {what}: server container restarted {}; its Pilot-network address: \
+         longest outage {:.2?} ({} of {} probes failed); the published port on loopback: \
+         longest outage {:.2?} ({} of {} failed)",
+        r.restarted,
+        r.direct.0,
+        r.direct.1,
+        r.direct.2,
+        r.published.0,
+        r.published.1,
+        r.published.2
+    );
+}
+
+#[test]
+fn live_restore_keeps_waypoint_running_through_a_certificate_rotation() -> Result<()> {
+    let (vm, agent) = vm_with_agent(1, |_| String::new())?;
+    agent.up_ok(&vm)?;
+    let daemon: Value = serde_json::from_slice(&fs::read(vm.daemon_json())?)?;
+    ensure!(daemon["live-restore"] == true, "{daemon}");
+    let runner_before =
+        vm.docker_ok(["inspect", "-f", "{{.State.StartedAt}}", "waypoint-runner-1"])?;
+
+    let r = rotate_and_probe(&vm, &agent)?;
+    report("with live-restore", &r);
+    ensure!(
+        !r.restarted,
+        "with live-restore the server container was restarted"
+    );
+    ensure!(
+        vm.docker_ok(["inspect", "-f", "{{.State.StartedAt}}", "waypoint-runner-1"])?
+            == runner_before,
+        "with live-restore the runner was restarted"
+    );
+    // The runners' path never stops; dockerd's userland proxy for the published port on
+    // loopback restarts with dockerd (reported, not asserted).
+    ensure!(
+        r.direct.1 == 0,
+        "the server stopped answering on its address during the restart"
+    );
+
+    // The control: live-restore off, the same rotation stops and starts the containers.
+    agent.edit_config(|t| {
+        t.replacen(
+            "  ready_timeout_secs: 30\nfirewall:",
+            "  ready_timeout_secs: 30\n  live_restore: false\nfirewall:",
+            1,
+        )
+    })?;
+    agent.up_ok(&vm)?;
+    let daemon: Value = serde_json::from_slice(&fs::read(vm.daemon_json())?)?;
+    ensure!(daemon["live-restore"] == false, "{daemon}");
+    let r = rotate_and_probe(&vm, &agent)?;
+    report("without live-restore", &r);
+    ensure!(
+        r.restarted,
+        "without live-restore the server kept running (the control failed)"
+    );
     Ok(())
 }
