@@ -360,6 +360,15 @@ mod tests {
         assert!(e.contains("bytes, the manifest says"), "{e}");
     }
 
+    /// The fuzz seed (written with Python's tarfile, not by this module) reads as a backup.
+    #[test]
+    fn the_fuzz_seed_is_a_backup() {
+        let seed = include_bytes!("../../../fuzz/corpus/backup_archive/valid.tar");
+        let b = decode(&seed[..], "valid.tar").unwrap();
+        assert_eq!(b.manifest.parts.len(), 4);
+        assert_eq!(b.parts[ADVERTISE], b"203.0.113.7:9701");
+    }
+
     #[test]
     fn another_format_is_refused() {
         let other = rewrite(&sample(), |n, d| {
