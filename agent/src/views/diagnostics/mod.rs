@@ -8,6 +8,8 @@
 //!                               (where they live, never their values)
 //!     status.txt                `pilot-agent status --long`
 //!     status.json               `pilot-agent status --json --long`
+//!     history.txt               `pilot-agent status --history --limit 50`
+//!     backup-last.json          the last backup attempt and the last good backup
 //!     journal.txt               `journalctl -b -u pilot-agent -u pilot-agent-firewall
 //!                               --no-pager -o short-iso` (newest 32 MiB), or why not
 //!     containers/list.txt       the containers labelled io.pilot.managed=true
@@ -171,6 +173,8 @@ pub async fn collect(req: &Request<'_>) -> Result<Written, DiagnosticsError> {
     });
 
     let mut raw = sources::status(req.config, req.warning);
+    raw.push(sources::history(req.config));
+    raw.push(sources::backup_record(req.config));
     raw.push(match &withheld {
         Some(why) => Raw::missing("journal.txt", why.clone()),
         None => sources::journal(req.tools).await,

@@ -123,6 +123,31 @@ impl Default for Tools {
     }
 }
 
+/// `history.txt`: `status --history --limit 50` (why the last boots and passes took as long
+/// as they did).
+pub fn history(config: &Config) -> Raw {
+    match crate::views::history::HistoryView::read(&config.state().history(), 50) {
+        Ok(view) if view.is_empty() => Raw::missing("history.txt", "no pass recorded yet"),
+        Ok(view) => Raw::ok(
+            "history.txt",
+            crate::views::history::render_text(&view, STATUS_WIDTH),
+        ),
+        Err(e) => Raw::missing("history.txt", e.to_string()),
+    }
+}
+
+/// `backup-last.json`: the last backup attempt and the last good backup (no secret in it).
+pub fn backup_record(config: &Config) -> Raw {
+    let path = config.state().backup_record();
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Raw::ok("backup-last.json", text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Raw::missing("backup-last.json", "no backup attempted by `run` yet")
+        }
+        Err(e) => Raw::missing("backup-last.json", format!("{}: {e}", path.display())),
+    }
+}
+
 /// `status.txt` (`status --long`) and `status.json` (`status --json --long`), with the
 /// warning `status` prints on stderr when the configuration did not load.
 pub fn status(config: &Config, warning: Option<&str>) -> Vec<Raw> {
