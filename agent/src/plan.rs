@@ -261,7 +261,10 @@ fn backup_step() -> Step<Ctx> {
         }
         let host = addresses::host_name(&ctx.config)?;
         let path = backup::new_path(&dir, std::time::SystemTime::now());
-        let taken = backup::take(ctx.docker().await?, &plan, &host, &path).await;
+        let taken = match backup::ensure_dir(&dir) {
+            Ok(()) => backup::take(ctx.docker().await?, &plan, &host, &path).await,
+            Err(e) => Err(e.into()),
+        };
         let attempted_at = backup::rfc3339(now);
         match taken {
             Ok(taken) => {
@@ -356,6 +359,7 @@ fn waypoint_steps() -> Vec<Step<Ctx>> {
                         .clone()
                         .unwrap_or_default()
                         .dir_under(&ctx.config.state_dir);
+                    backup::ensure_dir(&dir)?;
                     let path = backup::new_path(&dir, std::time::SystemTime::now());
                     let done =
                         backup::upgrade::upgrade(docker, &plan, &host, &path, pending).await?;

@@ -77,7 +77,8 @@ pub struct Record {
     pub kept: u32,
 }
 
-/// Takes a backup of the server of `plan` into `path` (written atomically, 0600).
+/// Takes a backup of the server of `plan` into `path` (written atomically, 0600; its
+/// directory must exist).
 /// `host` is this VM's host name, the prefix of its runner IDs.
 pub async fn take(
     docker: &Docker,
@@ -140,9 +141,8 @@ pub async fn take(
     };
     let bytes = archive::encode(manifest, &parts, now.unix_timestamp().max(0) as u64)
         .map_err(BackupError::Encode)?;
-    if let Some(dir) = path.parent() {
-        fsutil::ensure_dir(dir, fsutil::MODE_PRIVATE_DIR)?;
-    }
+    // The directory is the caller's: the backup directory is made 0700 by [`ensure_dir`];
+    // an operator's `--output /tmp/x.tar` must not change the mode of /tmp.
     fsutil::write_atomic(path, &bytes, fsutil::MODE_SECRET)?;
     Ok(Taken {
         file: path.to_path_buf(),
@@ -152,6 +152,12 @@ pub async fn take(
         duration_ms: started.elapsed().as_millis() as u64,
         runner_tokens,
     })
+}
+
+/// Makes the backup directory `dir` (0700: backups hold tokens and the signing key).
+pub fn ensure_dir(dir: &Path) -> Result<(), FsError> {
+    fsutil::ensure_dir(dir, fsutil::MODE_PRIVATE_DIR)?;
+    Ok(())
 }
 
 /// The path of a new backup in `dir` taken at `now`.

@@ -62,6 +62,7 @@ pub async fn backup(
     let config = Config::load(config_path)?;
     let plan = server_plan(&config)?;
     let path = match output {
+        // The operator's directory, as it is (it must exist; its mode is theirs).
         Some(p) => p,
         None => {
             let dir = config
@@ -69,6 +70,7 @@ pub async fn backup(
                 .clone()
                 .unwrap_or_default()
                 .dir_under(&config.state_dir);
+            backup::ensure_dir(&dir).map_err(BackupError::from)?;
             backup::new_path(&dir, std::time::SystemTime::now())
         }
     };

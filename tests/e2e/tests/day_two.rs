@@ -195,6 +195,25 @@ fn backup_restores_onto_a_new_vm_and_a_tampered_file_changes_nothing() -> Result
             "day-two: backup of 2 runners and 100 projects: {} bytes in {took:.2?}",
             fs::metadata(&file)?.len()
         );
+        // --output into an operator's directory: the file 0600, the directory's mode kept.
+        let out_dir = vm.dir().join("operator-out");
+        fs::create_dir_all(&out_dir)?;
+        fs::set_permissions(&out_dir, fs::Permissions::from_mode(0o755))?;
+        let out = out_dir.join("b.tar");
+        let (code, stdout, stderr) = agent_out(
+            &agent,
+            &vm,
+            &["backup", "--output", out.to_str().unwrap_or("")],
+        )?;
+        ensure!(
+            code == 0 && stdout.trim() == out.to_str().unwrap_or(""),
+            "{stderr}"
+        );
+        ensure!(fs::metadata(&out)?.permissions().mode() & 0o777 == 0o600);
+        ensure!(
+            fs::metadata(&out_dir)?.permissions().mode() & 0o777 == 0o755,
+            "backup --output changed the mode of the operator's directory"
+        );
         fs::copy(&file, &saved)?;
         // The VM is destroyed here (namespace, dockerd, its volume and state).
     }
