@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::aws::{AwsBuildArgs, AwsCleanupArgs};
+use crate::aws::{AwsBuildArgs, AwsCleanupArgs, AwsPublishArgs};
 use crate::userdata::UserDataInput;
 
 #[derive(Debug, Parser)]
@@ -23,6 +23,13 @@ pub enum Target {
     /// A bootable disk image on this machine (raw and/or qcow2).
     Local,
     /// An AMI made through the EC2 API from a builder instance.
+    Aws,
+}
+
+/// Where `publish` puts a disk built on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PublishTarget {
+    /// An AMI: the disk uploaded as an EBS snapshot (EBS direct APIs) and registered.
     Aws,
 }
 
@@ -90,6 +97,21 @@ pub enum Command {
         /// Flags of `--target local` (image/src/local).
         #[command(flatten)]
         local: LocalArgs,
+    },
+    /// Publish a locally built raw disk: an EBS snapshot of it (EBS direct APIs), an AMI
+    /// registered from it, copied, shared and deprecated as asked (the Bottlerocket way).
+    ///
+    /// Prints one `REGION AMI` line per region on stdout, the home region first.
+    Publish {
+        /// Where the disk is published.
+        #[arg(long, value_enum)]
+        target: PublishTarget,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Flags of `--target aws` (image/src/aws/args.rs).
+        #[command(flatten)]
+        aws: Box<AwsPublishArgs>,
     },
     /// Remove every resource tagged with a build id (leftovers of a killed AWS build).
     Cleanup {

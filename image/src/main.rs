@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use pilot_image::aws::{self, AwsBuildArgs, AwsCleanupArgs};
-use pilot_image::cli::{Cli, Command, LocalArgs, Target};
+use pilot_image::aws::{self, AwsBuildArgs, AwsCleanupArgs, AwsPublishArgs};
+use pilot_image::cli::{Cli, Command, LocalArgs, PublishTarget, Target};
 use pilot_image::local::{self, Definition, LocalError, Plan};
 use pilot_image::userdata::{self, UserDataError, UserDataInput};
 use tracing::field::{Field, Visit};
@@ -43,6 +43,11 @@ fn main() -> ExitCode {
             aws,
             ..
         } => aws_build(*aws, dry_run),
+        Command::Publish {
+            target: PublishTarget::Aws,
+            dry_run,
+            aws,
+        } => aws_publish(*aws, dry_run),
         Command::Cleanup { build_id, aws } => aws_cleanup(&build_id, &aws),
         Command::Build {
             target: Target::Local,
@@ -147,6 +152,54 @@ fn aws_build(args: AwsBuildArgs, dry_run: bool) -> ExitCode {
     }
 }
 
+/// `publish --target aws`: like `build --target aws` (build id first on stderr, exit 2 for
+/// refused flags, 130 on a signal, 1 on a failure), but stdout gets one `REGION AMI` line per
+/// region.
+#[cfg(feature = "aws")]
+fn aws_publish(args: AwsPublishArgs, dry_run: bool) -> ExitCode {
+    let build_id = args.build_id.clone().unwrap_or_else(aws::new_build_id);
+    tracing::info!("build id {build_id} (leftovers: pilot-image cleanup --build-id {build_id})");
+    let plan = match aws::publish::Plan::new(args, build_id) {
+        Ok(p) => p,
+        Err(e) => {
+            error!(command = "publish", "{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if dry_run {
+        print!("{}", plan.describe());
+        return ExitCode::SUCCESS;
+    }
+    let keep = plan.args.on_error == aws::OnError::Abort;
+    match aws::publish_blocking(plan) {
+        Ok(published) => {
+            let mut out = std::io::stdout().lock();
+            for (region, image) in &published.images {
+                if writeln!(out, "{region} {image}").is_err() {
+                    return ExitCode::from(1);
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(aws::AwsError::Cancelled) => {
+            error!(
+                command = "publish",
+                "cancelled; {}",
+                if keep {
+                    "what the publish made was kept (--on-error=abort)"
+                } else {
+                    "everything of the publish was removed"
+                }
+            );
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            error!(command = "publish", "{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 #[cfg(feature = "aws")]
 fn aws_cleanup(build_id: &str, args: &AwsCleanupArgs) -> ExitCode {
     match aws::cleanup_blocking(build_id, args) {
@@ -162,6 +215,13 @@ fn aws_cleanup(build_id: &str, args: &AwsCleanupArgs) -> ExitCode {
 #[cfg(not(feature = "aws"))]
 fn aws_build(_args: AwsBuildArgs, _dry_run: bool) -> ExitCode {
     error!(command = "build", "{}", aws::NO_AWS_SUPPORT);
+    ExitCode::from(2)
+}
+
+/// Without the `aws` feature: refused like a bad flag (exit 2).
+#[cfg(not(feature = "aws"))]
+fn aws_publish(_args: AwsPublishArgs, _dry_run: bool) -> ExitCode {
+    error!(command = "publish", "{}", aws::NO_AWS_SUPPORT);
     ExitCode::from(2)
 }
 

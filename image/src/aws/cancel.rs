@@ -68,6 +68,18 @@ impl Cancel {
         }
     }
 
+    /// Resolves once cancelled (at once if already).
+    pub async fn cancelled(&self) {
+        loop {
+            // Created before the check: a `notify_waiters` in between still wakes it.
+            let notified = self.inner.notify.notified();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Sleeps for `d` unless cancelled first (then errors at once).
     pub async fn sleep(&self, d: Duration) -> Result<()> {
         let notified = self.inner.notify.notified();

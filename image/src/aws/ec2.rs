@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use aws_config::BehaviorVersion;
 use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, SdkConfig};
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::types::{
     Filter, Image, Instance, ResourceType, Tag, TagSpecification, VolumeState,
@@ -26,29 +26,40 @@ pub struct Ec2 {
 impl Ec2 {
     /// A client for `conn`; credentials from the SDK's default chain.
     pub async fn connect(conn: &AwsConnection, poll: Duration) -> Result<Ec2> {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
-            // Bounded calls: a hung connection must not hang the build or the clean-up.
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .operation_attempt_timeout(Duration::from_secs(60))
-                .operation_timeout(Duration::from_secs(180))
-                .build(),
-        );
-        if let Some(region) = &conn.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        if let Some(url) = &conn.endpoint_url {
-            loader = loader.endpoint_url(url.clone());
-        }
-        let config = loader.load().await;
-        if config.region().is_none() {
-            return Err(AwsError::NoRegion);
-        }
-        Ok(Ec2 {
-            client: Client::new(&config),
-            poll,
-        })
+        let config = sdk_config(conn).await?;
+        Ok(Ec2::from_config(&config, poll))
     }
+
+    /// A client from a loaded configuration (shared with the EBS client of `publish`).
+    pub fn from_config(config: &SdkConfig, poll: Duration) -> Ec2 {
+        Ec2 {
+            client: Client::new(config),
+            poll,
+        }
+    }
+}
+
+/// The SDK configuration for `conn`: region, endpoint, bounded calls; errors without a region.
+pub async fn sdk_config(conn: &AwsConnection) -> Result<SdkConfig> {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
+        // Bounded calls: a hung connection must not hang the build or the clean-up.
+        TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .operation_attempt_timeout(Duration::from_secs(60))
+            .operation_timeout(Duration::from_secs(180))
+            .build(),
+    );
+    if let Some(region) = &conn.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(url) = &conn.endpoint_url {
+        loader = loader.endpoint_url(url.clone());
+    }
+    let config = loader.load().await;
+    if config.region().is_none() {
+        return Err(AwsError::NoRegion);
+    }
+    Ok(config)
 }
 
 /// A multi-threaded runtime is not needed: the build is one sequence of API calls.

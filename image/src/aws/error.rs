@@ -57,6 +57,24 @@ pub enum AwsError {
         state: String,
         reason: String,
     },
+    #[error("cannot read the disk {path}: {source}")]
+    Disk {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    BadDisk {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    /// coldsnap's StartSnapshot/PutSnapshotBlock/CompleteSnapshot failed (its error chain).
+    #[error("ebs snapshot upload of {path} failed: {message}")]
+    Upload {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("snapshot {snapshot} did not complete: {message}")]
+    SnapshotWait { snapshot: String, message: String },
     #[error("failure injected after step {step} (PILOT_IMAGE_FAIL_AFTER)")]
     Injected { step: &'static str },
     #[error("cancelled by a signal")]
@@ -94,6 +112,21 @@ where
         code: e.code().map(str::to_owned),
         message: DisplayErrorContext(&e).to_string(),
     }
+}
+
+/// An error and its sources, `: `-separated (coldsnap's errors nest the SDK's).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 pub type Result<T, E = AwsError> = std::result::Result<T, E>;

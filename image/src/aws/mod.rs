@@ -18,9 +18,14 @@
 //! the key pair. `pilot-image cleanup --build-id ID` runs the same reaper for a build that was
 //! killed before it could clean up.
 //!
+//! `pilot-image publish --target aws` ([`publish`]) makes an AMI the Bottlerocket way instead:
+//! a locally built raw disk uploaded as an EBS snapshot (EBS direct APIs, coldsnap), registered,
+//! copied to other regions, shared and deprecated, under the same tag and clean-up rules.
+//!
 //! Modules, each using only those before it: [`args`] (the flags), `error`, `id` (build ids),
 //! `ec2` (the client, tags, waits, the describe and delete calls that the build and the
-//! clean-up share), `cancel` (signals), `reap` (the clean-up), `build` (the steps).
+//! clean-up share), `cancel` (signals), `reap` (the clean-up), `build` (the steps), `publish`
+//! (the upload-and-register steps).
 //! Everything but the flags needs the crate's `aws` feature (on by default).
 
 pub mod args;
@@ -35,9 +40,11 @@ pub mod error;
 #[cfg(feature = "aws")]
 pub mod id;
 #[cfg(feature = "aws")]
+pub mod publish;
+#[cfg(feature = "aws")]
 pub mod reap;
 
-pub use args::{AwsBuildArgs, AwsCleanupArgs, AwsConnection};
+pub use args::{AwsBuildArgs, AwsCleanupArgs, AwsConnection, AwsPublishArgs, BootMode, OnError};
 #[cfg(feature = "aws")]
 pub use build::{Built, build_blocking};
 #[cfg(feature = "aws")]
@@ -47,8 +54,10 @@ pub use error::AwsError;
 #[cfg(feature = "aws")]
 pub use id::{BUILD_ID_TAG, MAX_BUILD_ID, check_build_id, new_build_id};
 #[cfg(feature = "aws")]
+pub use publish::{Published, publish_blocking};
+#[cfg(feature = "aws")]
 pub use reap::cleanup_blocking;
 
-/// What `build --target aws` and `cleanup` answer in a binary built without the `aws` feature
+/// What `build --target aws`, `publish` and `cleanup` answer in a binary built without the `aws` feature
 /// (only the flags are there, so that the command line is the same).
 pub const NO_AWS_SUPPORT: &str = "built without AWS support; rebuild with --features aws";

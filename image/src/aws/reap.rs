@@ -49,18 +49,32 @@ pub fn cleanup_blocking(build_id: &str, args: &AwsCleanupArgs) -> Result<Known> 
         reason: format!("cannot start the async runtime: {e}"),
     })?;
     rt.block_on(async {
-        let ec2 = Ec2::connect(
-            &args.connection,
-            Duration::from_millis(args.poll_interval_ms.max(1)),
-        )
-        .await?;
-        reap(
-            &ec2,
-            build_id,
-            Known::default(),
-            Duration::from_secs(args.cleanup_timeout),
-        )
-        .await
+        let poll = Duration::from_millis(args.poll_interval_ms.max(1));
+        let timeout = Duration::from_secs(args.cleanup_timeout);
+        let ec2 = Ec2::connect(&args.connection, poll).await?;
+        let mut result = reap(&ec2, build_id, Known::default(), timeout).await;
+        // The copy regions of a `publish`: each reaped even when another failed.
+        for region in &args.also_regions {
+            let conn = args.connection.in_region(region);
+            let other = match Ec2::connect(&conn, poll).await {
+                Ok(ec2) => reap(&ec2, build_id, Known::default(), timeout).await,
+                Err(e) => Err(e),
+            };
+            result = match (result, other) {
+                (Ok(a), Ok(_)) => Ok(a),
+                (Err(AwsError::Cleanup(mut a)), Err(b)) => {
+                    a.push(format!("{region}: {b}"));
+                    Err(AwsError::Cleanup(a))
+                }
+                (Err(a), Err(b)) => Err(AwsError::Cleanup(vec![
+                    a.to_string(),
+                    format!("{region}: {b}"),
+                ])),
+                (Err(a), Ok(_)) => Err(a),
+                (Ok(_), Err(b)) => Err(AwsError::Cleanup(vec![format!("{region}: {b}")])),
+            };
+        }
+        result
     })
 }
 
