@@ -22,7 +22,7 @@ use base64::Engine as _;
 use tracing::{info, warn};
 
 use super::args::AwsBuildArgs;
-use super::cancel::Cancel;
+use super::cancel::{Cancel, Progress};
 use super::ec2::{
     self, Deadline, Ec2, describe_image, describe_instance, filter, image_snapshots, runtime, secs,
     tag_spec, tags,
@@ -251,37 +251,6 @@ impl Ledger {
     }
 }
 
-/// Progress events (lines on stderr): `[ 3/11] security-group ...` then
-/// `... done in 0.05 s: sg-1`.
-struct Progress {
-    index: usize,
-    started: Instant,
-    fail_after: Option<&'static str>,
-}
-
-impl Progress {
-    fn start(&mut self, cancel: &Cancel, step: &'static str) -> Result<()> {
-        cancel.check()?;
-        self.index = STEPS.iter().position(|s| *s == step).map_or(0, |i| i + 1);
-        self.started = Instant::now();
-        info!("[{:2}/{}] {step} ...", self.index, STEPS.len());
-        Ok(())
-    }
-
-    fn done(&self, step: &'static str, detail: &str) -> Result<()> {
-        info!(
-            "[{:2}/{}] {step} done in {}: {detail}",
-            self.index,
-            STEPS.len(),
-            secs(self.started.elapsed())
-        );
-        if self.fail_after == Some(step) {
-            return Err(AwsError::Injected { step });
-        }
-        Ok(())
-    }
-}
-
 /// Runs a whole build on its own runtime: signals cancel it; any failure cleans up.
 pub fn build_blocking(plan: Plan) -> Result<Built> {
     let rt = runtime().map_err(|e| AwsError::Invalid {
@@ -300,11 +269,7 @@ async fn run(plan: Plan) -> Result<Built> {
     let ec2 = Ec2::connect(&plan.args.connection, poll).await?;
     let t0 = Instant::now();
     let mut ledger = Ledger::default();
-    let mut progress = Progress {
-        index: 0,
-        started: t0,
-        fail_after: plan.fail_after,
-    };
+    let mut progress = Progress::new(&STEPS, plan.fail_after);
     let steps = Steps {
         ec2: &ec2,
         plan: &plan,

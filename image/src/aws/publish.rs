@@ -27,7 +27,7 @@ use coldsnap::{SnapshotUploader, SnapshotWaiter, WaitParams};
 use tracing::{info, warn};
 
 use super::args::{AwsConnection, AwsPublishArgs, BootMode, OnError};
-use super::cancel::Cancel;
+use super::cancel::{Cancel, Progress};
 use super::ec2::{
     Deadline, Ec2, describe_image, image_snapshots, sdk_config, secs, tag_spec, tags,
 };
@@ -450,8 +450,7 @@ async fn run(plan: Plan) -> Result<Published> {
         cancel: &cancel,
         ebs,
         regions: &mut regions,
-        index: 0,
-        started: t0,
+        progress: Progress::new(&STEPS, plan.fail_after),
         upload: Duration::ZERO,
     };
     match steps.run().await {
@@ -514,8 +513,7 @@ struct Steps<'a> {
     ebs: aws_sdk_ebs::Client,
     /// The home region first, then the copy regions in the order given.
     regions: &'a mut Vec<Region>,
-    index: usize,
-    started: Instant,
+    progress: Progress,
     upload: Duration,
 }
 
@@ -537,24 +535,11 @@ impl Steps<'_> {
     }
 
     fn start(&mut self, step: &'static str) -> Result<()> {
-        self.cancel.check()?;
-        self.index = STEPS.iter().position(|s| *s == step).map_or(0, |i| i + 1);
-        self.started = Instant::now();
-        info!("[{}/{}] {step} ...", self.index, STEPS.len());
-        Ok(())
+        self.progress.start(self.cancel, step)
     }
 
     fn done(&self, step: &'static str, detail: &str) -> Result<()> {
-        info!(
-            "[{}/{}] {step} done in {}: {detail}",
-            self.index,
-            STEPS.len(),
-            secs(self.started.elapsed())
-        );
-        if self.plan.fail_after == Some(step) {
-            return Err(AwsError::Injected { step });
-        }
-        Ok(())
+        self.progress.done(step, detail)
     }
 
     fn home(&mut self) -> &mut Region {

@@ -355,6 +355,58 @@ pub fn write_json_report(path: &Path, report: &Value) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// A tmpfs of `size` mounted on `dir` (a directory the test owns); unmounted when dropped, and
+/// by the VM's clean-up (which unmounts everything under its directory) if the test dies.
+pub struct TmpfsMount(PathBuf);
+
+impl TmpfsMount {
+    pub fn new(dir: &Path, size: &str) -> anyhow::Result<TmpfsMount> {
+        fs::create_dir_all(dir)?;
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "mount tmpfs on {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(TmpfsMount(dir.to_path_buf()))
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system holding `dir` with `dir/filler` until ENOSPC; returns its size.
+pub fn fill(dir: &Path) -> anyhow::Result<u64> {
+    use std::io::Write as _;
+    const ENOSPC: i32 = 28;
+    let path = dir.join("filler");
+    let mut f = fs::File::create(&path)?;
+    let chunk = vec![0xa5u8; 4096];
+    let mut written = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(ENOSPC) => break,
+            Err(e) => return Err(e).context("filling the file system"),
+        }
+    }
+    Ok(written)
+}
+
 #[cfg(test)]
 mod tests {
     use super::phase;

@@ -337,33 +337,6 @@ impl Drop for KeptDir {
     }
 }
 
-/// A tmpfs of `size` mounted on `dir`, unmounted when dropped (even when the test fails).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Result<Tmpfs> {
-        fs::create_dir_all(dir)?;
-        let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .status()?;
-        ensure!(ok.success(), "mount tmpfs on {}", dir.display());
-        Ok(Tmpfs(dir.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 fn backups_in(dir: &Path) -> Result<Vec<String>> {
     let mut v: Vec<String> = fs::read_dir(dir)?
         .flatten()
@@ -386,7 +359,7 @@ fn scheduled_backups_are_pruned_and_a_full_disk_is_degraded() -> Result<()> {
     })?;
     // A small disk of its own for the backups (a stand-in backup is a few kB).
     let dir = vm.dir().join("backups");
-    let _tmpfs = Tmpfs::mount(&dir, "4m")?;
+    let _tmpfs = pilot_e2e::TmpfsMount::new(&dir, "4m")?;
     let log = vm.dir().join("run.log");
     let mut run = agent.spawn_run(&vm, &log)?;
     let record_path = agent.state_dir().join("backup-last.json");
@@ -427,10 +400,7 @@ fn scheduled_backups_are_pruned_and_a_full_disk_is_degraded() -> Result<()> {
 
     // Fill the disk: the next backup fails, degraded with the reason; the kept ones stay.
     let filler = dir.join("filler");
-    let _ = Command::new("dd")
-        .args(["if=/dev/zero", "bs=64k"])
-        .arg(format!("of={}", filler.display()))
-        .output()?;
+    pilot_e2e::fill(&dir)?;
     let degraded = poll(Duration::from_secs(60), "a degraded backup step", || {
         run.ensure_running().map_err(|e| e.to_string())?;
         let s = agent.status_json().map_err(|e| e.to_string())?;

@@ -622,66 +622,16 @@ fn database_outage_at_boot_then_dockerd_restart() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // State directory on a tiny, full file system
 
-/// A tmpfs mounted on a directory the test owns; unmounted when dropped (and by the VM's
-/// clean-up, which unmounts everything under its directory, if the test process dies).
-struct TmpfsMount(PathBuf);
-
-impl TmpfsMount {
-    fn new(dir: &Path, size: &str) -> Result<TmpfsMount> {
-        fs::create_dir_all(dir)?;
-        let out = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir)
-            .output()?;
-        ensure!(out.status.success(), "mount tmpfs: {}", stderr(&out));
-        Ok(TmpfsMount(dir.to_path_buf()))
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
-/// Fills the file system holding `dir` with `dir/filler` until ENOSPC; returns its size.
-fn fill(dir: &Path) -> Result<u64> {
-    let path = dir.join("filler");
-    let mut f = fs::File::create(&path)?;
-    let chunk = vec![0xa5u8; 4096];
-    let mut written = 0u64;
-    loop {
-        match f.write(&chunk) {
-            Ok(0) => break,
-            Ok(n) => written += n as u64,
-            Err(e) if e.raw_os_error() == Some(libc_enospc()) => break,
-            Err(e) => return Err(e).context("filling the state file system"),
-        }
-    }
-    Ok(written)
-}
-
-/// ENOSPC on Linux.
-fn libc_enospc() -> i32 {
-    28
-}
-
 #[test]
 fn full_state_filesystem_keeps_previous_state() -> Result<()> {
     require_root()?;
     let vm = Vm::start(VmOptions::default())?;
     let agent = Agent::new(&vm)?;
-    let mount = TmpfsMount::new(agent.state_dir(), "512k")?;
+    let mount = pilot_e2e::TmpfsMount::new(agent.state_dir(), "512k")?;
     agent.up_ok(&vm)?;
     check_converged(&vm, &agent)?;
     let before = snapshot(agent.state_dir(), &[])?;
-    let filler = fill(agent.state_dir())?;
+    let filler = pilot_e2e::fill(agent.state_dir())?;
     let df = Command::new("df").arg(agent.state_dir()).output()?;
     eprintln!(
         "reliability: state dir on a 512 KiB tmpfs, {} files, filled with {filler} bytes:\n{}",

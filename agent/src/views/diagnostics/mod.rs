@@ -96,21 +96,7 @@ impl Written {
 /// The host's name (this UTS namespace's), safe for a file name.
 pub fn hostname() -> String {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let safe: String = name
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    match safe.trim_start_matches('.') {
-        "" => "unknown-host".to_string(),
-        s => s.to_string(),
-    }
+    sources::safe_name(name.trim(), "unknown-host")
 }
 
 /// `pilot-agent-logs-HOST-YYYYMMDDTHHMMSSZ`.

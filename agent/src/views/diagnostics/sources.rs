@@ -390,6 +390,12 @@ pub async fn docker(config: &Config) -> Result<Docker, String> {
 
 /// File names inside the archive: what a container name may hold, nothing else.
 fn file_name(name: &str) -> String {
+    safe_name(name, "unnamed")
+}
+
+/// `name` with every character but `A-Za-z0-9-_.` replaced by `_` and no leading dot;
+/// `fallback` when nothing is left.
+pub(super) fn safe_name(name: &str, fallback: &str) -> String {
     let s: String = name
         .chars()
         .map(|c| {
@@ -401,7 +407,7 @@ fn file_name(name: &str) -> String {
         })
         .collect();
     match s.trim_start_matches('.') {
-        "" => "unnamed".to_string(),
+        "" => fallback.to_string(),
         t => t.to_string(),
     }
 }
