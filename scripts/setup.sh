@@ -30,9 +30,10 @@ PACKAGES=(
   postgresql postgresql-client openssh-server openssh-client cloud-init debootstrap busybox-static
   e2fsprogs fdisk dosfstools qemu-utils python3-venv ca-certificates curl wrk hyperfine
   build-essential pkg-config
-  # pilot-image build --target local: the root file system (mmdebstrap), the NoCloud seed of the
-  # boot test (genisoimage).
-  mmdebstrap genisoimage
+  # pilot-image build --target local: the root file system (mmdebstrap), the EFI system
+  # partition's files written without a mount (mtools), the NoCloud seed of the boot test
+  # (genisoimage), the UEFI firmware the boot test boots the image with (ovmf).
+  mmdebstrap mtools genisoimage ovmf
 )
 # QEMU's system emulator cannot be apt-installed next to the backported qemu-utils (HARNESS.md);
 # its packages are unpacked into a prefix instead.
@@ -97,6 +98,16 @@ if ! "$VENV/bin/python" -c 'import moto, boto3, flask' >/dev/null 2>&1; then
   "$VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]==5.*' 'boto3<2'
 else
   log "moto venv: present"
+fi
+
+# `publish --target gcp`'s tests (image/tests/gcp_publish.rs): a Cloud Storage emulator in the
+# same venv (the JSON API's resumable uploads, custom metadata, prefix listings, deletes; run in
+# memory), beside the Compute Engine stand-in (tests/gcp-compute-standin, Flask from above).
+if ! "$VENV/bin/python" -c 'import gcp_storage_emulator' >/dev/null 2>&1; then
+  log "installing gcp-storage-emulator into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check 'gcp-storage-emulator==2026.7.19'
+else
+  log "gcp-storage-emulator: present"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

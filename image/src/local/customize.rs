@@ -1,6 +1,8 @@
 //! Turns the cached root file system into a Pilot image: the agent package installed and its
-//! units enabled, the Waypoint image tarballs copied in, cloud-init cleaned, machine-id and SSH
-//! host keys removed (so every clone gets its own), fstab and the boot loader's files written.
+//! units enabled, the Waypoint image tarballs copied in, cloud-init cleaned and set up for EC2,
+//! Compute Engine and NoCloud (root partition grown at first boot), the clouds' drivers in the
+//! initramfs, machine-id and SSH host keys removed (so every clone gets its own), fstab and the
+//! boot loader's files (GRUB for BIOS and for UEFI) written.
 //!
 //! Commands inside the root file system run in a chroot within new mount and PID namespaces
 //! (`unshare --mount --pid --fork`, private propagation): /proc, /sys, /dev and /run are mounted
@@ -17,18 +19,42 @@ use super::definition::Definition;
 use super::error::LocalError;
 use super::run::run_logged;
 
-/// The boot loader's core image, made by grub-mkimage inside the root file system.
+/// GRUB's core image for BIOS, made by grub-mkimage inside the root file system.
 pub const CORE_IMG_IN_ROOT: &str = "tmp/pilot-image-core.img";
+/// GRUB's image for UEFI (x86_64-efi), made by grub-mkimage inside the root file system.
+pub const EFI_IMG_IN_ROOT: &str = "tmp/pilot-image-grubx64.efi";
+/// The configuration embedded in both GRUB images.
+const EARLY_CFG_IN_ROOT: &str = "tmp/pilot-image-grub-early.cfg";
 
 /// File system label of the root partition.
 pub const ROOT_LABEL: &str = "pilot-root";
 
-/// GRUB's prefix: the first BIOS disk's first MBR partition (the image has one disk layout).
-const GRUB_PREFIX: &str = "(hd0,msdos1)/boot/grub";
+/// Modules built into the BIOS core image: enough to find the root file system by UUID on a
+/// GPT (or MBR) disk and read the configuration from it; the rest are loaded from
+/// /boot/grub/i386-pc on demand.
+const GRUB_BIOS_MODULES: &str = "biosdisk part_gpt part_msdos ext2 normal configfile linux search search_fs_uuid serial terminal echo test gzio";
+/// The same for UEFI, plus the EFI frame buffers (a cloud's console may be graphical).
+const GRUB_EFI_MODULES: &str = "part_gpt part_msdos ext2 fat normal configfile linux search search_fs_uuid serial terminal echo test gzio efi_gop efi_uga";
 
-/// Modules built into the core image: enough to read the configuration from the ext4 root
-/// partition; the rest are loaded from /boot/grub/i386-pc on demand.
-const GRUB_CORE_MODULES: &str = "biosdisk part_msdos ext2 normal configfile linux search search_fs_uuid serial terminal echo test gzio";
+/// Storage and network drivers the clouds need, forced into the initramfs and checked there
+/// (Debian's MODULES=most takes most storage drivers but no network ones): NVMe (EC2 Nitro's
+/// EBS volumes, Compute Engine's NVMe disks), virtio-scsi and virtio-blk (Compute Engine's
+/// default disk interface, QEMU), ENA (EC2's network), gVNIC (Compute Engine's network).
+pub const INITRAMFS_DRIVERS: [&str; 5] = ["nvme", "virtio_scsi", "virtio_blk", "ena", "gve"];
+
+/// cloud-init's settings for the clouds the image is published to.
+const CLOUD_INIT_CFG: &str = "\
+# Written by pilot-image. The datasources of the clouds this image is published to (EC2,
+# Compute Engine) and NoCloud for local boots; ds-identify picks the one the platform has.
+datasource_list: [ NoCloud, Ec2, GCE, None ]
+# The root partition ends the disk: grown to the volume's size at first boot (growpart, from
+# cloud-guest-utils), then the file system (resize2fs). These are Debian's defaults, written
+# here so that the image does not depend on them.
+growpart:
+  mode: auto
+  devices: [ \"/\" ]
+resize_rootfs: true
+";
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> LocalError {
     move |source| LocalError::Io { context, source }
@@ -118,9 +144,39 @@ pub fn customize(
         0o644,
     )?;
 
+    // Embedded in both GRUB images: the root file system by UUID, whatever the disk and
+    // partition numbering of the machine (a second volume on EC2 can come first under UEFI).
+    write(
+        root,
+        EARLY_CFG_IN_ROOT,
+        &format!(
+            "search --no-floppy --fs-uuid --set=root {root_uuid}\n\
+             set prefix=($root)/boot/grub\n"
+        ),
+        0o644,
+    )?;
+    write(
+        root,
+        "etc/initramfs-tools/modules",
+        &format!(
+            "# Written by pilot-image: the clouds' storage and network drivers (see\n\
+             # image/src/local/customize.rs), loaded from the initramfs.\n{}\n",
+            INITRAMFS_DRIVERS.join("\n")
+        ),
+        0o644,
+    )?;
+    write(
+        root,
+        "etc/cloud/cloud.cfg.d/90_pilot_image.cfg",
+        CLOUD_INIT_CFG,
+        0o644,
+    )?;
+
     let images = root.join(def.images_dir.strip_prefix("/").unwrap_or(&def.images_dir));
     fs::create_dir_all(&images).map_err(io(format!("cannot create {}", images.display())))?;
-    for tar in &def.images {
+    // Preloaded images are in the Docker data root already (preload.rs): no tarball copies.
+    let copied: &[std::path::PathBuf] = if def.preload_images { &[] } else { &def.images };
+    for tar in copied {
         // File names were checked unique and ending in .tar when the definition was loaded.
         let Some(name) = tar.file_name() else {
             continue;
@@ -169,6 +225,7 @@ exec chroot "$R" /bin/sh -eu /tmp/pilot-image-customize.sh
 "#;
 
 fn chroot_script() -> String {
+    let drivers = INITRAMFS_DRIVERS.join(" ");
     format!(
         r#"export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 echo "pilot-image: forbidding service starts (policy-rc.d)"
@@ -178,10 +235,18 @@ echo "pilot-image: installing the agent package"
 dpkg -i /tmp/pilot-agent.deb
 systemctl enable pilot-agent-firewall.service pilot-agent.service
 systemctl enable ssh.service
-echo "pilot-image: boot loader files"
-grub-mkimage -O i386-pc -p '{GRUB_PREFIX}' -o /{CORE_IMG_IN_ROOT} {GRUB_CORE_MODULES}
-mkdir -p /boot/grub/i386-pc
+echo "pilot-image: boot loader files (BIOS and UEFI)"
+grub-mkimage -O i386-pc -c /{EARLY_CFG_IN_ROOT} -p /boot/grub -o /{CORE_IMG_IN_ROOT} {GRUB_BIOS_MODULES}
+grub-mkimage -O x86_64-efi -c /{EARLY_CFG_IN_ROOT} -p /boot/grub -o /{EFI_IMG_IN_ROOT} {GRUB_EFI_MODULES}
+rm -f /{EARLY_CFG_IN_ROOT}
+mkdir -p /boot/grub/i386-pc /boot/grub/x86_64-efi
 cp /usr/lib/grub/i386-pc/*.mod /usr/lib/grub/i386-pc/*.lst /boot/grub/i386-pc/
+cp /usr/lib/grub/x86_64-efi/*.mod /usr/lib/grub/x86_64-efi/*.lst /boot/grub/x86_64-efi/
+echo "pilot-image: the clouds' drivers in the initramfs"
+update-initramfs -u -k all
+for m in {drivers}; do
+  lsinitramfs /initrd.img | grep -Eq "/$m\.ko(\.[a-z]+)?$" || {{ echo "pilot-image: $m is not in the initramfs" >&2; exit 1; }}
+done
 echo "pilot-image: cleaning for cloning"
 cloud-init clean --logs
 rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub

@@ -54,6 +54,7 @@ struct Layer {
     agent_deb: Option<PathBuf>,
     images: Option<Vec<PathBuf>>,
     images_dir: Option<PathBuf>,
+    preload_images: Option<bool>,
     disk_size_mib: Option<u64>,
     formats: Option<Vec<Format>>,
     kernel_cmdline: Option<String>,
@@ -87,6 +88,7 @@ impl Layer {
             agent_deb: self.agent_deb.or(base.agent_deb),
             images: self.images.or(base.images),
             images_dir: self.images_dir.or(base.images_dir),
+            preload_images: self.preload_images.or(base.preload_images),
             disk_size_mib: self.disk_size_mib.or(base.disk_size_mib),
             formats: self.formats.or(base.formats),
             kernel_cmdline: self.kernel_cmdline.or(base.kernel_cmdline),
@@ -158,6 +160,9 @@ pub struct Definition {
     pub agent_deb: PathBuf,
     pub images: Vec<PathBuf>,
     pub images_dir: PathBuf,
+    /// Load `images` into the image's Docker data root at build time (see [`super::preload`])
+    /// instead of copying the tarballs into `images_dir` for the agent to load at boot.
+    pub preload_images: bool,
     pub disk_size_mib: u64,
     pub formats: Vec<Format>,
     pub kernel_cmdline: String,
@@ -211,6 +216,7 @@ impl Definition {
             agent_deb: need(l.agent_deb, "agent_deb")?,
             images: need(l.images, "images")?,
             images_dir: need(l.images_dir, "images_dir")?,
+            preload_images: need(l.preload_images, "preload_images")?,
             disk_size_mib: need(l.disk_size_mib, "disk_size_mib")?,
             formats: need(l.formats, "formats")?,
             kernel_cmdline: need(l.kernel_cmdline, "kernel_cmdline")?,

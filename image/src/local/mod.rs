@@ -13,6 +13,7 @@ pub mod customize;
 pub mod definition;
 pub mod disk;
 pub mod error;
+pub mod preload;
 pub mod rootfs;
 mod run;
 
@@ -41,6 +42,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("tar", "tar"),
     ("unshare", "util-linux"),
     ("sfdisk", "fdisk"),
+    ("mkfs.fat", "dosfstools"),
+    ("mmd", "mtools"),
+    ("mcopy", "mtools"),
     ("mkfs.ext4", "e2fsprogs"),
     ("qemu-img", "qemu-utils"),
     ("curl", "curl"),
@@ -152,12 +156,18 @@ impl Plan {
                 s,
                 "            image {} -> {}",
                 image.display(),
-                d.images_dir.display()
+                if d.preload_images {
+                    "/var/lib/docker (preload: docker load by the image's dockerd in a chroot)"
+                        .to_owned()
+                } else {
+                    d.images_dir.display().to_string()
+                }
             );
         }
         let _ = writeln!(
             s,
-            "  disk      {} MiB raw: MBR (sfdisk), ext4 from 1 MiB (mkfs.ext4 -d), GRUB for BIOS, console=ttyS0",
+            "  disk      {} MiB raw: GPT (sfdisk): BIOS boot, EFI system (FAT32, mtools), root ext4 from 128 MiB \
+             (mkfs.ext4 -d); GRUB for BIOS and UEFI, console=ttyS0",
             d.disk_size_mib
         );
         if d.formats.contains(&Format::Qcow2) {
@@ -276,11 +286,19 @@ pub fn build(plan: &Plan) -> Result<BuildReport, LocalError> {
         || customize::customize(def, &root, &uuid, &logs.join("customize.log")),
     )?;
 
+    if def.preload_images && !def.images.is_empty() {
+        p.step(
+            "preload",
+            "the images loaded into the image's Docker data root by its own dockerd",
+            || preload::preload(def, &root, &logs.join("preload.log")),
+        )?;
+    }
+
     let raw = tmp.path().join(format!("{}.raw", def.name));
     p.step(
         "disk",
         &format!(
-            "{} MiB: partition table, ext4 (mkfs.ext4 -d), GRUB",
+            "{} MiB: GPT, ext4 (mkfs.ext4 -d), EFI system partition, GRUB for BIOS and UEFI",
             def.disk_size_mib
         ),
         || {
@@ -292,6 +310,7 @@ pub fn build(plan: &Plan) -> Result<BuildReport, LocalError> {
                 &uuid,
                 &logs.join("disk.log"),
             )?;
+            disk::make_esp(&root, &raw, tmp.path(), &logs.join("esp.log"))?;
             disk::install_boot_loader(&root, &raw)
         },
     )?;
@@ -499,7 +518,7 @@ fn check_disk_size(def: &Definition, root: &Path) -> Result<(), LocalError> {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    let need_mib = rootfs_mib + rootfs_mib / 4 + 128;
+    let need_mib = rootfs_mib + rootfs_mib / 4 + 128 + disk::LAYOUT_OVERHEAD_MIB;
     if def.disk_size_mib < need_mib {
         return Err(LocalError::DiskTooSmall {
             disk_mib: def.disk_size_mib,
