@@ -6,5 +6,7 @@
 
 pub mod aws;
 pub mod cli;
+pub mod gcp;
 pub mod local;
+pub mod partitions;
 pub mod userdata;

@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use pilot_image::aws::{self, AwsBuildArgs, AwsCleanupArgs, AwsPublishArgs};
-use pilot_image::cli::{Cli, Command, LocalArgs, PublishTarget, Target};
+use pilot_image::aws::{self, AwsCleanupArgs, AwsPublishArgs};
+use pilot_image::cli::{self, Cli, Command, LocalArgs, PublishTarget, Target};
+use pilot_image::gcp::{self, GcpCleanupArgs, GcpPublishArgs};
 use pilot_image::local::{self, Definition, LocalError, Plan};
 use pilot_image::userdata::{self, UserDataError, UserDataInput};
 use tracing::field::{Field, Visit};
@@ -23,8 +24,15 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
     report_to_stderr();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Before clap: an old `build --target aws` line also carries the builder's flags, which
+    // clap would refuse one by one; say where the AMI build went instead.
+    if cli::removed_build_target(&args) {
+        error!(command = "build", "{}", cli::REMOVED_AWS_BUILD);
+        return ExitCode::from(2);
+    }
+    let cli = Cli::parse_from(args);
     match cli.command {
         Command::UserData {
             from,
@@ -37,24 +45,35 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Build {
-            target: Target::Aws,
-            dry_run,
-            aws,
-            ..
-        } => aws_build(*aws, dry_run),
         Command::Publish {
             target: PublishTarget::Aws,
             dry_run,
             aws,
+            ..
         } => aws_publish(*aws, dry_run),
-        Command::Cleanup { build_id, aws } => aws_cleanup(&build_id, &aws),
+        Command::Publish {
+            target: PublishTarget::Gcp,
+            dry_run,
+            aws,
+            gcp,
+        } => gcp_publish(&aws, *gcp, dry_run),
+        Command::Cleanup {
+            build_id,
+            target: PublishTarget::Aws,
+            aws,
+            ..
+        } => aws_cleanup(&build_id, &aws),
+        Command::Cleanup {
+            build_id,
+            target: PublishTarget::Gcp,
+            aws,
+            gcp,
+        } => gcp_cleanup(&build_id, &aws, &gcp),
         Command::Build {
             target: Target::Local,
             file,
             dry_run,
             local,
-            ..
         } => match build_local(file, dry_run, &local) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -114,47 +133,10 @@ fn user_data(
     }
 }
 
-/// `build --target aws`: the build id goes to stderr before anything else, so that an operator
-/// can always run `cleanup --build-id`; the AMI id alone goes to stdout. Exit 2 when the flags
-/// are refused (nothing was created), 130 when cancelled by a signal (like a shell), 1 on any
-/// other failure (after the clean-up).
-#[cfg(feature = "aws")]
-fn aws_build(args: AwsBuildArgs, dry_run: bool) -> ExitCode {
-    let build_id = args.build_id.clone().unwrap_or_else(aws::new_build_id);
-    tracing::info!("build id {build_id} (leftovers: pilot-image cleanup --build-id {build_id})");
-    let plan = match aws::build::Plan::new(args, build_id) {
-        Ok(p) => p,
-        Err(e) => {
-            error!(command = "build", "{e}");
-            return ExitCode::from(2);
-        }
-    };
-    if dry_run {
-        print!("{}", plan.describe());
-        return ExitCode::SUCCESS;
-    }
-    match aws::build_blocking(plan) {
-        Ok(built) => {
-            println!("{}", built.image_id);
-            ExitCode::SUCCESS
-        }
-        Err(aws::AwsError::Cancelled) => {
-            error!(
-                command = "build",
-                "cancelled; everything of the build was removed"
-            );
-            ExitCode::from(130)
-        }
-        Err(e) => {
-            error!(command = "build", "{e}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-/// `publish --target aws`: like `build --target aws` (build id first on stderr, exit 2 for
-/// refused flags, 130 on a signal, 1 on a failure), but stdout gets one `REGION AMI` line per
-/// region.
+/// `publish --target aws`: the build id goes to stderr before anything else, so that an
+/// operator can always run `cleanup --build-id`; stdout gets one `REGION AMI` line per region.
+/// Exit 2 when the flags are refused (nothing was created), 130 when cancelled by a signal
+/// (like a shell), 1 on any other failure (after the clean-up unless `--on-error=abort`).
 #[cfg(feature = "aws")]
 fn aws_publish(args: AwsPublishArgs, dry_run: bool) -> ExitCode {
     let build_id = args.build_id.clone().unwrap_or_else(aws::new_build_id);
@@ -211,13 +193,6 @@ fn aws_cleanup(build_id: &str, args: &AwsCleanupArgs) -> ExitCode {
     }
 }
 
-/// Without the `aws` feature: refused like a bad flag (exit 2), before anything is made.
-#[cfg(not(feature = "aws"))]
-fn aws_build(_args: AwsBuildArgs, _dry_run: bool) -> ExitCode {
-    error!(command = "build", "{}", aws::NO_AWS_SUPPORT);
-    ExitCode::from(2)
-}
-
 /// Without the `aws` feature: refused like a bad flag (exit 2).
 #[cfg(not(feature = "aws"))]
 fn aws_publish(_args: AwsPublishArgs, _dry_run: bool) -> ExitCode {
@@ -232,6 +207,91 @@ fn aws_cleanup(_build_id: &str, _args: &AwsCleanupArgs) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// `publish --target gcp`: as `publish --target aws` (build id first on stderr, exit 2 for
+/// refused flags, 130 on a signal, 1 on a failure); stdout gets one `PROJECT IMAGE` line.
+#[cfg(feature = "gcp")]
+fn gcp_publish(shared: &AwsPublishArgs, args: GcpPublishArgs, dry_run: bool) -> ExitCode {
+    let build_id = shared.build_id.clone().unwrap_or_else(gcp::new_build_id);
+    tracing::info!(
+        "build id {build_id} (leftovers: pilot-image cleanup --target gcp --build-id {build_id} \
+         --project {} --bucket {})",
+        args.connection.project.as_deref().unwrap_or("PROJECT"),
+        args.connection.bucket.as_deref().unwrap_or("BUCKET"),
+    );
+    let plan = match gcp::Plan::new(shared, args, build_id) {
+        Ok(p) => p,
+        Err(e) => {
+            error!(command = "publish", "{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if dry_run {
+        print!("{}", plan.describe());
+        return ExitCode::SUCCESS;
+    }
+    let keep = plan.on_error == aws::OnError::Abort;
+    match gcp::publish_blocking(plan) {
+        Ok(p) => {
+            if let Some(link) = &p.self_link {
+                tracing::info!("image {link}");
+            }
+            match writeln!(std::io::stdout().lock(), "{} {}", p.project, p.image) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(1),
+            }
+        }
+        Err(gcp::GcpError::Cancelled) => {
+            error!(
+                command = "publish",
+                "cancelled; {}",
+                if keep {
+                    "what the publish made was kept (--on-error=abort)"
+                } else {
+                    "everything of the publish was removed"
+                }
+            );
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            error!(command = "publish", "{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `cleanup --target gcp`: the bounds come from the shared `--cleanup-timeout` and
+/// `--poll-interval-ms`.
+#[cfg(feature = "gcp")]
+fn gcp_cleanup(build_id: &str, shared: &AwsCleanupArgs, args: &GcpCleanupArgs) -> ExitCode {
+    let timeout = std::time::Duration::from_secs(shared.cleanup_timeout);
+    let poll = std::time::Duration::from_millis(shared.poll_interval_ms.max(1));
+    match gcp::cleanup_blocking(build_id, &args.connection, timeout, poll) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e @ gcp::GcpError::Invalid { .. }) => {
+            error!(command = "cleanup", "{e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            error!(command = "cleanup", "{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Without the `gcp` feature: refused like a bad flag (exit 2).
+#[cfg(not(feature = "gcp"))]
+fn gcp_publish(_shared: &AwsPublishArgs, _args: GcpPublishArgs, _dry_run: bool) -> ExitCode {
+    error!(command = "publish", "{}", gcp::NO_GCP_SUPPORT);
+    ExitCode::from(2)
+}
+
+/// Without the `gcp` feature: a failed clean-up (exit 1).
+#[cfg(not(feature = "gcp"))]
+fn gcp_cleanup(_build_id: &str, _shared: &AwsCleanupArgs, _args: &GcpCleanupArgs) -> ExitCode {
+    error!(command = "cleanup", "{}", gcp::NO_GCP_SUPPORT);
+    ExitCode::from(1)
+}
+
 /// `build --target local`: the plan (printed with --dry-run), else the build and its summary.
 fn build_local(file: Option<PathBuf>, dry_run: bool, args: &LocalArgs) -> Result<(), LocalError> {
     let def = Definition::load(file.as_deref(), args.overrides())?;
@@ -240,7 +300,11 @@ fn build_local(file: Option<PathBuf>, dry_run: bool, args: &LocalArgs) -> Result
         print!("{}", plan.render());
         return Ok(());
     }
-    let report = local::build(&plan)?;
+    let on_failure = match args.on_error {
+        aws::OnError::Cleanup => local::OnFailure::Remove,
+        aws::OnError::Abort => local::OnFailure::Keep,
+    };
+    let report = local::build(&plan, on_failure)?;
     println!(
         "built in {:.1}s (root file system {}):",
         report.total.as_secs_f64(),

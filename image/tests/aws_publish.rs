@@ -11,6 +11,8 @@
 //! implemented (HTTP 500), so `--deprecate-at` is tested as a failing last step whose
 //! clean-up removes everything. Moto's StartSnapshot also makes an untagged EC2 volume, which
 //! real AWS does not: it is not counted as a leak (leftovers are found by the build-id tag).
+//! Also here: `build --target aws` (the instance-based builder, removed) is refused with the
+//! way to publish, and `cleanup` still reaps everything such a builder left under a build id.
 //! Without moto (scripts/setup.sh makes its venv) these tests fail; they never skip.
 #![cfg(feature = "aws")]
 
@@ -570,5 +572,220 @@ fn sigint_during_the_upload_leaves_nothing() {
         "the upload finished before the signal: {text}"
     );
     assert_nothing_left(&moto, build_id, "SIGINT during the upload");
+    moto.cleanup().unwrap();
+}
+
+/// `build --target aws` (the instance-based builder) was removed: refused like a bad flag,
+/// before any API call, with the way to an AMI now; also when an old command line carries the
+/// builder's flags, which clap alone would refuse as unknown.
+#[test]
+fn build_target_aws_is_removed_and_points_to_publish() {
+    for extra in [
+        &[][..],
+        &[
+            "--agent-deb-url",
+            "https://example.com/a.deb",
+            "--source-owner",
+            "self",
+        ][..],
+    ] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["build", "--target", "aws"]).args(extra);
+        let r = run(cmd);
+        assert_eq!(r.status.code(), Some(2), "{}", r.stderr);
+        assert!(r.stdout.is_empty(), "{:?}", r.stdout);
+        assert!(
+            r.stderr.contains("build --target aws was removed")
+                && r.stderr.contains("pilot-image build --target local")
+                && r.stderr
+                    .contains("pilot-image publish --target aws --disk OUT/NAME.raw"),
+            "{}",
+            r.stderr
+        );
+    }
+}
+
+/// What is left of a build id in the home region, by tag: instances not terminated, images,
+/// snapshots, volumes, key pairs, security groups.
+fn all_tagged(moto: &Moto, build_id: &str) -> Vec<(&'static str, BTreeSet<String>)> {
+    let c = ec2(moto, HOME);
+    let (images, snapshots) = tagged(moto, HOME, build_id);
+    rt().block_on(async {
+        let f = tag_filter(build_id);
+        let inst = c
+            .describe_instances()
+            .filters(f.clone())
+            .send()
+            .await
+            .unwrap();
+        let instances = inst
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter(|i| {
+                i.state().and_then(|s| s.name())
+                    != Some(&aws_sdk_ec2::types::InstanceStateName::Terminated)
+            })
+            .map(|i| i.instance_id().unwrap().to_owned())
+            .collect();
+        let vols = c
+            .describe_volumes()
+            .filters(f.clone())
+            .send()
+            .await
+            .unwrap();
+        let kps = c
+            .describe_key_pairs()
+            .filters(f.clone())
+            .send()
+            .await
+            .unwrap();
+        let sgs = c
+            .describe_security_groups()
+            .filters(f)
+            .send()
+            .await
+            .unwrap();
+        vec![
+            ("instances", instances),
+            ("images", images),
+            ("snapshots", snapshots),
+            (
+                "volumes",
+                vols.volumes()
+                    .iter()
+                    .map(|v| v.volume_id().unwrap().to_owned())
+                    .collect(),
+            ),
+            (
+                "key pairs",
+                kps.key_pairs()
+                    .iter()
+                    .map(|k| k.key_name().unwrap().to_owned())
+                    .collect(),
+            ),
+            (
+                "security groups",
+                sgs.security_groups()
+                    .iter()
+                    .map(|g| g.group_id().unwrap().to_owned())
+                    .collect(),
+            ),
+        ]
+    })
+}
+
+/// `cleanup --build-id` stays broad: what the removed builder of older versions left under a
+/// build id (a running instance with its security group and key pair, a detached volume, an
+/// image made from the instance and its snapshot) is reaped whole, and a second run is a no-op.
+/// The resources are made here with the SDK, tagged as the builder tagged them.
+#[test]
+fn cleanup_reaps_what_an_old_instance_builder_left() {
+    use aws_sdk_ec2::types::{InstanceType, KeyType, ResourceType, Tag, TagSpecification};
+    let moto = Moto::start().unwrap();
+    let build_id = "old-builder";
+    let c = ec2(&moto, HOME);
+    let spec = |kind: ResourceType| {
+        TagSpecification::builder()
+            .resource_type(kind)
+            .tags(Tag::builder().key("pilot:build-id").value(build_id).build())
+            .build()
+    };
+    rt().block_on(async {
+        // Any image moto ships will do as the builder's source.
+        let source = c.describe_images().send().await.unwrap().images()[0]
+            .image_id()
+            .unwrap()
+            .to_owned();
+        let name = format!("pilot-image-{build_id}");
+        c.create_key_pair()
+            .key_name(&name)
+            .key_type(KeyType::Ed25519)
+            .tag_specifications(spec(ResourceType::KeyPair))
+            .send()
+            .await
+            .unwrap();
+        let sg = c
+            .create_security_group()
+            .group_name(&name)
+            .description("old builder")
+            .tag_specifications(spec(ResourceType::SecurityGroup))
+            .send()
+            .await
+            .unwrap()
+            .group_id()
+            .unwrap()
+            .to_owned();
+        let run = c
+            .run_instances()
+            .image_id(&source)
+            .instance_type(InstanceType::T3Small)
+            .min_count(1)
+            .max_count(1)
+            .key_name(&name)
+            .security_group_ids(&sg)
+            .tag_specifications(spec(ResourceType::Instance))
+            .tag_specifications(spec(ResourceType::Volume))
+            .send()
+            .await
+            .unwrap();
+        let instance = run.instances()[0].instance_id().unwrap().to_owned();
+        c.create_volume()
+            .availability_zone(format!("{HOME}a"))
+            .size(1)
+            .tag_specifications(spec(ResourceType::Volume))
+            .send()
+            .await
+            .unwrap();
+        let image = c
+            .create_image()
+            .instance_id(&instance)
+            .name(format!("pilot-{build_id}"))
+            .tag_specifications(spec(ResourceType::Image))
+            .send()
+            .await
+            .unwrap()
+            .image_id()
+            .unwrap()
+            .to_owned();
+        // The builder tagged the image's snapshots once the image listed them.
+        let img = c.describe_images().image_ids(&image).send().await.unwrap();
+        let snaps: Vec<String> = img.images()[0]
+            .block_device_mappings()
+            .iter()
+            .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()))
+            .map(str::to_owned)
+            .collect();
+        c.create_tags()
+            .set_resources(Some(snaps))
+            .tags(Tag::builder().key("pilot:build-id").value(build_id).build())
+            .send()
+            .await
+            .unwrap();
+    });
+    for (kind, ids) in all_tagged(&moto, build_id) {
+        assert!(!ids.is_empty(), "the set-up made no {kind}");
+    }
+    let cleanup = || {
+        let mut cmd = pilot_image(&moto);
+        cmd.args([
+            "cleanup",
+            "--build-id",
+            build_id,
+            "--region",
+            HOME,
+            "--poll-interval-ms",
+            "50",
+            "--cleanup-timeout",
+            "60",
+        ]);
+        run(cmd)
+    };
+    let r = cleanup();
+    assert!(r.status.success(), "{}", r.stderr);
+    for (kind, ids) in all_tagged(&moto, build_id) {
+        assert!(ids.is_empty(), "cleanup left {kind}: {ids:?}");
+    }
+    assert!(cleanup().status.success(), "a second cleanup is a no-op");
     moto.cleanup().unwrap();
 }

@@ -354,8 +354,11 @@ fn local_image_boots_and_the_agent_converges() -> Result<()> {
     let scratch = tempfile::tempdir_in(work)?;
     let deb = agent_deb(work)?;
     let standin = standin_tar(work, scratch.path())?;
-    let Built { raw, qcow2, took: build_time } =
-        build_image("pilot-boot-test", &work.join("out"), &deb, &standin, None)?;
+    let Built {
+        raw,
+        qcow2,
+        took: build_time,
+    } = build_image("pilot-boot-test", &work.join("out"), &deb, &standin, None)?;
     let seed = make_seed(scratch.path())?;
 
     // 5. Boot throwaway overlays of the built image, larger than it was built (the root

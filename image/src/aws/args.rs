@@ -1,14 +1,9 @@
-//! The command-line flags of `pilot-image build --target aws`, `pilot-image publish --target aws`
-//! and `pilot-image cleanup`.
+//! The command-line flags of `pilot-image publish --target aws` and `pilot-image cleanup`.
 //!
 //! Flags rather than a build file: the AWS flow has few knobs, and each has an obvious default
-//! (a Debian 12 source image from Debian's own account, a small builder, bounded waits).
+//! (the disk's own boot mode and size, bounded waits).
 
 use std::path::PathBuf;
-
-/// Debian's AWS account, which publishes the official Debian cloud images
-/// (<https://wiki.debian.org/Cloud/AmazonEC2Image>).
-pub const DEBIAN_OWNER: &str = "136693071363";
 
 /// Where the EC2 API is: region and endpoint. Credentials come from the SDK's usual chain
 /// (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the shared files, SSO, the instance's role).
@@ -33,71 +28,6 @@ impl AwsConnection {
     }
 }
 
-/// The flags of `build --target aws` (ignored by the other targets).
-#[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "AWS target (--target aws)")]
-pub struct AwsBuildArgs {
-    #[command(flatten)]
-    pub connection: AwsConnection,
-    /// Tag value of `pilot:build-id` on every resource of this build (default: generated).
-    /// Letters, digits and `-`, at most 64.
-    #[arg(long, value_name = "ID")]
-    pub build_id: Option<String>,
-    /// Owner (account id, or `self`, `amazon`) of the source image.
-    #[arg(long, value_name = "OWNER", default_value = DEBIAN_OWNER)]
-    pub source_owner: String,
-    /// Name pattern of the source image (`*` wildcards); the newest match by CreationDate wins.
-    #[arg(long, value_name = "PATTERN", default_value = "debian-12-amd64-*")]
-    pub source_name: String,
-    /// Architecture of the source image.
-    #[arg(long, value_name = "ARCH", default_value = "x86_64")]
-    pub source_arch: String,
-    /// Instance type of the builder.
-    #[arg(long, value_name = "TYPE", default_value = "t3.small")]
-    pub instance_type: String,
-    /// Subnet for the builder (default: the default VPC's default subnet).
-    #[arg(long, value_name = "SUBNET")]
-    pub subnet_id: Option<String>,
-    /// Name prefix of the AMI; the AMI is named PREFIX-BUILD_ID.
-    #[arg(long, value_name = "PREFIX", default_value = "pilot")]
-    pub ami_name_prefix: String,
-    /// HTTPS URL of the agent's .deb that the builder installs (renders the `stock` user-data
-    /// and makes it power the builder off once the agent package is installed).
-    #[arg(long, value_name = "URL", conflicts_with = "user_data_file")]
-    pub agent_deb_url: Option<String>,
-    /// User-data for the builder instead of the rendered `stock` one (at most 16 KiB). It must
-    /// power the instance off when provisioning is done: the build waits for that.
-    #[arg(long, value_name = "FILE")]
-    pub user_data_file: Option<PathBuf>,
-    /// Stop the builder with StopInstances as soon as it is running instead of waiting for the
-    /// user-data to power it off. Only for EC2 emulators that run no user-data (moto): on EC2
-    /// it would snapshot an instance that is still being provisioned.
-    #[arg(long)]
-    pub stop_after_provision: bool,
-    /// Seconds to wait for the builder to reach `running`.
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
-    pub launch_timeout: u64,
-    /// Seconds to wait for the builder to provision and power itself off.
-    #[arg(long, value_name = "SECS", default_value_t = 3600)]
-    pub provision_timeout: u64,
-    /// Seconds to wait for the AMI to become `available`.
-    #[arg(long, value_name = "SECS", default_value_t = 3600)]
-    pub image_timeout: u64,
-    /// Seconds to wait for each resource to go away during clean-up.
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
-    pub cleanup_timeout: u64,
-    /// Milliseconds between two polls of a waited-for state.
-    #[arg(long, value_name = "MS", default_value_t = 5000)]
-    pub poll_interval_ms: u64,
-    /// Test hook: fail right after this step (the clean-up then runs as after a real failure).
-    #[arg(long, hide = true, env = "PILOT_IMAGE_FAIL_AFTER", value_name = "STEP")]
-    pub fail_after: Option<String>,
-    /// Test hook: the wait of this step keeps polling past success until cancelled or timed
-    /// out, so that a test can interrupt a wait that an emulator would end at once.
-    #[arg(long, hide = true, env = "PILOT_IMAGE_TEST_HOLD", value_name = "STEP")]
-    pub test_hold: Option<String>,
-}
-
 /// The flags of `pilot-image cleanup`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AwsCleanupArgs {
@@ -118,11 +48,12 @@ pub struct AwsCleanupArgs {
 /// How an EC2 instance boots the image (RegisterImage's `BootMode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BootMode {
-    /// BIOS (the local build's GRUB in the MBR gap).
+    /// BIOS only (boot code in the MBR, no EFI system partition).
     LegacyBios,
     /// UEFI only (an EFI system partition).
     Uefi,
-    /// UEFI where the instance type supports it, else BIOS (both boot paths on the disk).
+    /// UEFI where the instance type supports it, else BIOS (both boot paths on the disk, as the
+    /// local build makes it).
     UefiPreferred,
 }
 
@@ -137,12 +68,16 @@ impl BootMode {
     }
 }
 
-/// What a failed (or cancelled) publish does with what it made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// What a failed (or cancelled) publish or build does with what it made (Packer's
+/// `-on-error`; `build --target local` uses it too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OnError {
-    /// Remove everything of the publish in every region (images, snapshots).
+    /// Remove everything it made (a publish: in every region or project, images, snapshots,
+    /// objects; a build: its temporary directory).
+    #[default]
     Cleanup,
-    /// Keep it for inspection and print the `pilot-image cleanup` command that reaps it.
+    /// Keep it for inspection and print how to remove it (a publish: the `pilot-image cleanup`
+    /// command).
     Abort,
 }
 

@@ -94,8 +94,8 @@ impl Cancel {
     }
 }
 
-/// Progress of a build's or a publish's steps, one line each on stderr (`[ 3/11]
-/// security-group ...` then `... done in 0.05 s: sg-1`): a step starts only while not
+/// Progress of a publish's steps, one line each on stderr (`[ 3/8] register-image ...` then
+/// `... done in 0.05 s: ami-1`): a step starts only while not
 /// cancelled, and `PILOT_IMAGE_FAIL_AFTER` fails the run right after the step it names.
 pub(crate) struct Progress {
     steps: &'static [&'static str],

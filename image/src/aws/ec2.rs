@@ -1,6 +1,6 @@
-//! The EC2 client and what the build ([`super::build`]) and the clean-up ([`super::reap`])
+//! The EC2 client and what the publish ([`super::publish`]) and the clean-up ([`super::reap`])
 //! share: tags and filters, bounded waits, and the describe and delete calls both make. It
-//! uses neither of them, so imports run one way: build uses reap and ec2, reap uses ec2.
+//! uses neither of them, so imports run one way: publish uses reap and ec2, reap uses ec2.
 
 use std::time::{Duration, Instant};
 
@@ -191,7 +191,21 @@ pub fn image_snapshots(image: &Image) -> Vec<String> {
         .collect()
 }
 
-/// Deletes a security group, retrying while EC2 still sees it in use: a terminated
+/// EC2's StateReason of an image, e.g. `Server.InternalError: ...`.
+pub fn image_reason(image: &Image) -> String {
+    image.state_reason().map_or_else(
+        || "no state reason given".to_owned(),
+        |r| {
+            format!(
+                "{}: {}",
+                r.code().unwrap_or("no code"),
+                r.message().unwrap_or("no message")
+            )
+        },
+    )
+}
+
+/// Deletes a security group (one a builder of an older pilot-image made), retrying while EC2 still sees it in use: a terminated
 /// instance's network interface lingers for a while (DependencyViolation).
 pub async fn delete_security_group(ec2: &Ec2, sg: &str, deadline: Deadline) -> Result<()> {
     let what = format!("security group {sg}");
@@ -240,7 +254,7 @@ where
 }
 
 /// Deletes the build's volumes that are no longer attached (those attached to a live instance
-/// go with it: the builder's root volume is delete-on-termination).
+/// go with it: an old builder's root volume was delete-on-termination).
 pub async fn delete_build_volumes(ec2: &Ec2, build_id: &str, deadline: Deadline) -> Result<()> {
     let vols = ec2
         .client
@@ -255,4 +269,37 @@ pub async fn delete_build_volumes(ec2: &Ec2, build_id: &str, deadline: Deadline)
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_ec2::types::{ImageState, StateReason};
+
+    #[test]
+    fn image_failure_names_the_state_reason() {
+        let img = Image::builder()
+            .image_id("ami-1")
+            .state(ImageState::Failed)
+            .state_reason(
+                StateReason::builder()
+                    .code("Server.InternalError")
+                    .message("snapshot failed")
+                    .build(),
+            )
+            .build();
+        let e = AwsError::ImageFailed {
+            image: "ami-1".into(),
+            state: "failed".into(),
+            reason: image_reason(&img),
+        };
+        assert_eq!(
+            e.to_string(),
+            "image ami-1 is failed: Server.InternalError: snapshot failed"
+        );
+        assert_eq!(
+            image_reason(&Image::builder().build()),
+            "no state reason given"
+        );
+    }
 }

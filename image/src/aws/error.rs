@@ -4,19 +4,10 @@ use std::time::Duration;
 
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
-use crate::userdata::UserDataError;
-
 #[derive(Debug, thiserror::Error)]
 pub enum AwsError {
     #[error("{flag}: {reason}")]
     Invalid { flag: &'static str, reason: String },
-    #[error("cannot read the user-data file {path}: {source}")]
-    ReadUserData {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("builder user-data: {0}")]
-    UserData(#[from] UserDataError),
     #[error("no AWS region: pass --region or set AWS_REGION")]
     NoRegion,
     /// `code` is the AWS error code when the service answered (e.g. `InvalidGroup.NotFound`).
@@ -31,25 +22,11 @@ pub enum AwsError {
         op: &'static str,
         what: &'static str,
     },
-    #[error(
-        "no source image owned by {owner} named {name:?} for architecture {arch} (check --source-owner, --source-name, --source-arch and the region)"
-    )]
-    NoSourceImage {
-        owner: String,
-        name: String,
-        arch: String,
-    },
     #[error("timed out after {waited:?} waiting for {what} (last seen: {last})")]
     Timeout {
         what: String,
         waited: Duration,
         last: String,
-    },
-    #[error("builder instance {instance} went to {state} instead of stopping ({reason})")]
-    InstanceLost {
-        instance: String,
-        state: String,
-        reason: String,
     },
     #[error("image {image} is {state}: {reason}")]
     ImageFailed {

@@ -3,6 +3,12 @@
 //! are deleted, instances are terminated (and awaited) before their volumes and security group
 //! go, and the key pair last. Every removal is attempted even when another fails; "not found"
 //! counts as removed, so running it twice is harmless.
+//!
+//! `publish` makes only snapshots and images (in each copy region too). Instances, key pairs and
+//! security groups are still looked for, by tag, because the instance-based builder of older
+//! pilot-image versions (`build --target aws`, removed) made them under the same tag: a build
+//! id of such a version is reaped whole by today's `cleanup`, at the cost of three Describe
+//! calls that find nothing for a publish.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

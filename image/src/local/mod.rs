@@ -206,8 +206,23 @@ impl Progress {
     }
 }
 
+/// What a failed build does with its temporary directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFailure {
+    /// Remove it (the default): nothing of the build is left.
+    #[default]
+    Remove,
+    /// Keep it, renamed `pilot-image-failed-NAME-PID` in the output directory (the unpacked
+    /// root file system, the half-made disk, every step's log), and say where: Packer's
+    /// `-on-error=abort`, for a build that must be debugged. Later builds do not remove it.
+    Keep,
+}
+
+/// Prefix of a failed build's directory kept by [`OnFailure::Keep`].
+pub const KEPT_PREFIX: &str = "pilot-image-failed-";
+
 /// Runs the build the plan describes.
-pub fn build(plan: &Plan) -> Result<BuildReport, LocalError> {
+pub fn build(plan: &Plan, on_failure: OnFailure) -> Result<BuildReport, LocalError> {
     let started = Instant::now();
     let def = &plan.def;
     let mut p = Progress { steps: Vec::new() };
@@ -255,6 +270,33 @@ pub fn build(plan: &Plan) -> Result<BuildReport, LocalError> {
         source: e,
     })?;
 
+    let outputs = match steps(plan, &mut p, tmp.path(), &logs) {
+        Ok(outputs) => outputs,
+        Err(e) => {
+            if on_failure == OnFailure::Keep {
+                keep_failed(def, tmp);
+            }
+            return Err(e);
+        }
+    };
+    drop(tmp);
+    Ok(BuildReport {
+        outputs,
+        rootfs_cached: plan.cached,
+        steps: p.steps,
+        total: started.elapsed(),
+    })
+}
+
+/// The build's steps after the check, in the temporary directory `tmp`: the outputs at their
+/// final paths.
+fn steps(
+    plan: &Plan,
+    p: &mut Progress,
+    tmp: &Path,
+    logs: &Path,
+) -> Result<Vec<(Format, PathBuf, u64)>, LocalError> {
+    let def = &plan.def;
     if plan.cached {
         p.step(
             "rootfs",
@@ -274,7 +316,7 @@ pub fn build(plan: &Plan) -> Result<BuildReport, LocalError> {
         )?;
     }
 
-    let root = tmp.path().join("rootfs");
+    let root = tmp.join("rootfs");
     p.step("extract", "unpacking the root file system", || {
         rootfs::extract(&plan.cache, &root, &logs.join("extract.log"))
     })?;
@@ -294,7 +336,7 @@ pub fn build(plan: &Plan) -> Result<BuildReport, LocalError> {
         )?;
     }
 
-    let raw = tmp.path().join(format!("{}.raw", def.name));
+    let raw = tmp.join(format!("{}.raw", def.name));
     p.step(
         "disk",
         &format!(
@@ -310,7 +352,7 @@ pub fn build(plan: &Plan) -> Result<BuildReport, LocalError> {
                 &uuid,
                 &logs.join("disk.log"),
             )?;
-            disk::make_esp(&root, &raw, tmp.path(), &logs.join("esp.log"))?;
+            disk::make_esp(&root, &raw, tmp, &logs.join("esp.log"))?;
             disk::install_boot_loader(&root, &raw)
         },
     )?;
@@ -322,7 +364,7 @@ pub fn build(plan: &Plan) -> Result<BuildReport, LocalError> {
         })
     })?;
 
-    let qcow2 = tmp.path().join(format!("{}.qcow2", def.name));
+    let qcow2 = tmp.join(format!("{}.qcow2", def.name));
     if def.formats.contains(&Format::Qcow2) {
         p.step("qcow2", "qemu-img convert -O qcow2", || {
             disk::convert_qcow2(&raw, &qcow2, &logs.join("qcow2.log"))
@@ -345,13 +387,32 @@ pub fn build(plan: &Plan) -> Result<BuildReport, LocalError> {
         }
         Ok(outputs)
     })?;
-    drop(tmp);
-    Ok(BuildReport {
-        outputs,
-        rootfs_cached: plan.cached,
-        steps: p.steps,
-        total: started.elapsed(),
-    })
+    Ok(outputs)
+}
+
+/// Renames a failed build's temporary directory out of the way of the stale-directory sweep
+/// and says where it is. Nothing in it is mounted: the chroots' mounts lived in namespaces
+/// that ended with their commands.
+fn keep_failed(def: &Definition, tmp: tempfile::TempDir) {
+    let kept = def
+        .output_dir
+        .join(format!("{KEPT_PREFIX}{}-{}", def.name, std::process::id()));
+    let path = tmp.keep();
+    match fs::rename(&path, &kept) {
+        Ok(()) => warn!(
+            "kept the failed build for inspection: {} (logs in {}/logs); remove it with: rm -rf {}",
+            kept.display(),
+            kept.display(),
+            kept.display()
+        ),
+        Err(e) => warn!(
+            "kept the failed build for inspection: {} (could not rename it to {}: {e}; the \
+             next build removes it); remove it with: rm -rf {}",
+            path.display(),
+            kept.display(),
+            path.display()
+        ),
+    }
 }
 
 fn check_tools() -> Result<(), LocalError> {

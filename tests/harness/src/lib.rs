@@ -30,6 +30,7 @@
 //! bip; stopped dockerds leave bind mounts that must be unmounted.
 
 pub mod clean;
+pub mod gcp;
 pub mod leftovers;
 pub mod metadata;
 pub mod moto;
@@ -47,6 +48,7 @@ use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
 
+pub use gcp::Gcp;
 pub use leftovers::{all_leftovers, leftovers};
 pub use moto::Moto;
 pub use postgres::{Postgres, PostgresOptions};
