@@ -137,6 +137,8 @@ struct Seen {
     image: Option<String>,
     /// `uefi` or `bios`: whether /sys/firmware/efi exists in the guest.
     firmware: Option<String>,
+    /// How many times the agent logged `loading image` (a baked tarball loaded) this boot.
+    loads: Option<u64>,
     /// The root file system's size in bytes (findmnt), and its partition's.
     root_bytes: Option<u64>,
     root_part_bytes: Option<u64>,
@@ -159,6 +161,8 @@ fn read_serial(path: &Path) -> Seen {
             seen.image = Some(line[i + "PILOT-IMAGE ".len()..].to_owned());
         } else if let Some(i) = line.find("PILOT-FIRMWARE ") {
             seen.firmware = Some(line[i + "PILOT-FIRMWARE ".len()..].trim().to_owned());
+        } else if let Some(i) = line.find("PILOT-LOADS ") {
+            seen.loads = line[i + "PILOT-LOADS ".len()..].trim().parse().ok();
         } else if let Some(i) = line.find("PILOT-ROOT ") {
             let mut words = line[i + "PILOT-ROOT ".len()..].split_whitespace();
             seen.root_bytes = words.next().and_then(|w| w.parse().ok());
@@ -202,6 +206,7 @@ bootcmd:
         echo "PILOT-DOCKER $(timeout 10 docker ps -a --format '{{.Names}}|{{.Image}}|{{.State}}' 2>&1 | tr '\n' ';')"
         echo "PILOT-IMAGE $(timeout 10 docker image inspect --format '{{.Id}}|{{json .RepoDigests}}' pilot/waypoint:0.11.4 2>&1 | tr '\n' ';')"
         if [ -d /sys/firmware/efi ]; then echo "PILOT-FIRMWARE uefi"; else echo "PILOT-FIRMWARE bios"; fi
+        echo "PILOT-LOADS $(timeout 5 journalctl -u pilot-agent --no-pager -o cat 2>/dev/null | grep -c 'loading image')"
         echo "PILOT-ROOT $(findmnt -bno SIZE /) $(lsblk -bno SIZE "$(findmnt -no SOURCE /)")"
         # The agent's warnings and errors, so that a failed step can be read from the log (by
         # level in the text: journald gives every stderr line priority info).
@@ -360,6 +365,15 @@ fn local_image_boots_and_the_agent_converges() -> Result<()> {
         took: build_time,
     } = build_image("pilot-boot-test", &work.join("out"), &deb, &standin, None)?;
     let seed = make_seed(scratch.path())?;
+    // What `publish` will read from this disk: both boot paths, so EC2's RegisterImage gets
+    // `uefi-preferred` and Compute Engine's image UEFI_COMPATIBLE.
+    let mode = pilot_image::partitions::read_boot_mode(&raw)
+        .map_err(|e| anyhow::anyhow!("cannot read the built disk's partition table: {e:?}"))?;
+    ensure!(
+        mode == pilot_image::aws::BootMode::UefiPreferred,
+        "the built disk's boot mode is {mode:?}, expected UefiPreferred (GPT with a BIOS boot and \
+         an EFI system partition)"
+    );
 
     // 5. Boot throwaway overlays of the built image, larger than it was built (the root
     //    partition and file system must grow to them), first under BIOS (SeaBIOS), then under
@@ -424,7 +438,14 @@ fn boot_until_done(
         Firmware::Bios => "bios",
         Firmware::Uefi => "uefi",
     };
-    let overlay = scratch.join(format!("disk-{tag}.qcow2"));
+    // Named after the image and the firmware: a second boot must never read the serial log
+    // (or reuse the overlay) of an earlier one.
+    let stem = qcow2
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let overlay = scratch.join(format!("{stem}-{tag}.qcow2"));
+    ensure!(!overlay.exists(), "{} exists already", overlay.display());
     run(
         Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
@@ -434,7 +455,8 @@ fn boot_until_done(
         "qemu-img create",
         QUICK,
     )?;
-    let serial = scratch.join(format!("serial-{tag}.log"));
+    let serial = scratch.join(format!("serial-{stem}-{tag}.log"));
+    ensure!(!serial.exists(), "{} exists already", serial.display());
     let _keep_serial = KeepSerial(serial.clone(), format!("serial-last-{tag}.log"));
     let mut qemu = Command::new(QEMU);
     qemu.args(["-accel", "tcg", "-m", "2048", "-smp", "2"])
@@ -530,6 +552,7 @@ fn boot_until_done(
             && docker.contains(&format!("waypoint-runner-1|{STANDIN_TAG}|running"))
             && s.firmware.is_some()
             && s.root_bytes.is_some()
+            && s.loads.is_some()
         {
             break s;
         }
@@ -541,21 +564,23 @@ fn boot_until_done(
         std::thread::sleep(Duration::from_secs(2));
     };
     // Preloaded at build time, the agent finds the image present; otherwise it loads the
-    // baked tarball.
+    // baked tarball (a later pass, if one ran before this status was read, finds it present).
     let images_detail = status["steps"]
         .as_array()
         .and_then(|steps| steps.iter().find(|s| s["name"] == "images"))
         .and_then(|s| s["detail"].as_str())
         .unwrap_or_default()
         .to_owned();
-    let want = if preloaded {
-        format!("{STANDIN_TAG} present")
-    } else {
-        format!("{STANDIN_TAG} loaded from ")
-    };
     ensure!(
-        images_detail.starts_with(&want),
-        "{tag}: the images step says {images_detail:?}, expected {want:?}..."
+        images_detail.starts_with(&format!("{STANDIN_TAG} present"))
+            || (!preloaded && images_detail.starts_with(&format!("{STANDIN_TAG} loaded from "))),
+        "{tag}: the images step says {images_detail:?} (preloaded: {preloaded})"
+    );
+    // And the journal agrees: no tarball loaded when preloaded, one otherwise.
+    let loads = seen.loads.unwrap_or(u64::MAX);
+    ensure!(
+        if preloaded { loads == 0 } else { loads >= 1 },
+        "{tag}: the agent logged `loading image` {loads} time(s) (preloaded: {preloaded})"
     );
     let image = seen.image.clone().unwrap_or_default();
     ensure!(
