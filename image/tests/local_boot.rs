@@ -13,8 +13,9 @@
 //! nothing) and never pulled (no RepoDigests).
 //!
 //! It boots the disk twice, each time on a fresh overlay 2 GiB larger than the disk was built:
-//! under BIOS (SeaBIOS: GRUB from the protective MBR and the BIOS boot partition) and under
-//! UEFI (OVMF from Debian's `ovmf`: GRUB from the EFI system partition's removable-media path),
+//! under BIOS (SeaBIOS: GRUB from the protective MBR and the BIOS boot partition) on virtio-blk,
+//! and under UEFI (OVMF from Debian's `ovmf`: GRUB from the EFI system partition's
+//! removable-media path) on NVMe, as on EC2 Nitro (the initramfs must carry the nvme driver),
 //! and checks that the guest saw the firmware it was booted with and that cloud-init grew the
 //! root partition and file system to the larger disk.
 //!
@@ -142,6 +143,8 @@ struct Seen {
     /// The root file system's size in bytes (findmnt), and its partition's.
     root_bytes: Option<u64>,
     root_part_bytes: Option<u64>,
+    /// The root file system's device (`/dev/vda3`, `/dev/nvme0n1p3`).
+    root_device: Option<String>,
 }
 
 fn read_serial(path: &Path) -> Seen {
@@ -167,6 +170,7 @@ fn read_serial(path: &Path) -> Seen {
             let mut words = line[i + "PILOT-ROOT ".len()..].split_whitespace();
             seen.root_bytes = words.next().and_then(|w| w.parse().ok());
             seen.root_part_bytes = words.next().and_then(|w| w.parse().ok());
+            seen.root_device = words.next().map(str::to_owned);
         }
     }
     seen
@@ -207,7 +211,7 @@ bootcmd:
         echo "PILOT-IMAGE $(timeout 10 docker image inspect --format '{{.Id}}|{{json .RepoDigests}}' pilot/waypoint:0.11.4 2>&1 | tr '\n' ';')"
         if [ -d /sys/firmware/efi ]; then echo "PILOT-FIRMWARE uefi"; else echo "PILOT-FIRMWARE bios"; fi
         echo "PILOT-LOADS $(timeout 5 journalctl -u pilot-agent --no-pager -o cat 2>/dev/null | grep -c 'loading image')"
-        echo "PILOT-ROOT $(findmnt -bno SIZE /) $(lsblk -bno SIZE "$(findmnt -no SOURCE /)")"
+        echo "PILOT-ROOT $(findmnt -bno SIZE /) $(lsblk -bno SIZE "$(findmnt -no SOURCE /)") $(findmnt -no SOURCE /)"
         # The agent's warnings and errors, so that a failed step can be read from the log (by
         # level in the text: journald gives every stderr line priority info).
         timeout 5 journalctl -u pilot-agent --no-pager -o cat 2>&1 | grep -E ' (WARN|ERROR) ' | tail -n 6 | sed 's/^/PILOT-WARN /'
@@ -464,11 +468,26 @@ fn boot_until_done(
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-drive")
-        .arg(format!("file={},if=virtio,format=qcow2", overlay.display()))
-        .arg("-drive")
         .arg(format!("file={},media=cdrom,format=raw", seed.display()))
         .args(["-netdev", "user,id=n0,restrict=on"])
         .args(["-device", "virtio-net-pci,netdev=n0"]);
+    // The disk: virtio-blk under BIOS (Compute Engine's and QEMU's usual), NVMe under UEFI
+    // (EC2 Nitro's, and Compute Engine's NVMe disks): the root on NVMe is found only if the
+    // initramfs carries the nvme driver.
+    match firmware {
+        Firmware::Bios => {
+            qemu.arg("-drive")
+                .arg(format!("file={},if=virtio,format=qcow2", overlay.display()));
+        }
+        Firmware::Uefi => {
+            qemu.arg("-drive")
+                .arg(format!(
+                    "file={},if=none,id=root,format=qcow2",
+                    overlay.display()
+                ))
+                .args(["-device", "nvme,drive=root,serial=pilot-root"]);
+        }
+    }
     if firmware == Firmware::Uefi {
         for f in [OVMF_CODE, OVMF_VARS] {
             ensure!(
@@ -591,6 +610,15 @@ fn boot_until_done(
         seen.firmware.as_deref() == Some(tag),
         "booted with {tag} firmware, the guest saw {:?}",
         seen.firmware
+    );
+    let want_device = match firmware {
+        Firmware::Bios => "/dev/vda3",
+        Firmware::Uefi => "/dev/nvme0n1p3",
+    };
+    ensure!(
+        seen.root_device.as_deref() == Some(want_device),
+        "{tag}: the root file system is on {:?}, expected {want_device}",
+        seen.root_device
     );
     // The root partition ends 1 MiB before the disk's end (backup GPT) and starts at 128 MiB;
     // grown, it is within a few MiB of the disk, and the file system within ext4's overhead
