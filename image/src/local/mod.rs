@@ -145,8 +145,10 @@ impl Plan {
         let _ = writeln!(
             s,
             "  customize chroot: dpkg -i {}; enable pilot-agent-firewall.service pilot-agent.service ssh.service; \
-             cloud-init clean; empty /etc/machine-id; remove SSH host keys; fstab and grub.cfg by UUID",
-            d.agent_deb.display()
+             cloud-init clean, datasources NoCloud/Ec2/GCE, growpart; initramfs with {}; empty /etc/machine-id; \
+             remove SSH host keys; fstab and grub.cfg by UUID; GRUB images for BIOS and UEFI",
+            d.agent_deb.display(),
+            customize::INITRAMFS_DRIVERS.join(",")
         );
         if d.images.is_empty() {
             let _ = writeln!(s, "            no container images to bake");
