@@ -223,8 +223,24 @@ async fn send_chunks(
                 });
             }
             Ok(r) if r.status().as_u16() == 308 => {
-                offset = persisted(&r)?;
-                failures = 0;
+                let next = persisted(&r)?;
+                // A service that keeps answering 308 without taking bytes must not keep the
+                // publish looping: that counts as a failed attempt.
+                if next > offset {
+                    failures = 0;
+                } else {
+                    failures += 1;
+                    if failures >= ATTEMPTS {
+                        return Err(GcpError::Answer {
+                            op: OP,
+                            what: format!(
+                                "the upload does not advance: {ATTEMPTS} chunks in a row at byte \
+                                 {offset} persisted nothing"
+                            ),
+                        });
+                    }
+                }
+                offset = next;
                 if last_note.elapsed() > Duration::from_secs(10) {
                     last_note = Instant::now();
                     info!(
