@@ -26,6 +26,9 @@ const BUCKET: &str = "pilot-images-test";
 const TOKEN: &str = "ya29.standin-token-5f1c0e9b7a3d4c21";
 const MIB: u64 = 1024 * 1024;
 
+/// A Cloud KMS key name (the stand-in checks its form, as images.insert does).
+const KMS_KEY: &str = "projects/pilot-test/locations/global/keyRings/images/cryptoKeys/pilot";
+
 fn start() -> Gcp {
     Gcp::start(BUCKET, TOKEN).expect("the GCP emulator and stand-in start (scripts/setup.sh)")
 }
@@ -257,7 +260,15 @@ fn publish_uploads_one_sparse_disk_raw_and_imports_it() {
         &gcp,
         &disk,
         build_id,
-        &["--family", "pilot", "--label", "env=test", "--keep-object"],
+        &[
+            "--family",
+            "pilot",
+            "--label",
+            "env=test",
+            "--keep-object",
+            "--kms-key-name",
+            KMS_KEY,
+        ],
     ));
     let took = t0.elapsed();
     assert!(
@@ -351,6 +362,7 @@ fn publish_uploads_one_sparse_disk_raw_and_imports_it() {
     assert_eq!(img["labels"]["env"], "test");
     assert_eq!(img["diskSizeGb"], "1");
     assert_eq!(img["architecture"], "X86_64");
+    assert_eq!(img["imageEncryptionKey"]["kmsKeyName"], KMS_KEY, "{img}");
     assert_eq!(
         img["rawDisk"]["source"],
         format!("{}/{BUCKET}/{object}", gcp.storage_endpoint())
@@ -459,6 +471,11 @@ fn a_failed_import_is_reported_in_full_and_cleaned_up() {
         ("--label", "Bad=x", "label key \"Bad\""),
         ("--image-name", "Not_A_Name", "is not [a-z]"),
         ("--upload-chunk-kib", "100", "multiple of 256"),
+        (
+            "--kms-key-name",
+            "projects/p/keyRings/r/cryptoKeys/k",
+            "is not projects/P/locations/L",
+        ),
         (
             "--copy-to-region",
             "eu-west-1",

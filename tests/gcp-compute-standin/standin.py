@@ -64,6 +64,10 @@ IMAGE_FIELDS = {
     "satisfiesPzs", "architecture", "enableConfidentialCompute", "params",
 }
 RAW_DISK_FIELDS = {"source", "sha1Checksum", "containerType"}
+# imageEncryptionKey (a CustomerEncryptionKey): exactly one of the key fields.
+ENCRYPTION_KEY_FIELDS = {"rawKey", "rsaEncryptedKey", "kmsKeyName", "sha256", "kmsKeyServiceAccount"}
+KMS_KEY_RE = re.compile(
+    r"^projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+(/cryptoKeyVersions/[^/]+)?$")
 
 app = Flask(__name__)
 lock = threading.Condition()
@@ -229,6 +233,15 @@ def validate(body):
     if locs is not None and (not isinstance(locs, list) or len(locs) > 1
                              or not all(isinstance(x, str) and x for x in locs)):
         return "Invalid value for field 'resource.storageLocations'."
+    key = body.get("imageEncryptionKey")
+    if key is not None:
+        given = [k for k in ("rawKey", "rsaEncryptedKey", "kmsKeyName") if key.get(k)] \
+            if isinstance(key, dict) else []
+        if not isinstance(key, dict) or set(key) - ENCRYPTION_KEY_FIELDS or len(given) != 1:
+            return "Invalid value for field 'resource.imageEncryptionKey'."
+        if given == ["kmsKeyName"] and not KMS_KEY_RE.match(key["kmsKeyName"]):
+            return ("Invalid value for field 'resource.imageEncryptionKey.kmsKeyName': "
+                    f"'{key['kmsKeyName']}'.")
     sources = [k for k in ("rawDisk", "sourceDisk", "sourceImage", "sourceSnapshot")
                if body.get(k)]
     if len(sources) != 1:

@@ -55,6 +55,12 @@ pub struct GcpPublishArgs {
     /// multi-region nearest the bucket).
     #[arg(long, value_name = "LOCATION")]
     pub storage_location: Option<String>,
+    /// Encrypt the image with this Cloud KMS key (customer-managed, CMEK; Packer's
+    /// `image_encryption_key`): `projects/P/locations/L/keyRings/R/cryptoKeys/K`. Compute
+    /// Engine's service agent needs `roles/cloudkms.cryptoKeyEncrypterDecrypter` on it.
+    /// Default: Google-managed encryption.
+    #[arg(long, value_name = "KEY")]
+    pub kms_key_name: Option<String>,
     /// Keep the tarball in the bucket once the image is READY (by default it is deleted: the
     /// image holds its own copy of the disk, and the tarball would only cost storage).
     #[arg(long)]

@@ -39,6 +39,27 @@ pub const STEPS: [&str; 5] = [
 
 const GIB: u64 = 1024 * 1024 * 1024;
 
+/// A Cloud KMS key's resource name: `projects/P/locations/L/keyRings/R/cryptoKeys/K`, with an
+/// optional `/cryptoKeyVersions/V` (the form images.insert takes in `kmsKeyName`).
+fn is_kms_key_name(k: &str) -> bool {
+    let parts: Vec<&str> = k.split('/').collect();
+    let names = [
+        "projects",
+        "locations",
+        "keyRings",
+        "cryptoKeys",
+        "cryptoKeyVersions",
+    ];
+    (parts.len() == 8 || parts.len() == 10)
+        && parts.chunks(2).zip(names).all(|(pair, name)| {
+            pair[0] == name
+                && !pair[1].is_empty()
+                && pair[1]
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+}
+
 /// Everything checked before the first API call.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -52,6 +73,8 @@ pub struct Plan {
     pub family: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub storage_location: Option<String>,
+    /// The Cloud KMS key the image is encrypted with (`imageEncryptionKey.kmsKeyName`).
+    pub kms_key_name: Option<String>,
     /// `UEFI_COMPATIBLE` among the guest OS features.
     pub uefi: bool,
     /// True when that was read from the disk's partition table rather than `--boot-mode`.
@@ -230,6 +253,17 @@ impl Plan {
                 format!("{l:?} is not a location (e.g. eu, us-central1)"),
             ));
         }
+        if let Some(k) = &args.kms_key_name
+            && !is_kms_key_name(k)
+        {
+            return Err(invalid(
+                "--kms-key-name",
+                format!(
+                    "{k:?} is not projects/P/locations/L/keyRings/R/cryptoKeys/K (optionally \
+                     /cryptoKeyVersions/V)"
+                ),
+            ));
+        }
         let chunk = args.upload_chunk_kib.saturating_mul(1024);
         if chunk == 0 || chunk % CHUNK_UNIT != 0 {
             return Err(invalid(
@@ -268,6 +302,7 @@ impl Plan {
             family: args.family,
             labels,
             storage_location: args.storage_location,
+            kms_key_name: args.kms_key_name,
             uefi: matches!(mode, BootMode::Uefi | BootMode::UefiPreferred),
             uefi_detected,
             architecture,
@@ -310,6 +345,9 @@ impl Plan {
         if let Some(l) = &self.storage_location {
             body["storageLocations"] = serde_json::json!([l]);
         }
+        if let Some(k) = &self.kms_key_name {
+            body["imageEncryptionKey"] = serde_json::json!({ "kmsKeyName": k });
+        }
         body
     }
 
@@ -318,7 +356,7 @@ impl Plan {
         format!(
             "build id: {}\nproject: {}\ndisk: {} ({} bytes)\nobject: gs://{}/{} (metadata \
              {BUILD_ID_LABEL}={})\nimage: {} family {} labels {} architecture {}\nguest OS \
-             features: {} ({})\nstorage location: {}\nkeep object: {}\nstorage endpoint: \
+             features: {} ({})\nstorage location: {}\nencryption: {}\nkeep object: {}\nstorage endpoint: \
              {}\ncompute endpoint: {}\non error: {}\nsteps: {}\n",
             self.build_id,
             self.project,
@@ -342,6 +380,10 @@ impl Plan {
                 "UEFI from --boot-mode"
             },
             self.storage_location.as_deref().unwrap_or("-"),
+            self.kms_key_name.as_deref().map_or_else(
+                || "Google-managed".to_owned(),
+                |k| format!("Cloud KMS key {k}")
+            ),
             if self.keep_object {
                 "yes"
             } else {
