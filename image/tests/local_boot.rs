@@ -14,8 +14,10 @@
 //!
 //! It boots the disk twice, each time on a fresh overlay 2 GiB larger than the disk was built:
 //! under BIOS (SeaBIOS: GRUB from the protective MBR and the BIOS boot partition) on virtio-blk,
-//! and under UEFI (OVMF from Debian's `ovmf`: GRUB from the EFI system partition's
-//! removable-media path) on NVMe, as on EC2 Nitro (the initramfs must carry the nvme driver),
+//! and under UEFI with Secure Boot enforced (OVMF's Secure Boot build with Microsoft's keys,
+//! from Debian's `ovmf`: Debian's signed shim at the EFI system partition's removable-media
+//! path, then its signed GRUB and kernel) on NVMe, as on EC2 Nitro (the initramfs must carry
+//! the nvme driver),
 //! and checks that the guest saw the firmware it was booted with and that cloud-init grew the
 //! root partition and file system to the larger disk.
 //!
@@ -138,6 +140,8 @@ struct Seen {
     image: Option<String>,
     /// `uefi` or `bios`: whether /sys/firmware/efi exists in the guest.
     firmware: Option<String>,
+    /// The last byte of the SecureBoot EFI variable (`1`: on), empty without one.
+    secure_boot: Option<String>,
     /// How many times the agent logged `loading image` (a baked tarball loaded) this boot.
     loads: Option<u64>,
     /// The root file system's size in bytes (findmnt), and its partition's.
@@ -162,6 +166,8 @@ fn read_serial(path: &Path) -> Seen {
             seen.docker = Some(line[i + "PILOT-DOCKER ".len()..].to_owned());
         } else if let Some(i) = line.find("PILOT-IMAGE ") {
             seen.image = Some(line[i + "PILOT-IMAGE ".len()..].to_owned());
+        } else if let Some(i) = line.find("PILOT-SECUREBOOT") {
+            seen.secure_boot = Some(line[i + "PILOT-SECUREBOOT".len()..].trim().to_owned());
         } else if let Some(i) = line.find("PILOT-FIRMWARE ") {
             seen.firmware = Some(line[i + "PILOT-FIRMWARE ".len()..].trim().to_owned());
         } else if let Some(i) = line.find("PILOT-LOADS ") {
@@ -210,6 +216,7 @@ bootcmd:
         echo "PILOT-DOCKER $(timeout 10 docker ps -a --format '{{.Names}}|{{.Image}}|{{.State}}' 2>&1 | tr '\n' ';')"
         echo "PILOT-IMAGE $(timeout 10 docker image inspect --format '{{.Id}}|{{json .RepoDigests}}' pilot/waypoint:0.11.4 2>&1 | tr '\n' ';')"
         if [ -d /sys/firmware/efi ]; then echo "PILOT-FIRMWARE uefi"; else echo "PILOT-FIRMWARE bios"; fi
+        echo "PILOT-SECUREBOOT $(od -An -tu1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c 2>/dev/null | awk '{print $NF}')"
         echo "PILOT-LOADS $(timeout 5 journalctl -u pilot-agent --no-pager -o cat 2>/dev/null | grep -c 'loading image')"
         echo "PILOT-ROOT $(findmnt -bno SIZE /) $(lsblk -bno SIZE "$(findmnt -no SOURCE /)") $(findmnt -no SOURCE /)"
         # The agent's warnings and errors, so that a failed step can be read from the log (by
@@ -415,10 +422,12 @@ enum Firmware {
     Uefi,
 }
 
-/// OVMF from Debian's `ovmf` package (scripts/setup.sh): the firmware code, and the variable
-/// store each boot gets a fresh copy of.
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// OVMF from Debian's `ovmf` package (scripts/setup.sh): the Secure Boot build of the firmware
+/// code, and the variable store with Microsoft's keys enrolled and Secure Boot on (what
+/// Compute Engine's Shielded VMs and EC2's UEFI Secure Boot trust), of which each boot gets a
+/// fresh copy. It needs SMM, hence the q35 machine.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
 
 struct Booted {
     status: Value,
@@ -497,7 +506,9 @@ fn boot_until_done(
         }
         let vars = scratch.join("OVMF_VARS.fd");
         fs::copy(OVMF_VARS, &vars)?;
-        qemu.arg("-drive")
+        qemu.args(["-machine", "q35,smm=on"])
+            .args(["-global", "driver=cfi.pflash01,property=secure,value=on"])
+            .arg("-drive")
             .arg(format!(
                 "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
             ))
@@ -572,6 +583,7 @@ fn boot_until_done(
             && s.firmware.is_some()
             && s.root_bytes.is_some()
             && s.loads.is_some()
+            && s.secure_boot.is_some()
         {
             break s;
         }
@@ -610,6 +622,16 @@ fn boot_until_done(
         seen.firmware.as_deref() == Some(tag),
         "booted with {tag} firmware, the guest saw {:?}",
         seen.firmware
+    );
+    // Under UEFI, Secure Boot is on: shim, GRUB and the kernel were all verified.
+    let want_sb = match firmware {
+        Firmware::Bios => "",
+        Firmware::Uefi => "1",
+    };
+    ensure!(
+        seen.secure_boot.as_deref() == Some(want_sb),
+        "{tag}: Secure Boot variable {:?}, expected {want_sb:?}",
+        seen.secure_boot
     );
     let want_device = match firmware {
         Firmware::Bios => "/dev/vda3",

@@ -21,10 +21,38 @@ use super::run::run_logged;
 
 /// GRUB's core image for BIOS, made by grub-mkimage inside the root file system.
 pub const CORE_IMG_IN_ROOT: &str = "tmp/pilot-image-core.img";
-/// GRUB's image for UEFI (x86_64-efi), made by grub-mkimage inside the root file system.
-pub const EFI_IMG_IN_ROOT: &str = "tmp/pilot-image-grubx64.efi";
-/// The configuration embedded in both GRUB images.
+/// The configuration embedded in GRUB's core image for BIOS.
 const EARLY_CFG_IN_ROOT: &str = "tmp/pilot-image-grub-early.cfg";
+/// The configuration Debian's signed GRUB reads from the EFI system partition.
+pub const ESP_GRUB_CFG_IN_ROOT: &str = "tmp/pilot-image-esp-grub.cfg";
+
+/// The EFI system partition's files: (source in the root file system, path on the partition,
+/// the package that provides it). UEFI boots through Debian's Microsoft-signed shim at the
+/// removable-media path, so that Secure Boot can be on (Compute Engine's Shielded VMs, EC2's
+/// UEFI Secure Boot) and no firmware boot entry is needed; shim loads Debian's signed GRUB
+/// from its own directory, and shim's MokManager is beside them for when a verification
+/// fails. No fallback (fbx64.efi): it would write boot entries a cloud does not keep. Debian's
+/// signed GRUB reads `grub.cfg` from its prefix, `/EFI/debian` on the same partition, and
+/// that finds the root file system by UUID and reads /boot/grub/grub.cfg, the file the BIOS
+/// GRUB reads too. The kernel is Debian's signed one, which shim's Debian key verifies.
+pub const ESP_FILES: [(&str, &str, &str); 4] = [
+    (
+        "usr/lib/shim/shimx64.efi.signed",
+        "EFI/BOOT/BOOTX64.EFI",
+        "shim-signed",
+    ),
+    (
+        "usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed",
+        "EFI/BOOT/grubx64.efi",
+        "grub-efi-amd64-signed",
+    ),
+    (
+        "usr/lib/shim/mmx64.efi.signed",
+        "EFI/BOOT/mmx64.efi",
+        "shim-signed",
+    ),
+    (ESP_GRUB_CFG_IN_ROOT, "EFI/debian/grub.cfg", "pilot-image"),
+];
 
 /// File system label of the root partition.
 pub const ROOT_LABEL: &str = "pilot-root";
@@ -33,8 +61,6 @@ pub const ROOT_LABEL: &str = "pilot-root";
 /// GPT (or MBR) disk and read the configuration from it; the rest are loaded from
 /// /boot/grub/i386-pc on demand.
 const GRUB_BIOS_MODULES: &str = "biosdisk part_gpt part_msdos ext2 normal configfile linux search search_fs_uuid serial terminal echo test gzio";
-/// The same for UEFI, plus the EFI frame buffers (a cloud's console may be graphical).
-const GRUB_EFI_MODULES: &str = "part_gpt part_msdos ext2 fat normal configfile linux search search_fs_uuid serial terminal echo test gzio efi_gop efi_uga";
 
 /// Storage and network drivers the clouds need, forced into the initramfs and checked there
 /// (Debian's MODULES=most takes most storage drivers but no network ones): NVMe (EC2 Nitro's
@@ -144,14 +170,26 @@ pub fn customize(
         0o644,
     )?;
 
-    // Embedded in both GRUB images: the root file system by UUID, whatever the disk and
-    // partition numbering of the machine (a second volume on EC2 can come first under UEFI).
+    // Embedded in the BIOS GRUB, and read by the signed UEFI GRUB from the EFI system
+    // partition: the root file system by UUID, whatever the disk and partition numbering of the
+    // machine (a second volume on EC2 can come first).
     write(
         root,
         EARLY_CFG_IN_ROOT,
         &format!(
             "search --no-floppy --fs-uuid --set=root {root_uuid}\n\
              set prefix=($root)/boot/grub\n"
+        ),
+        0o644,
+    )?;
+    write(
+        root,
+        ESP_GRUB_CFG_IN_ROOT,
+        &format!(
+            "# Written by pilot-image: the root file system by UUID, then its grub.cfg.\n\
+             search --no-floppy --fs-uuid --set=root {root_uuid}\n\
+             set prefix=($root)/boot/grub\n\
+             configfile $prefix/grub.cfg\n"
         ),
         0o644,
     )?;
@@ -235,9 +273,8 @@ echo "pilot-image: installing the agent package"
 dpkg -i /tmp/pilot-agent.deb
 systemctl enable pilot-agent-firewall.service pilot-agent.service
 systemctl enable ssh.service
-echo "pilot-image: boot loader files (BIOS and UEFI)"
+echo "pilot-image: boot loader files (BIOS; UEFI's are Debian's signed shim and GRUB)"
 grub-mkimage -O i386-pc -c /{EARLY_CFG_IN_ROOT} -p /boot/grub -o /{CORE_IMG_IN_ROOT} {GRUB_BIOS_MODULES}
-grub-mkimage -O x86_64-efi -c /{EARLY_CFG_IN_ROOT} -p /boot/grub -o /{EFI_IMG_IN_ROOT} {GRUB_EFI_MODULES}
 rm -f /{EARLY_CFG_IN_ROOT}
 mkdir -p /boot/grub/i386-pc /boot/grub/x86_64-efi
 cp /usr/lib/grub/i386-pc/*.mod /usr/lib/grub/i386-pc/*.lst /boot/grub/i386-pc/

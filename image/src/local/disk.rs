@@ -10,15 +10,16 @@
 //! - the ext4 root file system made by `mkfs.ext4 -d` straight into the partition's byte range
 //!   (`-E offset=`);
 //! - the EFI system partition made by `mkfs.fat -C` in a side file, filled by mtools (no mount)
-//!   and copied in, its zero blocks skipped so the raw disk stays sparse;
+//!   with Debian's signed shim and GRUB (Secure Boot; see `customize::ESP_FILES`) and copied in,
+//!   its zero blocks skipped so the raw disk stays sparse;
 //! - GRUB for BIOS written the way grub-install would for a GPT disk: `boot.img`'s code into the
 //!   first 440 bytes (the protective MBR's partition entry after it stays), with the sector of
 //!   the core image patched in, and the core image into the BIOS boot partition, with the sector
 //!   of its second block patched into its first sector's block list.
 //!
-//! Both GRUB images carry the same embedded configuration (customize.rs): find the root file
-//! system by UUID and read /boot/grub/grub.cfg from it, so neither depends on disk or partition
-//! numbering. grub.cfg boots /vmlinuz and /initrd.img, links that Debian's kernel packages
+//! Both GRUBs start from the same few lines (customize.rs; embedded in the BIOS core image, on
+//! the EFI system partition for the signed UEFI GRUB): find the root file system by UUID and
+//! read /boot/grub/grub.cfg from it, so neither depends on disk or partition numbering. grub.cfg boots /vmlinuz and /initrd.img, links that Debian's kernel packages
 //! maintain: kernel upgrades inside the VM keep booting without a boot loader update, and
 //! nothing on the EFI system partition ever changes (it is not even mounted).
 //!
@@ -31,7 +32,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use super::customize::{CORE_IMG_IN_ROOT, EFI_IMG_IN_ROOT, ROOT_LABEL};
+use super::customize::{CORE_IMG_IN_ROOT, ESP_FILES, ESP_GRUB_CFG_IN_ROOT, ROOT_LABEL};
 use super::error::LocalError;
 use super::run::{self, run_logged};
 
@@ -133,15 +134,16 @@ pub fn make_raw(
     run_logged("filesystem", &mut mkfs, log)
 }
 
-/// Makes the EFI system partition in `scratch` (a FAT32 file system holding GRUB's EFI image
-/// from the root file system as `EFI/BOOT/BOOTX64.EFI`) and copies it into `raw`.
+/// Makes the EFI system partition in `scratch` (a FAT32 file system holding [`ESP_FILES`]
+/// from the root file system) and copies it into `raw`.
 pub fn make_esp(root: &Path, raw: &Path, scratch: &Path, log: &Path) -> Result<(), LocalError> {
-    let efi = root.join(EFI_IMG_IN_ROOT);
-    if !efi.is_file() {
-        return Err(LocalError::BootLoader(format!(
-            "{} is missing (is grub-efi-amd64-bin in the package list?)",
-            efi.display()
-        )));
+    for (src, _, package) in ESP_FILES {
+        if !root.join(src).is_file() {
+            return Err(LocalError::BootLoader(format!(
+                "{} is missing (is {package} in the package list?)",
+                root.join(src).display()
+            )));
+        }
     }
     let esp = scratch.join("esp.img");
     let _ = fs::remove_file(&esp);
@@ -150,25 +152,42 @@ pub fn make_esp(root: &Path, raw: &Path, scratch: &Path, log: &Path) -> Result<(
         .arg(&esp)
         .arg((ESP_SIZE / 1024).to_string());
     run_logged("esp-filesystem", &mut mkfs, &log.with_extension("mkfs.log"))?;
-    // mtools refuses an image it did not see formatted on a "drive" unless told not to check
-    // the geometry; MTOOLS_SKIP_CHECK is its documented switch for image files.
+    // MTOOLS_SKIP_CHECK: mtools' documented switch for image files, whose geometry it would
+    // otherwise compare with a floppy's.
+    let mut dirs: Vec<String> = Vec::new();
+    for (_, dest, _) in ESP_FILES {
+        // Every parent directory of the file, outermost first.
+        let parts: Vec<&str> = dest.split('/').collect();
+        for n in 1..parts.len() {
+            let dir = format!("::/{}", parts[..n].join("/"));
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+    }
     let mut mmd = Command::new("mmd");
     mmd.env("MTOOLS_SKIP_CHECK", "1")
         .arg("-i")
         .arg(&esp)
-        .args(["::/EFI", "::/EFI/BOOT"]);
+        .args(&dirs);
     run_logged("esp-directories", &mut mmd, &log.with_extension("mmd.log"))?;
-    let mut mcopy = Command::new("mcopy");
-    mcopy
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .arg("-i")
-        .arg(&esp)
-        .arg(&efi)
-        .arg("::/EFI/BOOT/BOOTX64.EFI");
-    run_logged("esp-files", &mut mcopy, &log.with_extension("mcopy.log"))?;
+    for (i, (src, dest, _)) in ESP_FILES.iter().enumerate() {
+        let mut mcopy = Command::new("mcopy");
+        mcopy
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&esp)
+            .arg(root.join(src))
+            .arg(format!("::/{dest}"));
+        run_logged(
+            "esp-files",
+            &mut mcopy,
+            &log.with_extension(format!("mcopy{i}.log")),
+        )?;
+    }
     copy_sparse(&esp, raw, ESP_START, ESP_SIZE)?;
     let _ = fs::remove_file(&esp);
-    let _ = fs::remove_file(efi);
+    let _ = fs::remove_file(root.join(ESP_GRUB_CFG_IN_ROOT));
     Ok(())
 }
 
