@@ -392,6 +392,9 @@ fn local_image_boots_and_the_agent_converges() -> Result<()> {
     let built_bytes = fs::metadata(&raw)?.len();
     let bios = boot_until_done(&qcow2, &seed, scratch.path(), Firmware::Bios, true)?;
     let uefi = boot_until_done(&qcow2, &seed, scratch.path(), Firmware::Uefi, true)?;
+    // 6. The attacker's view: the same disk with one byte of its boot loader changed is
+    //    refused by the firmware under Secure Boot.
+    tampered_shim_is_refused(&raw, scratch.path())?;
 
     eprintln!(
         "FIGURES: build {:.1}s; raw {} MiB allocated ({} MiB apparent); qcow2 {} MiB; \
@@ -439,6 +442,107 @@ struct Booted {
 /// Boots a fresh overlay of `qcow2` (BOOT_DISK_BYTES large) with the NoCloud `seed` under
 /// `firmware` and waits until the agent reports done (degraded naming only the database),
 /// the stand-in containers run from the baked image, the firmware is the one asked for and
+/// Copies the built disk, changes one byte in the middle of the shim at
+/// `EFI/BOOT/BOOTX64.EFI` (through mtools, at the EFI system partition's offset), and boots
+/// the copy under OVMF with Secure Boot on: the firmware must refuse the image ("Access
+/// Denied" on the serial console) and no kernel may start.
+fn tampered_shim_is_refused(raw: &Path, scratch: &Path) -> Result<()> {
+    const ESP_OFFSET: u64 = 2 << 20;
+    let copy = scratch.join("tampered.raw");
+    run(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(raw)
+            .arg(&copy),
+        "cp --sparse=always",
+        QUICK,
+    )?;
+    let image = format!("{}@@{ESP_OFFSET}", copy.display());
+    let shim = scratch.join("BOOTX64.EFI");
+    run(
+        Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-i", &image, "::/EFI/BOOT/BOOTX64.EFI"])
+            .arg(&shim),
+        "mcopy (out)",
+        QUICK,
+    )?;
+    let mut bytes = fs::read(&shim)?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    fs::write(&shim, &bytes)?;
+    run(
+        Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-o", "-i", &image])
+            .arg(&shim)
+            .arg("::/EFI/BOOT/BOOTX64.EFI"),
+        "mcopy (in)",
+        QUICK,
+    )?;
+    let vars = scratch.join("OVMF_VARS-tampered.fd");
+    fs::copy(OVMF_VARS, &vars)?;
+    let serial = scratch.join("serial-tampered.log");
+    let _keep = KeepSerial(serial.clone(), "serial-last-tampered.log".to_owned());
+    let _qemu = Qemu(
+        Command::new(QEMU)
+            .args(["-accel", "tcg", "-m", "1024", "-smp", "1"])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(["-machine", "q35,smm=on"])
+            .args(["-global", "driver=cfi.pflash01,property=secure,value=on"])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ))
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=none,id=root,format=raw",
+                copy.display()
+            ))
+            .args(["-device", "nvme,drive=root,serial=pilot-root"])
+            .args(["-net", "none"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start QEMU")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let text = String::from_utf8_lossy(&fs::read(&serial).unwrap_or_default()).into_owned();
+        ensure!(
+            !text.contains("EFI stub")
+                && !text.contains("Welcome to GRUB")
+                && !text.contains("Press enter to boot the selected OS"),
+            "a tampered shim was run under Secure Boot (serial log: {WORK}/serial-last-tampered.log)"
+        );
+        if text.contains("NVMe") && text.contains("Access Denied") {
+            eprintln!(
+                "tampered shim refused: {}",
+                text.lines()
+                    .find(|l| l.contains("Access Denied"))
+                    .unwrap_or_default()
+                    .trim()
+            );
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no refusal of the tampered shim within 300 s (serial log: {WORK}/serial-last-tampered.log)"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    fs::remove_file(&copy)?;
+    Ok(())
+}
+
 /// the root file system has grown to the disk.
 fn boot_until_done(
     qcow2: &Path,
