@@ -9,4 +9,6 @@ pub mod cli;
 pub mod gcp;
 pub mod local;
 pub mod partitions;
+#[cfg(any(feature = "aws", feature = "gcp"))]
+pub mod steps;
 pub mod userdata;

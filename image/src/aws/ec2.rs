@@ -2,7 +2,7 @@
 //! share: tags and filters, bounded waits, and the describe and delete calls both make. It
 //! uses neither of them, so imports run one way: publish uses reap and ec2, reap uses ec2.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, SdkConfig};
@@ -15,6 +15,7 @@ use tracing::info;
 use super::args::AwsConnection;
 use super::error::{AwsError, Result, api};
 use super::id::BUILD_ID_TAG;
+pub use crate::steps::{Deadline, secs};
 
 /// The EC2 client plus the polling interval of waits.
 #[derive(Debug, Clone)]
@@ -100,43 +101,6 @@ pub fn tags(build_id: &str, name: &str) -> Vec<Tag> {
     .into_iter()
     .map(|(k, v)| Tag::builder().key(k).value(v).build())
     .collect()
-}
-
-/// A bounded wait: `expired` once `limit` has passed since `start`.
-#[derive(Debug, Clone, Copy)]
-pub struct Deadline {
-    start: Instant,
-    limit: Duration,
-}
-
-impl Deadline {
-    pub fn new(limit: Duration) -> Deadline {
-        Deadline {
-            start: Instant::now(),
-            limit,
-        }
-    }
-
-    /// Errors with [`AwsError::Timeout`] naming `what` and the last state seen.
-    pub fn check(&self, what: impl Into<String>, last: impl Into<String>) -> Result<()> {
-        if self.start.elapsed() >= self.limit {
-            return Err(AwsError::Timeout {
-                what: what.into(),
-                waited: self.limit,
-                last: last.into(),
-            });
-        }
-        Ok(())
-    }
-
-    pub fn expired(&self) -> bool {
-        self.start.elapsed() >= self.limit
-    }
-}
-
-/// `1.23 s` for progress lines.
-pub fn secs(d: Duration) -> String {
-    format!("{:.2} s", d.as_secs_f64())
 }
 
 /// One instance, or None while EC2 does not know it yet (its API is eventually consistent:

@@ -60,6 +60,17 @@ pub enum AwsError {
     Cleanup(Vec<String>),
 }
 
+impl From<crate::steps::StepError> for AwsError {
+    fn from(e: crate::steps::StepError) -> Self {
+        use crate::steps::StepError;
+        match e {
+            StepError::Cancelled => AwsError::Cancelled,
+            StepError::Injected { step } => AwsError::Injected { step },
+            StepError::Timeout { what, waited, last } => AwsError::Timeout { what, waited, last },
+        }
+    }
+}
+
 impl AwsError {
     /// The AWS error code, when the service answered with one.
     pub fn code(&self) -> Option<&str> {

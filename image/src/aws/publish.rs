@@ -474,11 +474,11 @@ impl Steps<'_> {
     }
 
     fn start(&mut self, step: &'static str) -> Result<()> {
-        self.progress.start(self.cancel, step)
+        Ok(self.progress.start(self.cancel, step)?)
     }
 
     fn done(&self, step: &'static str, detail: &str) -> Result<()> {
-        self.progress.done(step, detail)
+        Ok(self.progress.done(step, detail)?)
     }
 
     fn home(&mut self) -> &mut Region {

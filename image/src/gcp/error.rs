@@ -62,6 +62,17 @@ pub enum GcpError {
     Cleanup(Vec<String>),
 }
 
+impl From<crate::steps::StepError> for GcpError {
+    fn from(e: crate::steps::StepError) -> Self {
+        use crate::steps::StepError;
+        match e {
+            StepError::Cancelled => GcpError::Cancelled,
+            StepError::Injected { step } => GcpError::Injected { step },
+            StepError::Timeout { what, waited, last } => GcpError::Timeout { what, waited, last },
+        }
+    }
+}
+
 impl GcpError {
     /// HTTP 404: the resource is already gone, which the clean-up wants anyway.
     pub fn is_not_found(&self) -> bool {

@@ -2,6 +2,7 @@
 //! `pilot-build-id` custom metadata on the Cloud Storage object (objects have no labels).
 
 use super::error::{GcpError, Result};
+pub use crate::steps::new_build_id;
 
 /// The label (image) and metadata key (object) that marks everything of a publish.
 pub const BUILD_ID_LABEL: &str = "pilot-build-id";
@@ -26,24 +27,6 @@ pub fn check_build_id(id: &str) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// A fresh build id, `pb-<unix seconds>-<8 hex digits>` (the AWS target's form, which is a
-/// valid label value).
-pub fn new_build_id() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut r = [0u8; 4];
-    // Without randomness the process id still separates two publishes of the same second.
-    if getrandom::fill(&mut r).is_err() {
-        r = std::process::id().to_be_bytes();
-    }
-    format!(
-        "pb-{secs}-{}",
-        r.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
 }
 
 /// `[a-z]([-a-z0-9]{0,61}[a-z0-9])?`: image names and families (RFC 1035).

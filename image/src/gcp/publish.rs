@@ -566,11 +566,11 @@ impl Steps<'_> {
     }
 
     fn start(&mut self, step: &'static str) -> Result<()> {
-        self.progress.start(self.cancel, step)
+        Ok(self.progress.start(self.cancel, step)?)
     }
 
     fn done(&self, step: &'static str, detail: &str) -> Result<()> {
-        self.progress.done(step, detail)
+        Ok(self.progress.done(step, detail)?)
     }
 
     /// `package`: disk.raw in a sparse GNU tar.gz next to the disk.
