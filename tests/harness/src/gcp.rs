@@ -5,15 +5,13 @@
 //! token given to [`Gcp::start`] (passed in its environment, never on its command line).
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::leftovers;
+use crate::moto::{http, sweep};
 use crate::names::{self, OWNER_ENV, Record};
 use crate::sys;
 
@@ -122,8 +120,8 @@ impl Gcp {
                 }
                 // The emulator's health check is `/`; the stand-in answers 401 without a token,
                 // which is an answer.
-                let up = http_status(sp, "/").is_ok_and(|s| s == 200)
-                    && http_status(cp, "/compute/v1/projects/p/global/images")
+                let up = http(sp, "GET", "/").is_ok_and(|s| s == 200)
+                    && http(cp, "GET", "/compute/v1/projects/p/global/images")
                         .is_ok_and(|s| s == 401);
                 Ok(up.then_some(()))
             },
@@ -177,20 +175,7 @@ impl Gcp {
             let _ = c.wait();
         }
         self.children.clear();
-        let name = self.name.clone();
-        let rest: Vec<u32> = leftovers::processes(&|c: &str| c == name)
-            .iter()
-            .map(|p| p.pid)
-            .collect();
-        for p in &rest {
-            sys::signal(*p, libc::SIGKILL);
-        }
-        let stuck = sys::wait_gone(&rest, Duration::from_secs(5));
-        let removed = fs::remove_dir_all(&self.dir);
-        if !stuck.is_empty() {
-            bail!("gcp {name}: processes survived SIGKILL: {stuck:?}");
-        }
-        removed.with_context(|| format!("cannot remove {}", self.dir.display()))
+        sweep("gcp", &self.name, &self.dir)
     }
 }
 
@@ -200,22 +185,4 @@ impl Drop for Gcp {
             eprintln!("pilot-harness: {e:#} (scripts/harness-clean removes leftovers)");
         }
     }
-}
-
-/// A minimal HTTP/1.1 GET to 127.0.0.1:port; returns the status code.
-fn http_status(port: u16, path: &str) -> Result<u16> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut head = [0u8; 64];
-    let n = s.read(&mut head)?;
-    let line = String::from_utf8_lossy(&head[..n]);
-    line.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("not an HTTP answer: {line:?}"))
 }

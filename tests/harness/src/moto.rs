@@ -129,21 +129,26 @@ impl Moto {
             }
             let _ = child.wait();
         }
-        let name = self.name.clone();
-        let rest: Vec<u32> = leftovers::processes(&|c: &str| c == name)
-            .iter()
-            .map(|p| p.pid)
-            .collect();
-        for p in &rest {
-            sys::signal(*p, libc::SIGKILL);
-        }
-        let stuck = sys::wait_gone(&rest, Duration::from_secs(5));
-        let removed = fs::remove_dir_all(&self.dir);
-        if !stuck.is_empty() {
-            bail!("moto {name}: processes survived SIGKILL: {stuck:?}");
-        }
-        removed.with_context(|| format!("cannot remove {}", self.dir.display()))
+        sweep("moto", &self.name, &self.dir)
     }
+}
+
+/// After the children are gone: SIGKILL to any process still carrying `name` (a server's own
+/// children), then the scratch directory removed. Shared with the GCP emulators.
+pub(crate) fn sweep(kind: &str, name: &str, dir: &Path) -> Result<()> {
+    let rest: Vec<u32> = leftovers::processes(&|c: &str| c == name)
+        .iter()
+        .map(|p| p.pid)
+        .collect();
+    for p in &rest {
+        sys::signal(*p, libc::SIGKILL);
+    }
+    let stuck = sys::wait_gone(&rest, Duration::from_secs(5));
+    let removed = fs::remove_dir_all(dir);
+    if !stuck.is_empty() {
+        bail!("{kind} {name}: processes survived SIGKILL: {stuck:?}");
+    }
+    removed.with_context(|| format!("cannot remove {}", dir.display()))
 }
 
 impl Drop for Moto {
@@ -154,8 +159,9 @@ impl Drop for Moto {
     }
 }
 
-/// A minimal HTTP/1.1 request to 127.0.0.1:port without a body; returns the status code.
-fn http(port: u16, method: &str, path: &str) -> Result<u16> {
+/// A minimal HTTP/1.1 request to 127.0.0.1:port without a body; returns the status code
+/// (also the GCP emulators' readiness probe).
+pub(crate) fn http(port: u16, method: &str, path: &str) -> Result<u16> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -169,5 +175,5 @@ fn http(port: u16, method: &str, path: &str) -> Result<u16> {
     line.split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .with_context(|| format!("not an HTTP answer from moto: {line:?}"))
+        .with_context(|| format!("not an HTTP answer from 127.0.0.1:{port}: {line:?}"))
 }
