@@ -163,23 +163,28 @@ fn aws_publish(args: AwsPublishArgs, dry_run: bool) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(aws::AwsError::Cancelled) => {
-            error!(
-                command = "publish",
-                "cancelled; {}",
-                if keep {
-                    "what the publish made was kept (--on-error=abort)"
-                } else {
-                    "everything of the publish was removed"
-                }
-            );
-            ExitCode::from(130)
-        }
-        Err(e) => {
-            error!(command = "publish", "{e}");
-            ExitCode::from(1)
-        }
+        Err(e) => publish_failed(&e, matches!(e, aws::AwsError::Cancelled), keep),
     }
+}
+
+/// A failed publish of either target: 130 with what was kept or removed after a signal, else
+/// 1 with the error.
+#[cfg(any(feature = "aws", feature = "gcp"))]
+fn publish_failed(e: &dyn std::fmt::Display, cancelled: bool, keep: bool) -> ExitCode {
+    if !cancelled {
+        error!(command = "publish", "{e}");
+        return ExitCode::from(1);
+    }
+    error!(
+        command = "publish",
+        "cancelled; {}",
+        if keep {
+            "what the publish made was kept (--on-error=abort)"
+        } else {
+            "everything of the publish was removed"
+        }
+    );
+    ExitCode::from(130)
 }
 
 #[cfg(feature = "aws")]
@@ -240,22 +245,7 @@ fn gcp_publish(shared: &AwsPublishArgs, args: GcpPublishArgs, dry_run: bool) -> 
                 Err(_) => ExitCode::from(1),
             }
         }
-        Err(gcp::GcpError::Cancelled) => {
-            error!(
-                command = "publish",
-                "cancelled; {}",
-                if keep {
-                    "what the publish made was kept (--on-error=abort)"
-                } else {
-                    "everything of the publish was removed"
-                }
-            );
-            ExitCode::from(130)
-        }
-        Err(e) => {
-            error!(command = "publish", "{e}");
-            ExitCode::from(1)
-        }
+        Err(e) => publish_failed(&e, matches!(e, gcp::GcpError::Cancelled), keep),
     }
 }
 
